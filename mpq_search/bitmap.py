@@ -1,0 +1,226 @@
+"""BitMap: the per-layer precision plan that every stage passes around, and its versioned JSON.
+
+A BitMap maps each layer's dotted name to (weight bits, activation bits). It may hold several
+*timestep groups*: contiguous slices of the sampling trajectory, given as fractions [start, end) of
+the steps, each with its own layer plan (early, noisy steps can often take fewer bits). A plain map is
+a single group covering [0, 1). Bits of 16 or 32 mean "leave this layer in float"; a layer missing
+from a group also stays in float (as `None` does in torchao's per-layer plans).
+
+JSON on disk::
+
+    {"schema": "mpq-search/bitmap/v1",
+     "model": {"name": "mnist-ddpm", "weights_hash": "..."},
+     "groups": [{"start": 0.0, "end": 1.0, "layers": {"conv_in": {"w": 8, "a": 8}, ...}}],
+     "meta": {...free-form: settings and costs that produced it...}}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpq_search.errors import BitMapError
+from mpq_search.models import ModelIdentity
+
+SCHEMA = "mpq-search/bitmap/v1"
+QUANT_BITS = frozenset(range(2, 9))
+FLOAT_BITS = frozenset({16, 32})
+VALID_BITS = QUANT_BITS | FLOAT_BITS
+
+
+def is_float(bits: int) -> bool:
+    """True when a bit-width means 'keep in floating point'."""
+    return bits in FLOAT_BITS
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """Weight and input-activation bit-widths of one layer."""
+
+    w: int
+    a: int
+
+    def __post_init__(self) -> None:
+        for kind, bits in (("weight", self.w), ("activation", self.a)):
+            if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
+                raise BitMapError(
+                    f"{kind} bits must be one of 2..8, 16 or 32, got {bits!r}"
+                )
+
+    def __str__(self) -> str:
+        return f"W{self.w}A{self.a}"
+
+
+FLOAT = LayerBits(32, 32)
+
+
+@dataclass(frozen=True)
+class TimestepGroup:
+    """A plan for the sampling steps whose position (step_index / steps) lies in [start, end)."""
+
+    start: float
+    end: float
+    layers: Mapping[str, LayerBits]
+
+    def covers(self, step_index: int, steps: int) -> bool:
+        """Whether sampling step `step_index` of `steps` falls in this group."""
+        position = step_index / steps
+        return self.start <= position < self.end or (self.end >= 1.0 and position >= self.start)
+
+
+@dataclass(frozen=True)
+class BitMap:
+    """Per-layer (w, a) bits for one model, optionally split into timestep groups."""
+
+    model: ModelIdentity
+    groups: tuple[TimestepGroup, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise BitMapError("a bit map needs at least one timestep group")
+        expected = 0.0
+        for group in self.groups:
+            if abs(group.start - expected) > 1e-9 or not group.start < group.end:
+                raise BitMapError(
+                    "timestep groups must be contiguous, ordered and cover [0, 1); "
+                    f"got a group [{group.start}, {group.end}) after {expected}"
+                )
+            expected = group.end
+        if abs(expected - 1.0) > 1e-9:
+            raise BitMapError(f"timestep groups must end at 1.0, they end at {expected}")
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_layers(
+        cls, model: ModelIdentity, layers: Mapping[str, LayerBits], meta: Mapping[str, Any] | None = None
+    ) -> BitMap:
+        """A single-group map."""
+        return cls(model=model, groups=(TimestepGroup(0.0, 1.0, dict(layers)),), meta=dict(meta or {}))
+
+    @classmethod
+    def uniform(cls, model: ModelIdentity, layer_names: Iterable[str], w: int, a: int) -> BitMap:
+        """Every layer at the same (w, a), e.g. W4A8."""
+        bits = LayerBits(w, a)
+        return cls.from_layers(model, {name: bits for name in layer_names}, {"uniform": str(bits)})
+
+    # --- access -------------------------------------------------------------------------------
+    @property
+    def is_grouped(self) -> bool:
+        """True when the plan differs between timestep groups."""
+        return len(self.groups) > 1
+
+    @property
+    def layers(self) -> Mapping[str, LayerBits]:
+        """The plan of a single-group map (raises for a grouped map: pick a group instead)."""
+        if self.is_grouped:
+            raise BitMapError("this bit map has several timestep groups; use .groups or .for_step()")
+        return self.groups[0].layers
+
+    def for_step(self, step_index: int, steps: int) -> Mapping[str, LayerBits]:
+        """The plan in force at sampling step `step_index` of `steps`."""
+        for group in self.groups:
+            if group.covers(step_index, steps):
+                return group.layers
+        return self.groups[-1].layers
+
+    def bits(self, layer: str, group: int = 0) -> LayerBits:
+        """Bits of one layer in one group; float when the layer is not listed."""
+        return self.groups[group].layers.get(layer, FLOAT)
+
+    def with_meta(self, **extra: Any) -> BitMap:
+        """A copy with more metadata."""
+        return BitMap(model=self.model, groups=self.groups, meta={**self.meta, **extra})
+
+    # --- validation ---------------------------------------------------------------------------
+    def validate(self, layer_names: Iterable[str], model: ModelIdentity | None = None) -> None:
+        """Raise BitMapError for layers the model lacks, or a map made for other weights."""
+        known = set(layer_names)
+        for group in self.groups:
+            unknown = sorted(set(group.layers) - known)
+            if unknown:
+                more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+                raise BitMapError(f"bit map names unknown layers: {', '.join(unknown[:3])}{more}")
+        if model is not None and self.model != model:
+            raise BitMapError(
+                f"bit map is for model {self.model.name} ({self.model.weights_hash}), "
+                f"not {model.name} ({model.weights_hash})"
+            )
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON form."""
+        return {
+            "schema": SCHEMA,
+            "model": {"name": self.model.name, "weights_hash": self.model.weights_hash},
+            "groups": [
+                {
+                    "start": g.start,
+                    "end": g.end,
+                    "layers": {n: {"w": b.w, "a": b.a} for n, b in g.layers.items()},
+                }
+                for g in self.groups
+            ],
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BitMap:
+        """Parse the JSON form; every malformation raises BitMapError with what is wrong."""
+        if not isinstance(data, dict):
+            raise BitMapError("bit map JSON must be an object")
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise BitMapError(f"unsupported bit map schema {schema!r}; expected {SCHEMA!r}")
+        model = data.get("model")
+        if not isinstance(model, dict) or not {"name", "weights_hash"} <= set(model):
+            raise BitMapError("bit map 'model' must be an object with 'name' and 'weights_hash'")
+        groups = data.get("groups")
+        if not isinstance(groups, list):
+            raise BitMapError("bit map 'groups' must be a list")
+        identity = ModelIdentity(name=str(model["name"]), weights_hash=str(model["weights_hash"]))
+        meta = data.get("meta", {})
+        return cls(model=identity, groups=tuple(_parse_group(g) for g in groups),
+                   meta=meta if isinstance(meta, dict) else {})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON form (creating parent folders)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> BitMap:
+        """Read a bit map file; a missing file or invalid JSON raises BitMapError."""
+        source = Path(path)
+        try:
+            text = source.read_text()
+        except OSError as e:
+            raise BitMapError(f"cannot read bit map {source}: {e.strerror}") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BitMapError(f"{source} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+
+def _parse_group(data: Any) -> TimestepGroup:
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+        raise BitMapError("each group must be an object with 'start', 'end' and 'layers'")
+    try:
+        start, end = float(data["start"]), float(data["end"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BitMapError("each group needs numeric 'start' and 'end'") from e
+    layers = {}
+    for name, bits in data["layers"].items():
+        if not isinstance(bits, dict) or set(bits) != {"w", "a"}:
+            raise BitMapError(f"layer {name!r}: bits must be an object {{\"w\": int, \"a\": int}}")
+        try:
+            layers[str(name)] = LayerBits(bits["w"], bits["a"])
+        except BitMapError as e:
+            raise BitMapError(f"layer {name!r}: {e}") from e
+    return TimestepGroup(start, end, layers)

@@ -1,0 +1,43 @@
+"""Typed exceptions. Library code raises these; only the CLI turns them into one-line messages."""
+
+from __future__ import annotations
+
+
+class MPQSearchError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ModelNotFoundError(MPQSearchError):
+    """A model spec names no embedded model, no directory, and cannot be fetched."""
+
+
+class InvalidModelError(MPQSearchError):
+    """A directory exists but is not a loadable diffusers pipeline (or its weights are corrupt)."""
+
+
+class UnknownFeatureNetError(MPQSearchError):
+    """A feature-extractor name is not one of the supported ones."""
+
+
+class BitMapError(MPQSearchError):
+    """A bit map is malformed, names unknown layers, has bits out of range, or is for another model."""
+
+
+class BudgetError(MPQSearchError):
+    """A budget string is malformed."""
+
+
+class InfeasibleBudgetError(BudgetError):
+    """A budget is below the cheapest configuration the candidate bit-widths allow."""
+
+
+class CalibrationError(MPQSearchError):
+    """Quantization was requested before calibration, or calibration failed."""
+
+
+class NonFiniteSamplesError(MPQSearchError):
+    """A (quantized) model produced NaN or Inf samples."""
+
+
+class StudyError(MPQSearchError):
+    """A study is missing, or its stored settings disagree with the request."""

@@ -1,0 +1,28 @@
+"""The embedded model zoo: small models trained here and shipped inside the package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One embedded model: its name, folder and a one-line description."""
+
+    name: str
+    path: Path
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, ZooEntry] = {
+    "mnist-ddpm": ZooEntry(
+        name="mnist-ddpm",
+        path=ZOO_DIR / "mnist-ddpm",
+        description="DDPM UNet2DModel (1.1M params, 28x28 grey, attention + skip concat), MNIST",
+    ),
+}
+
+LENET_WEIGHTS = ZOO_DIR / "lenet" / "lenet.safetensors"
