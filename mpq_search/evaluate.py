@@ -95,3 +95,40 @@ def evaluate_current(
 def fid_against_heldout(images: torch.Tensor, net: FeatureNet) -> float:
     """FID of a set of images against the fixed held-out MNIST split (up to 1,000 images)."""
     return frechet_distance(stats_of_images(images, net), dataset_stats("heldout", net, 1000))
+
+
+@dataclass(frozen=True)
+class FIDReport:
+    """FP model FID against the held-out split, beside the data floor at the same N."""
+
+    model: str
+    feature_net: str
+    n: int
+    model_fid: float
+    floor_fid: float
+    seconds_sampling: float
+    seconds_features: float
+
+
+def fp_fid_report(
+    spec: str, *, feature_net: str = "lenet", n: int = 1000, steps: int = 20, seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> FIDReport:
+    """FID of the FP model's samples vs held-out, and of the train split vs held-out (the floor).
+
+    N is capped at the held-out size (1,000) for the reference side; the generated side uses n.
+    """
+    from mpq_search.fid import get_feature_net
+    from mpq_search.models import load_model
+
+    net = get_feature_net(feature_net)
+    model = load_model(spec)
+    started = time.perf_counter()
+    images = sample(model, n=n, steps=steps, seed=seed, progress=progress)
+    sampled = time.perf_counter()
+    model_fid = fid_against_heldout(images, net)
+    featured = time.perf_counter()
+    n_ref = min(n, 1000)
+    floor = frechet_distance(dataset_stats("train", net, n_ref), dataset_stats("heldout", net, n_ref))
+    return FIDReport(model.identity.name, net.name, n, model_fid, floor,
+                     sampled - started, featured - sampled)

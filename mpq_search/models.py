@@ -108,11 +108,16 @@ def _load_directory(path: Path, *, name: str) -> LoadedModel:
 
 
 def _load_hub(repo_id: str) -> LoadedModel:
+    """Load from the local hub cache, else the hub (skipped when HF_HUB_OFFLINE=1)."""
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        return _from_pretrained(repo_id, name=repo_id, local_files_only=False)
+        return _from_pretrained(repo_id, name=repo_id, local_files_only=offline)
     except InvalidModelError as e:
         raise ModelNotFoundError(
-            f"could not load hub id {repo_id!r} (offline, or no such repository): {e}"
+            f"cannot load hub id {repo_id!r}: not in the local cache, and the hub is unreachable "
+            "(offline?) or has no such repository"
         ) from e
 
 
@@ -123,6 +128,7 @@ def _from_pretrained(source: str, *, name: str, local_files_only: bool) -> Loade
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # keeps CLI errors to one line
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,0 +1,283 @@
+"""Stage (allocate): importance + layer costs + budget -> a prior BitMap, by integer programming.
+
+The program (HAWQ-V3 style, solved with `scipy.optimize.milp`/HiGHS):
+
+* one binary x[u, c] per *unit* u (a layer, or layers tied to the same bits) and choice c = (w, a)
+  from the candidate bit-widths; exactly one choice per unit;
+* minimise the importance-weighted quantization perturbation
+
+      sum_u sum_{l in u} s_w[l] * Omega_w[l](w) + s_a[l] * Omega_a(a)
+
+  where Omega_w[l](b) is the relative weight error of layer l at b bits: measured with the real
+  per-channel quantizer when `weight_error` is given (`importance.weight_errors`), else the
+  uniform-quantizer model 4^-b (noise power of a step size proportional to 2^-b);
+  Omega_a(b) = act_weight * 4^-b;
+* subject to every budget limit, each of which is linear in x (cost.py formulas).
+
+Minimising a perturbation that falls with bits, rather than maximising "importance x bits", is
+what makes the allocation *size-aware*: raising a large layer by one bit costs more budget for the
+same perturbation drop, so small layers get high bits. DESIGN.md found this size-aware program with
+equal importance (mode "size") to be the strongest prior (15x better than uniform W4A8), so it is
+always available as a baseline, with "random" (the same scores, shuffled) and "inverted"
+(reciprocal).
+
+Importance s = exp(-beta * gamma) (see importance.py) is normalised to mean 1 per kind, so modes
+are comparable and beta alone sets how far orthogonality departs from equal importance.
+
+Tied layers (`tied_groups`): q/k/v of one attention read the same input, so one activation
+quantizer serves all three and they share bits; a ResNet block's `conv_shortcut` shares bits with
+the block's `conv2` because their outputs are summed (HAWQ-V3 ties a residual branch to its main
+path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+
+from mpq_search.bitmap import BitMap, LayerBits
+from mpq_search.cost import (
+    Budget,
+    check_feasible,
+    cost_of,
+    layer_weight_bytes,
+    weight_elements,
+)
+from mpq_search.errors import BudgetError, MPQSearchError
+from mpq_search.layers import LayerSpec
+from mpq_search.models import ModelIdentity
+
+if TYPE_CHECKING:
+    from mpq_search.importance import Importance
+
+AllocationMode = Literal["orthogonality", "size", "random", "inverted"]
+ALLOCATION_MODES: tuple[str, ...] = get_args(AllocationMode)
+DEFAULT_W_BITS = (2, 3, 4, 5, 6, 7, 8)
+DEFAULT_A_BITS = (4, 5, 6, 7, 8)
+UNBOUND = ModelIdentity(name="unbound", weights_hash="-")
+"""Identity of a map allocated without a model (pass `model=` to bind it)."""
+
+
+class AllocationError(MPQSearchError):
+    """The integer program failed, or an argument of `allocate` is invalid."""
+
+
+# --- ties ---------------------------------------------------------------------------------------
+_QKV = re.compile(r"(?P<p>.*)\.(?:to_q|to_k|to_v)$")
+_SHORTCUT = re.compile(r"(?P<p>.*)\.conv_shortcut$")
+
+
+def tied_groups(specs: Sequence[LayerSpec]) -> list[list[str]]:
+    """Groups (two or more layers, network order) that must share bits; untied layers are omitted.
+
+    Found by name, so it works for any diffusers UNet: `<attn>.to_q/.to_k/.to_v`, and
+    `<block>.conv_shortcut` with `<block>.conv2`.
+    """
+    names = [s.name for s in specs]
+    known = set(names)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if m := _QKV.fullmatch(name):
+            groups.setdefault("qkv:" + m["p"], []).append(name)
+        elif (m := _SHORTCUT.fullmatch(name)) and f"{m['p']}.conv2" in known:
+            groups.setdefault("res:" + m["p"], []).append(f"{m['p']}.conv2")
+            groups["res:" + m["p"]].append(name)
+    order = {n: i for i, n in enumerate(names)}
+    tied = [sorted(set(g), key=order.__getitem__) for g in groups.values()]
+    return sorted((g for g in tied if len(g) > 1), key=lambda g: order[g[0]])
+
+
+def units_of(specs: Sequence[LayerSpec], ties: bool = True) -> list[list[str]]:
+    """Every layer in exactly one unit: the tie groups plus single layers, in network order."""
+    order = {s.name: i for i, s in enumerate(specs)}
+    groups = tied_groups(specs) if ties else []
+    seen = {n for g in groups for n in g}
+    units = groups + [[s.name] for s in specs if s.name not in seen]
+    return sorted(units, key=lambda u: order[u[0]])
+
+
+# --- importance scores ---------------------------------------------------------------------------
+def _normalised(scores: Mapping[str, float], names: Sequence[str]) -> np.ndarray:
+    values = np.array([float(scores.get(n, np.nan)) for n in names])
+    if np.isnan(values).any() or (values <= 0).any():
+        missing = [n for n, v in zip(names, values, strict=True) if not v > 0][:3]
+        raise AllocationError(f"importance lacks a positive score for layers {missing}")
+    return values / values.mean()
+
+
+def layer_scores(
+    names: Sequence[str], importance: Importance | None, mode: AllocationMode, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, activation) sensitivity per layer, mean 1, for one allocation mode."""
+    if mode not in ALLOCATION_MODES:
+        raise AllocationError(f"unknown allocation mode {mode!r}; supported: {ALLOCATION_MODES}")
+    ones = np.ones(len(names))
+    if mode == "size":
+        return ones, ones.copy()
+    if importance is None:
+        if mode != "random":
+            raise AllocationError(f"mode {mode!r} needs an importance profile")
+        rng = np.random.default_rng(seed)
+        return rng.lognormal(0.0, 1.0, len(names)), rng.lognormal(0.0, 1.0, len(names))
+    w = _normalised(importance.weight, names)
+    a = _normalised(importance.activation, names)
+    if mode == "inverted":
+        return _normalised(dict(zip(names, 1 / w, strict=True)), names), \
+            _normalised(dict(zip(names, 1 / a, strict=True)), names)
+    if mode == "random":  # the same score distribution, assigned to layers at random
+        perm = np.random.default_rng(seed).permutation(len(names))
+        return w[perm], a[perm]
+    return w, a
+
+
+# --- the program ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Program:
+    """Choices, objective and linear budget rows of one allocation problem."""
+
+    units: list[list[str]]
+    choices: list[tuple[int, int]]
+    objective: np.ndarray  # (units * choices,)
+    rows: np.ndarray  # (limits, units * choices), each row divided by its limit
+    row_names: list[str]
+
+
+def _choice_costs(spec: LayerSpec, w: int, a: int) -> dict[str, float]:
+    """One layer's additive contribution to each Cost field's numerator at (w, a)."""
+    return {"avg_w_bits": weight_elements(spec) * w, "avg_a_bits": spec.macs * a,
+            "bops": spec.macs * w * a, "weight_bytes": layer_weight_bytes(spec, w)}
+
+
+def _limits_as_sums(specs: Sequence[LayerSpec], budget: Budget) -> dict[str, float]:
+    """Budget limits rewritten as limits on the additive numerators of `_choice_costs`."""
+    totals = {"avg_w_bits": float(sum(weight_elements(s) for s in specs)),
+              "avg_a_bits": float(sum(s.macs for s in specs)), "bops": 1.0, "weight_bytes": 1.0}
+    return {k: v * totals[k] for k, v in budget.limits().items()}
+
+
+def _build(
+    specs: Sequence[LayerSpec], budget: Budget, units: list[list[str]],
+    choices: list[tuple[int, int]], s_w: Mapping[str, float], s_a: Mapping[str, float],
+    omega_w: Mapping[str, Mapping[int, float]], act_weight: float,
+) -> _Program:
+    by_name = {s.name: s for s in specs}
+    limits = _limits_as_sums(specs, budget)
+    n_choice = len(choices)
+    objective = np.zeros(len(units) * n_choice)
+    rows = np.zeros((len(limits), len(units) * n_choice))
+    for u, unit in enumerate(units):
+        for c, (w, a) in enumerate(choices):
+            col = u * n_choice + c
+            objective[col] = sum(s_w[n] * omega_w[n][w] + s_a[n] * act_weight * 4.0 ** -a
+                                 for n in unit)
+            for r, (field, limit) in enumerate(limits.items()):
+                rows[r, col] = sum(_choice_costs(by_name[n], w, a)[field] for n in unit) / limit
+    return _Program(units, choices, objective, rows, list(limits))
+
+
+def _solve(program: _Program, margin: float) -> list[int]:
+    """Index of the chosen (w, a) per unit; budget rows tightened by `margin` (relative)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_units, n_choice = len(program.units), len(program.choices)
+    one_each = np.kron(np.eye(n_units), np.ones(n_choice))
+    constraints = [LinearConstraint(one_each, 1.0, 1.0)]
+    if len(program.rows):
+        constraints.append(LinearConstraint(program.rows, -np.inf, 1.0 - margin))
+    # Scale so the best conceivable value (every unit at its least perturbation) is 1: HiGHS'
+    # gap tolerances are partly absolute, and perturbations at 8 bits are ~1e-5.
+    floor = program.objective.reshape(n_units, n_choice).min(axis=1).sum()
+    objective = program.objective / max(float(floor), 1e-300)
+    result = milp(objective, constraints=constraints, integrality=np.ones_like(objective),
+                  bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9, "disp": False})
+    if result.x is None:
+        raise AllocationError(f"the integer program found no solution: {result.message}")
+    x = np.round(result.x).reshape(n_units, n_choice)
+    return [int(np.argmax(row)) for row in x]
+
+
+def _weight_error_table(
+    names: Sequence[str], w_bits: Sequence[int], weight_error: Mapping[str, Mapping[int, float]]
+    | None,
+) -> dict[str, dict[int, float]]:
+    if weight_error is None:
+        return {n: {b: 4.0 ** -b for b in w_bits} for n in names}
+    table: dict[str, dict[int, float]] = {}
+    for n in names:
+        errors = weight_error.get(n, {})
+        missing = [b for b in w_bits if b not in errors]
+        if missing:
+            raise AllocationError(f"weight_error lacks layer {n!r} at bits {missing}")
+        table[n] = {b: float(errors[b]) for b in w_bits}
+    return table
+
+
+def allocate(
+    specs: Sequence[LayerSpec],
+    budget: Budget,
+    importance: Importance | None = None,
+    *,
+    w_bits: Iterable[int] = DEFAULT_W_BITS,
+    a_bits: Iterable[int] = DEFAULT_A_BITS,
+    ties: bool = True,
+    mode: AllocationMode = "orthogonality",
+    seed: int = 0,
+    weight_error: Mapping[str, Mapping[int, float]] | None = None,
+    act_weight: float = 1.0,
+    model: ModelIdentity | None = None,
+) -> BitMap:
+    """The bit map that minimises importance-weighted perturbation within `budget` (module doc).
+
+    Raises InfeasibleBudgetError when no candidate configuration meets the budget. The returned
+    map always meets it (recomputed with `cost_of`); its meta records budget, cost, mode and
+    settings.
+    """
+    w_list, a_list = sorted(set(w_bits)), sorted(set(a_bits))
+    check_feasible(budget, specs, w_list, a_list)
+    names = [s.name for s in specs]
+    sw, sa = layer_scores(names, importance, mode, seed)
+    units = units_of(specs, ties)
+    choices = list(itertools.product(w_list, a_list))
+    program = _build(specs, budget, units, choices, dict(zip(names, sw, strict=True)),
+                     dict(zip(names, sa, strict=True)),
+                     _weight_error_table(names, w_list, weight_error), act_weight)
+    identity = model or (importance.model if importance is not None else UNBOUND)
+    for margin in (0.0, 1e-7, 1e-5, 1e-3):  # HiGHS may overshoot by its ~1e-7 tolerance
+        picks = _solve(program, margin)
+        layers = {n: LayerBits(*choices[c]) for unit, c in zip(units, picks, strict=True)
+                  for n in unit}
+        bitmap = BitMap.from_layers(identity, layers)
+        cost = cost_of(specs, bitmap)
+        if budget.is_met(cost):
+            meta = {"budget": str(budget), "cost": vars(cost), "mode": mode,
+                    "objective": float(program.objective[[u * len(choices) + c for u, c in
+                                                          enumerate(picks)]].sum()),
+                    "settings": _settings(importance, w_list, a_list, ties, seed, act_weight,
+                                          weight_error is not None)}
+            return bitmap.with_meta(**meta)
+    raise AllocationError(f"the integer program's answer exceeds budget {budget} ({cost})")
+
+
+def _settings(importance: Importance | None, w_bits: list[int], a_bits: list[int], ties: bool,
+              seed: int, act_weight: float, measured: bool) -> dict[str, Any]:
+    settings: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits, "ties": ties, "seed": seed,
+                                "act_weight": act_weight,
+                                "weight_error": "measured" if measured else "4^-b model"}
+    if importance is not None:
+        settings["importance"] = dict(importance.settings)
+    return settings
+
+
+def prior_front(
+    specs: Sequence[LayerSpec], budgets: Sequence[Budget], importance: Importance | None = None,
+    **kwargs: Any,
+) -> list[BitMap]:
+    """One allocation per budget (same keyword arguments as `allocate`): a prior Pareto front."""
+    if not budgets:
+        raise BudgetError("prior_front needs at least one budget")
+    return [allocate(specs, b, importance, **kwargs) for b in budgets]

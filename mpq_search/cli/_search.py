@@ -1,0 +1,149 @@
+"""Search commands: `run`, `report`, `export`, `dashboard`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mpq_search.cli._app import app, console, fail, handles_errors
+
+StudyOption = Annotated[str | None, typer.Option("--study", help="Study name.")]
+StorageOption = Annotated[
+    str | None, typer.Option("--storage", help="Optuna storage URL (default: SQLite under --root).")
+]
+RootOption = Annotated[Path, typer.Option("--root", help="Folder holding per-study outputs.")]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="Study config TOML (flags override it).")
+]
+
+
+def _config(config: Path | None, **flags: Any) -> Any:
+    from mpq_search.search import load_config
+
+    return load_config(config, **flags)
+
+
+@app.command("run")
+@handles_errors
+def run_command(
+    budget: Annotated[str | None, typer.Option(help="Budget, e.g. 4.5bits, w4a6, size<=1MB.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec.")] = None,
+    trials: Annotated[int | None, typer.Option(help="Trials to run now (priors count).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="guided|nsga2|tpe|gp|random.")] = None,
+    objectives: Annotated[str | None, typer.Option(help="fid,bops or fid,size.")] = None,
+    storage: StorageOption = None,
+    study: StudyOption = None,
+    timestep_groups: Annotated[
+        int | None, typer.Option("--timestep-groups", help="Maps per timestep group.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the search's random choices.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Samples per trial.")] = None,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps per sample.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Search per-layer bit maps within a budget; print the Pareto front and write the report."""
+    from mpq_search.api import run
+    from mpq_search.report import pareto_rows, pareto_table, reference_rows
+
+    cfg = _config(config, budget=budget, model=model, trials=trials, sampler=sampler,
+                  objectives=objectives, storage=storage, study=study,
+                  timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, threads=threads,
+                  root=str(root) if root else None)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  TextColumn("{task.fields[best]}"), console=console, transient=True) as bar:
+        task = bar.add_task("preparing", total=None, best="")
+
+        def on_stage(text: str) -> None:
+            bar.update(task, description=text)
+
+        def on_trial(event: Any) -> None:
+            best = "" if event.best is None else f"best FID-excess {event.best:.3f}"
+            bar.update(task, total=event.total, completed=event.done, best=best,
+                       description=f"trial {event.number} ({event.tag or event.role})")
+
+        result = run(cfg, progress=on_trial, stage=on_stage)
+    console.print(pareto_table(reference_rows(result), title="Baselines and priors"))
+    console.print(pareto_table(pareto_rows(result), title=f"Pareto front ({cfg.budget})"))
+    console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
+                  f"{cfg.study_dir / 'report'}")
+
+
+def _open(study: str | None, storage: str | None, root: Path, config: Path | None) -> Any:
+    from mpq_search.search import load_study
+
+    cfg = _config(config, study=study, storage=storage, root=str(root))
+    if cfg.study is None and config is None:
+        raise fail("give --study NAME (or --config)")
+    return cfg, load_study(cfg.study_name, cfg.storage_url)
+
+
+@app.command("report")
+@handles_errors
+def report_command(
+    study: StudyOption = None, storage: StorageOption = None,
+    root: RootOption = Path("studies"), config: ConfigOption = None,
+) -> None:
+    """Print the Pareto table and write pareto.csv, pareto.html, bit maps and grids."""
+    from mpq_search.api import report
+    from mpq_search.report import pareto_rows, pareto_table, reference_rows
+
+    cfg, loaded = _open(study, storage, root, config)
+    files = report(loaded, cfg)
+    console.print(pareto_table(reference_rows(loaded), title="Baselines and priors"))
+    console.print(pareto_table(pareto_rows(loaded), title="Pareto front"))
+    console.print(f"wrote {files.csv}, {files.html}, {len(files.bitmaps)} bit maps, "
+                  f"{len(files.grids)} grids")
+
+
+@app.command("export")
+@handles_errors
+def export_command(
+    study: StudyOption = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Trial number.")] = None,
+    best: Annotated[bool, typer.Option("--best", help="The best trial within budget.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write.")] = None,
+    storage: StorageOption = None, root: RootOption = Path("studies"), config: ConfigOption = None,
+) -> None:
+    """Write one trial's bit map (or the best one within budget) as JSON."""
+    from mpq_search.report import export
+
+    if (trial is None) == (not best):
+        raise fail("give exactly one of --trial N or --best")
+    cfg, loaded = _open(study, storage, root, config)
+    target = out or cfg.study_dir / f"bitmap_{'best' if best else f'trial_{trial}'}.json"
+    path = export(loaded, target, trial=trial, best=best)
+    console.print(f"wrote {path}")
+
+
+@app.command("dashboard")
+@handles_errors
+def dashboard_command(
+    study: StudyOption = None, storage: StorageOption = None,
+    root: RootOption = Path("studies"), config: ConfigOption = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+) -> None:
+    """Start optuna-dashboard on the study's storage (127.0.0.1) with its artifacts."""
+    from mpq_search.report import start_dashboard
+
+    cfg, _ = _open(study, storage, root, config)
+    process = start_dashboard(cfg.storage_url, cfg.study_dir / "artifacts", port=port)
+    console.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -1,0 +1,322 @@
+"""Stage (cost): what a BitMap costs, and the budget language that limits it.
+
+Cost of one layer at (w, a) bits (per denoiser call, per sample):
+
+* weight bits, averaged over layers weighted by their weight-element count (bias excluded: biases
+  stay in float, as in Q-Diffusion and HAWQ-V3);
+* activation bits, averaged weighted by MACs (the input activation feeds every MAC);
+* BOPs = MACs x w x a (DESIGN.md); a full sampling run costs ``steps`` times that;
+* weight bytes = weights at w bits + biases in fp32 + one fp32 scale per output channel.
+
+Float layers (16/32 bits, or missing from the map) count at their float width and carry no scale.
+
+Grouped maps (one plan per timestep group) aggregate as follows; every stage relies on this.
+Bits and BOPs are *step-weighted averages* over the groups (a group covering 30% of the steps
+contributes 30%), because that is what a sampling run executes on average. Weight bytes count
+every *distinct* weight copy a layer needs (W4 in one group and W8 in another stores both),
+because all copies must be resident during a run.
+
+Budget strings (clauses joined by commas, case-insensitive)::
+
+    4.5bits        average weight bits <= 4.5; activations at most 8 unless given
+    w4.5a6         average weight bits <= 4.5 and average activation bits <= 6
+    a6             average activation bits <= 6
+    bops<=W4A8     BOPs at most those of uniform W4A8
+    bops<=1.2G     BOPs (per denoiser call, per sample) at most 1.2e9; units K, M, G, T
+    size<=1.5MB    weight memory at most 1.5e6 bytes; units B, KB, MB, GB (1000-based), KiB, MiB
+
+``str(budget)`` prints the canonical form, which parses back to an equal Budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from mpq_search.bitmap import FLOAT, BitMap, LayerBits, is_float
+from mpq_search.errors import BitMapError, BudgetError, InfeasibleBudgetError
+from mpq_search.layers import LayerSpec
+
+DEFAULT_ACT_BITS = 8.0
+"""Average activation bits a budget allows when it limits only weight bits ("4.5bits")."""
+
+REL_TOL = 1e-9
+"""Relative slack in budget checks, so a map exactly at its budget is not refused by rounding."""
+
+SCALE_BYTES = 4
+BIAS_BYTES = 4
+
+BOPS_UNITS: dict[str, float] = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+SIZE_UNITS: dict[str, float] = {
+    "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30,
+}
+_UNIT_CASE = {"k": "K", "m": "M", "g": "G", "t": "T", "b": "B", "kb": "KB", "mb": "MB", "gb": "GB",
+              "kib": "KiB", "mib": "MiB", "gib": "GiB", "": ""}
+
+
+# --- cost -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """The cost of a bit map. BOPs are per denoiser call and per sample."""
+
+    avg_w_bits: float
+    avg_a_bits: float
+    bops: float
+    weight_bytes: float
+
+    def bops_per_run(self, steps: int, n: int = 1) -> float:
+        """BOPs of a full sampling run of `steps` denoiser calls for `n` samples."""
+        return self.bops * steps * n
+
+    def __str__(self) -> str:
+        return (f"avg W {self.avg_w_bits:.3f} bits, avg A {self.avg_a_bits:.3f} bits, "
+                f"{format_bops(self.bops)} BOPs/call/sample, {format_bytes(self.weight_bytes)}")
+
+
+def weight_elements(spec: LayerSpec) -> int:
+    """Number of weight elements (the quantized ones; the bias stays in float)."""
+    return math.prod(spec.weight_shape)
+
+
+def layer_weight_bytes(spec: LayerSpec, w_bits: int) -> float:
+    """Bytes to store one layer's weights at `w_bits` (+ fp32 bias, + fp32 per-channel scales)."""
+    bias = spec.params - weight_elements(spec)
+    if is_float(w_bits):
+        return spec.params * w_bits / 8
+    return weight_elements(spec) * w_bits / 8 + bias * BIAS_BYTES + spec.out_channels * SCALE_BYTES
+
+
+def _plan_cost(specs: Sequence[LayerSpec], plan: Mapping[str, LayerBits]) -> tuple[float, ...]:
+    """(weight-bit sum, act-bit sum, BOPs) of one group's plan (sums not yet normalised)."""
+    w_sum = a_sum = bops = 0.0
+    for spec in specs:
+        bits = plan.get(spec.name, FLOAT)
+        w_sum += weight_elements(spec) * bits.w
+        a_sum += spec.macs * bits.a
+        bops += spec.macs * bits.w * bits.a
+    return w_sum, a_sum, bops
+
+
+def cost_of(specs: Sequence[LayerSpec], bitmap: BitMap) -> Cost:
+    """The cost of `bitmap` on these layers (grouped maps: see the module docstring)."""
+    bitmap.validate(spec.name for spec in specs)
+    total_w = sum(weight_elements(s) for s in specs)
+    total_macs = sum(s.macs for s in specs)
+    if total_w == 0 or total_macs == 0:
+        raise BitMapError("cannot cost a model with no quantizable layers")
+    w_sum = a_sum = bops = 0.0
+    for group in bitmap.groups:
+        share = group.end - group.start
+        gw, ga, gb = _plan_cost(specs, group.layers)
+        w_sum, a_sum, bops = w_sum + share * gw, a_sum + share * ga, bops + share * gb
+    size = 0.0
+    for spec in specs:
+        copies = {g.layers.get(spec.name, FLOAT).w for g in bitmap.groups}
+        size += sum(layer_weight_bytes(spec, w) for w in copies)
+    return Cost(avg_w_bits=w_sum / total_w, avg_a_bits=a_sum / total_macs, bops=bops,
+                weight_bytes=size)
+
+
+def uniform_cost(specs: Sequence[LayerSpec], w: int, a: int) -> Cost:
+    """Cost of every layer at (w, a), computed without a model identity."""
+    from mpq_search.models import ModelIdentity
+
+    names = [s.name for s in specs]
+    return cost_of(specs, BitMap.uniform(ModelIdentity("-", "-"), names, w, a))
+
+
+# --- budget -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """Upper limits on a Cost; None = unlimited. Build it with `parse_budget`.
+
+    `bops_text` / `size_text` keep how the limit was written ("W4A8", "1.2G", "1.5MB") so that
+    `str(budget)` round-trips; `bops` and `weight_bytes` are the resolved absolute limits.
+    """
+
+    w_bits: float | None = None
+    a_bits: float | None = None
+    bops: float | None = None
+    weight_bytes: float | None = None
+    bops_text: str | None = None
+    size_text: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "bops", "weight_bytes"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise BudgetError(f"budget limit {name} must be a positive number, got {value}")
+        if self.bops is not None and self.bops_text is None:
+            object.__setattr__(self, "bops_text", _num(self.bops))
+        if self.weight_bytes is not None and self.size_text is None:
+            object.__setattr__(self, "size_text", _num(self.weight_bytes) + "B")
+        if self.limits() == {}:
+            raise BudgetError("a budget needs at least one limit")
+
+    @property
+    def effective_a_bits(self) -> float | None:
+        """The activation limit in force: the given one, else 8 when weight bits are limited."""
+        if self.a_bits is not None:
+            return self.a_bits
+        return DEFAULT_ACT_BITS if self.w_bits is not None else None
+
+    def limits(self) -> dict[str, float]:
+        """{Cost field: limit} of every limit in force."""
+        pairs = {"avg_w_bits": self.w_bits, "avg_a_bits": self.effective_a_bits,
+                 "bops": self.bops, "weight_bytes": self.weight_bytes}
+        return {k: v for k, v in pairs.items() if v is not None}
+
+    def violations(self, cost: Cost) -> dict[str, float]:
+        """Relative excess (cost - limit) / limit per limit, minus REL_TOL: all <= 0 is feasible.
+
+        Shaped for optuna's `trial.set_constraint`.
+        """
+        return {k: (getattr(cost, k) - v) / v - REL_TOL for k, v in self.limits().items()}
+
+    def is_met(self, cost: Cost) -> bool:
+        """True when the cost is within every limit."""
+        return all(v <= 0 for v in self.violations(cost).values())
+
+    def __str__(self) -> str:
+        parts = []
+        if self.w_bits is not None and self.a_bits is not None:
+            parts.append(f"w{_num(self.w_bits)}a{_num(self.a_bits)}")
+        elif self.w_bits is not None:
+            parts.append(f"{_num(self.w_bits)}bits")
+        elif self.a_bits is not None:
+            parts.append(f"a{_num(self.a_bits)}")
+        if self.bops_text is not None:
+            parts.append(f"bops<={self.bops_text}")
+        if self.size_text is not None:
+            parts.append(f"size<={self.size_text}")
+        return ",".join(parts)
+
+
+_NUM = r"(\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"
+_BITS = re.compile(rf"(?P<w>{_NUM})bits")
+_WA = re.compile(rf"w(?P<w>{_NUM})(?:a(?P<a>{_NUM}))?")
+_A = re.compile(rf"a(?P<a>{_NUM})")
+_BOPS_REF = re.compile(r"bops<=w(?P<w>\d+)a(?P<a>\d+)")
+_BOPS_ABS = re.compile(rf"bops<=(?P<v>{_NUM})(?P<u>[kmgt]?)")
+_SIZE = re.compile(rf"size<=(?P<v>{_NUM})(?P<u>[kmg]?i?b)")
+
+BUDGET_FORMS = "4.5bits, w4.5a6, a6, bops<=W4A8, bops<=1.2G, size<=1.5MB"
+
+
+def _num(value: float) -> str:
+    """Shortest text that parses back to exactly `value` (no trailing '.0')."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _positive(text: str, clause: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise BudgetError(f"budget clause {clause!r}: the limit must be positive")
+    return value
+
+
+def _parse_clause(clause: str, specs: Sequence[LayerSpec]) -> dict[str, float | str]:
+    """One clause -> the Budget fields it sets."""
+    if m := _BITS.fullmatch(clause):
+        return {"w_bits": _positive(m["w"], clause)}
+    if m := _WA.fullmatch(clause):
+        out: dict[str, float | str] = {"w_bits": _positive(m["w"], clause)}
+        if m["a"] is not None:
+            out["a_bits"] = _positive(m["a"], clause)
+        return out
+    if m := _A.fullmatch(clause):
+        return {"a_bits": _positive(m["a"], clause)}
+    if m := _BOPS_REF.fullmatch(clause):
+        try:
+            bits = LayerBits(int(m["w"]), int(m["a"]))
+        except BitMapError as e:
+            raise BudgetError(f"budget clause {clause!r}: {e}") from e
+        return {"bops": uniform_cost(specs, bits.w, bits.a).bops, "bops_text": str(bits)}
+    if m := _BOPS_ABS.fullmatch(clause):
+        value = _positive(m["v"], clause)
+        return {"bops": value * BOPS_UNITS[m["u"]],
+                "bops_text": _num(value) + _UNIT_CASE[m["u"]]}
+    if m := _SIZE.fullmatch(clause):
+        if m["u"] not in SIZE_UNITS:
+            raise BudgetError(f"budget clause {clause!r}: unknown size unit; use "
+                              "B, KB, MB, GB, KiB, MiB or GiB")
+        value = _positive(m["v"], clause)
+        return {"weight_bytes": value * SIZE_UNITS[m["u"]],
+                "size_text": _num(value) + _UNIT_CASE[m["u"]]}
+    raise BudgetError(f"cannot parse budget clause {clause!r}; supported forms: {BUDGET_FORMS}")
+
+
+def parse_budget(text: str, specs: Sequence[LayerSpec]) -> Budget:
+    """Parse a budget string (module docstring); `specs` resolve relative limits like W4A8."""
+    clauses = [c.strip().lower().replace(" ", "") for c in text.split(",")]
+    if not text.strip() or any(not c for c in clauses):
+        raise BudgetError(f"empty budget or empty clause in {text!r}; supported forms: "
+                          f"{BUDGET_FORMS}")
+    fields: dict[str, float | str] = {}
+    for clause in clauses:
+        new = _parse_clause(clause, specs)
+        twice = sorted(k for k in new if k in fields and not k.endswith("_text"))
+        if twice:
+            raise BudgetError(f"budget {text!r} limits {twice[0]} twice")
+        fields.update(new)
+    return Budget(**fields)  # type: ignore[arg-type]
+
+
+def cheapest_cost(
+    specs: Sequence[LayerSpec], w_bits: Iterable[int], a_bits: Iterable[int]
+) -> Cost:
+    """The cost of every layer at the lowest candidate bits: the minimum of every Cost field."""
+    return uniform_cost(specs, min(w_bits), min(a_bits))
+
+
+def check_feasible(
+    budget: Budget, specs: Sequence[LayerSpec], w_bits: Iterable[int], a_bits: Iterable[int]
+) -> None:
+    """Raise InfeasibleBudgetError when even the cheapest configuration breaks a limit.
+
+    Every Cost field is monotone in every layer's bits, so all-lowest-bits minimises all of them at
+    once: the budget is feasible exactly when that configuration meets it.
+    """
+    w_list, a_list = sorted(set(w_bits)), sorted(set(a_bits))
+    if not w_list or not a_list:
+        raise BudgetError("candidate bit-widths must not be empty")
+    floor = cheapest_cost(specs, w_list, a_list)
+    for field, excess in budget.violations(floor).items():
+        if excess > 0:
+            minimum = getattr(floor, field)
+            raise InfeasibleBudgetError(
+                f"budget {str(budget)!r} is infeasible: {_FIELD_TEXT[field]} can be no lower than "
+                f"{_format_field(field, minimum)} (uniform W{w_list[0]}A{a_list[0]}, the lowest "
+                f"candidate bits)"
+            )
+
+
+_FIELD_TEXT = {"avg_w_bits": "average weight bits", "avg_a_bits": "average activation bits",
+               "bops": "BOPs per call", "weight_bytes": "weight memory"}
+
+
+def _format_field(field: str, value: float) -> str:
+    if field == "bops":
+        return format_bops(value)
+    if field == "weight_bytes":
+        return format_bytes(value)
+    return f"{value:g}"
+
+
+def format_bops(value: float) -> str:
+    """Engineering form, e.g. 6.27G (parses back as a `bops<=` limit, to 3 significant digits)."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def format_bytes(value: float) -> str:
+    """Decimal units, e.g. 1.23MB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}B"

@@ -1,0 +1,29 @@
+"""Stage (quant): put any per-layer precision plan (a BitMap) on a diffusers denoiser, reversibly.
+
+The scheme follows Q-Diffusion (ICCV 2023):
+
+* weights: uniform affine, per output channel, clipping range searched by MSE over shrink factors;
+* activations: the *input* of every Conv2d/Linear, uniform affine per tensor, with ranges
+  calibrated on activations collected at uniformly spaced timesteps of real FP DDIM sampling
+  trajectories (timestep-aware calibration), by min-max, MSE or percentile;
+* shortcut splitting: a layer whose input is a channel concat of decoder features and a skip
+  connection gets a separate activation range per half.
+
+Everything a candidate bit-width needs is computed once in `QuantEngine.calibrate()` and cached, so
+`QuantEngine.apply(bitmap)` only swaps tensors and numbers (milliseconds) and a search can afford
+hundreds of maps. `QuantEngine.remove()` restores the FP model bit-exactly.
+"""
+
+from mpq_search.quant._config import ActCalibration, QuantConfig, parse_setting
+from mpq_search.quant._engine import QuantEngine, apply
+from mpq_search.quant._quantizers import fake_quantize, round_ste
+
+__all__ = [
+    "ActCalibration",
+    "QuantConfig",
+    "QuantEngine",
+    "apply",
+    "fake_quantize",
+    "parse_setting",
+    "round_ste",
+]

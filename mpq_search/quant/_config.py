@@ -1,0 +1,87 @@
+"""QuantConfig: what calibration computes, and from which data."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from mpq_search.bitmap import QUANT_BITS, BitMap, LayerBits, is_float
+from mpq_search.errors import BitMapError, CalibrationError
+
+ActCalibration = Literal["mse", "minmax", "percentile"]
+ACT_CALIBRATIONS: tuple[str, ...] = get_args(ActCalibration)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Candidate bit-widths and calibration settings of a QuantEngine.
+
+    Calibration samples `calib_n` FP trajectories of `calib_steps` DDIM steps from noise seed
+    `seed` and records layer inputs at `calib_timesteps` uniformly spaced steps of each
+    (Q-Diffusion). The seed should differ from the evaluation seeds, so that calibration does not
+    see the test noise.
+    """
+
+    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    a_bits: tuple[int, ...] = (4, 5, 6, 7, 8)
+    act_calibration: ActCalibration = "mse"
+    split_skip: bool = True
+    calib_n: int = 64
+    calib_steps: int = 20
+    calib_timesteps: int = 10
+    seed: int = 1000
+    percentile: float = 99.99
+    """Used by act_calibration="percentile": the range is [p(100 - q), p(q)] of the inputs."""
+    act_samples_per_step: int = 8192
+    """Values of each layer input kept (a seeded random subset) per recorded step."""
+    batch_size: int = 64
+    max_cache_bytes: int = 1 << 30
+    """Quantized weights beyond this many bytes are cached as uint8 codes, dequantized on apply."""
+
+    def __post_init__(self) -> None:
+        for kind, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
+            if not bits or any(b not in QUANT_BITS for b in bits):
+                raise CalibrationError(f"{kind} must be a non-empty subset of 2..8, got {bits!r}")
+        if self.act_calibration not in ACT_CALIBRATIONS:
+            raise CalibrationError(
+                f"unknown act_calibration {self.act_calibration!r}; "
+                f"supported: {', '.join(ACT_CALIBRATIONS)}"
+            )
+        for name in ("calib_n", "calib_steps", "calib_timesteps", "act_samples_per_step",
+                     "batch_size"):
+            if getattr(self, name) < 1:
+                raise CalibrationError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.calib_timesteps > self.calib_steps:
+            raise CalibrationError(
+                f"calib_timesteps ({self.calib_timesteps}) cannot exceed calib_steps "
+                f"({self.calib_steps})"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise CalibrationError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.max_cache_bytes < 0:
+            raise CalibrationError(f"max_cache_bytes must be >= 0, got {self.max_cache_bytes}")
+
+    @classmethod
+    def for_bitmap(cls, bitmap: BitMap, **settings: Any) -> QuantConfig:
+        """A config whose candidates are the bit-widths `bitmap` uses (less to calibrate)."""
+        used = [bits for group in bitmap.groups for bits in group.layers.values()]
+        w_bits = sorted({b.w for b in used if not is_float(b.w)})
+        a_bits = sorted({b.a for b in used if not is_float(b.a)})
+        return cls(w_bits=tuple(w_bits) or (8,), a_bits=tuple(a_bits) or (8,), **settings)
+
+    def recorded_steps(self) -> list[int]:
+        """Indices (0-based, in sampling order) of the steps whose layer inputs are recorded."""
+        k, steps = self.calib_timesteps, self.calib_steps
+        return sorted({round(i * (steps - 1) / max(1, k - 1)) for i in range(k)})
+
+
+_SETTING = re.compile(r"^\s*W(\d+)\s*A(\d+)\s*$", re.IGNORECASE)
+
+
+def parse_setting(text: str) -> LayerBits:
+    """Parse a uniform setting such as "W4A8" (weight bits, activation bits; 16/32 = float)."""
+    match = _SETTING.match(text)
+    if match is None:
+        raise BitMapError(f"a uniform setting looks like W4A8, got {text!r}")
+    return LayerBits(int(match.group(1)), int(match.group(2)))

@@ -1,0 +1,333 @@
+"""QuantEngine: calibrate once, then apply and remove bit maps in place in milliseconds.
+
+How a layer is quantized while a map is applied:
+
+* weight: the Parameter's storage is swapped for a cached fake-quantized copy (`.data`), so the
+  forward pass does no weight work at all; the original tensor is kept and swapped back on remove;
+* input activation: an instance-level `forward` is set on the module that fake-quantizes its input
+  with one multiply/round/clamp/multiply expression and calls the original forward. Layers left in
+  float keep their class forward untouched (no wrapper, no hook, no cost).
+
+Python forward pre-hooks and `torch.fake_quantize_per_tensor_affine` were both measured slower on
+CPU (DESIGN.md; benchmarks/bench_quant.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq_search.bitmap import FLOAT, BitMap, LayerBits, is_float
+from mpq_search.errors import BitMapError, CalibrationError, MPQSearchError
+from mpq_search.layers import LayerSpec, discover_layers, quantizable_modules
+from mpq_search.models import LoadedModel, sampling_timesteps
+from mpq_search.quant._calibrate import Segments, collect_activations, find_skip_splits
+from mpq_search.quant._config import QuantConfig
+from mpq_search.quant._quantizers import (
+    ActRange,
+    WeightQuant,
+    act_range_minmax,
+    act_range_mse,
+    act_range_percentile,
+    fake_quant_act,
+    quantize_weight,
+)
+
+_ENGINE_ATTR = "_mpq_search_engine"
+
+
+class _ActState:
+    """The numbers the hot path reads; tensors (1, C, 1, 1) when the input is split per part."""
+
+    __slots__ = ("hi", "inv_scale", "lo", "scale")
+
+    def __init__(self, ranges: list[ActRange], segments: Segments | None) -> None:
+        if segments is None:
+            (r,) = ranges
+            self.inv_scale: float | torch.Tensor = r.inv_scale
+            self.lo: float | torch.Tensor = r.lo
+            self.hi: float | torch.Tensor = r.hi
+            self.scale: float | torch.Tensor = r.scale
+        else:
+            self.inv_scale = _per_channel([r.inv_scale for r in ranges], segments)
+            self.lo = _per_channel([r.lo for r in ranges], segments)
+            self.hi = _per_channel([r.hi for r in ranges], segments)
+            self.scale = _per_channel([r.scale for r in ranges], segments)
+
+
+def _per_channel(values: list[float], segments: Segments) -> torch.Tensor:
+    """Expand one number per segment to a (1, C, 1, 1) tensor."""
+    parts = [torch.full((size,), value) for value, size in zip(values, segments, strict=True)]
+    return torch.cat(parts).view(1, -1, 1, 1)
+
+
+def _quantizing_forward(original: Callable[..., Any], state: _ActState) -> Callable[..., Any]:
+    """The wrapper forward: fake-quantize the input, then run the layer as it was."""
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return original(fake_quant_act(x, state.inv_scale, state.lo, state.hi, state.scale),
+                        *args, **kwargs)
+
+    return forward
+
+
+class QuantEngine:
+    """Per-layer fake quantization of one model, with every candidate bit-width precomputed.
+
+    Call order: `calibrate()` once (explicit and deterministic), then `apply(bitmap)` any number of
+    times (each replaces the previous map), then `remove()` to get the FP model back bit-exactly.
+    For a bit map with timestep groups, pass `engine.step_hook` to sampling so that the plan
+    switches between groups; the engine must know the number of sampling steps (`steps`).
+    """
+
+    def __init__(self, model: LoadedModel, specs: list[LayerSpec],
+                 config: QuantConfig | None = None) -> None:
+        self.model = model
+        self.specs = list(specs)
+        self.config = config or QuantConfig()
+        modules = quantizable_modules(model.denoiser)
+        missing = [s.name for s in self.specs if s.name not in modules]
+        if missing:
+            raise MPQSearchError(f"layer specs name modules the model lacks: {missing[:3]}")
+        self._modules: dict[str, nn.Module] = {s.name: modules[s.name] for s in self.specs}
+        self._weights: dict[str, dict[int, WeightQuant]] = {}
+        self._dequant: dict[tuple[str, int], torch.Tensor] = {}
+        self._acts: dict[str, dict[int, _ActState]] = {}
+        self._ranges: dict[str, dict[int, list[ActRange]]] = {}
+        self.splits: dict[str, Segments] = {}
+        self._originals: dict[str, torch.Tensor] = {}
+        self._forwards: dict[str, Callable[..., Any] | None] = {}
+        self._installed: dict[str, LayerBits] = {}
+        self._bitmap: BitMap | None = None
+        self._group = -1
+        self.steps = self.config.calib_steps
+        self._first_timestep: int | None = None
+
+    # --- calibration ----------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers this engine can quantize, in network order."""
+        return [s.name for s in self.specs]
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `calibrate()` has run."""
+        return bool(self._weights)
+
+    def calibrate(self, progress: Callable[[int], None] | None = None) -> QuantEngine:
+        """Compute quantized weights and activation ranges for every candidate bit-width.
+
+        Deterministic: the same model, specs and config give identical numbers. `progress` is
+        called with the number of calibration samples finished, as sampling goes.
+        """
+        owner = getattr(self.model.denoiser, _ENGINE_ATTR, None)
+        if owner is not None:
+            raise CalibrationError("the model is quantized now; remove() the applied map first")
+        cfg = self.config
+        self._calibrate_weights()
+        denoiser = self.model.denoiser
+        self.splits = find_skip_splits(denoiser, self._modules) if cfg.split_skip else {}
+        records = collect_activations(
+            self.model, self._modules, self.splits, n=cfg.calib_n, steps=cfg.calib_steps,
+            record_steps=cfg.recorded_steps(), keep_per_step=cfg.act_samples_per_step,
+            seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+        )
+        self._ranges = {
+            name: {bits: [self._act_range(rec, bits) for rec in segs] for bits in cfg.a_bits}
+            for name, segs in records.items()
+        }
+        self._acts = {
+            name: {bits: _ActState(ranges, self.splits.get(name))
+                   for bits, ranges in by_bits.items()}
+            for name, by_bits in self._ranges.items()
+        }
+        return self
+
+    def _calibrate_weights(self) -> None:
+        budget = self.config.max_cache_bytes
+        self._weights, self._dequant = {}, {}
+        for name, module in self._modules.items():
+            weight = _weight(module)
+            self._weights[name] = {b: quantize_weight(weight, b) for b in self.config.w_bits}
+            for bits, entry in self._weights[name].items():
+                size = weight.numel() * weight.element_size()
+                if size <= budget:  # fastest apply: the fake-quantized tensor itself
+                    self._dequant[(name, bits)] = entry.dequantize().to(weight.dtype)
+                    budget -= size
+
+    def _act_range(self, record: Any, bits: int) -> ActRange:
+        method = self.config.act_calibration
+        if method == "minmax":
+            return act_range_minmax(record.x_min, record.x_max, bits)
+        if method == "percentile":
+            return act_range_percentile(record.samples(), self.config.percentile, bits)
+        return act_range_mse(record.samples(), record.x_min, record.x_max, bits)
+
+    def activation_ranges(self, bits: int) -> dict[str, list[tuple[float, float]]]:
+        """Calibrated (low, high) input range of each layer (one per split part) at `bits`."""
+        self._require_calibrated()
+        return {
+            name: [(r.lo * r.scale, r.hi * r.scale) for r in by_bits[bits]]
+            for name, by_bits in self._ranges.items()
+        }
+
+    def _require_calibrated(self) -> None:
+        if not self.is_calibrated:
+            raise CalibrationError("call QuantEngine.calibrate() before applying a bit map")
+
+    # --- applying -------------------------------------------------------------------------
+    @property
+    def bitmap(self) -> BitMap | None:
+        """The map applied now (None when the model is in FP)."""
+        return self._bitmap
+
+    def apply(self, bitmap: BitMap, *, steps: int | None = None) -> None:
+        """Quantize the model in place as `bitmap` says (missing layers stay float).
+
+        Replaces any map applied before. `steps` is the number of sampling steps, needed to map
+        step indices to a grouped map's timestep groups (default: the engine's `steps`).
+        """
+        self._require_calibrated()
+        bitmap.validate(self.layer_names, self.model.identity)
+        self._check_candidates(bitmap)
+        owner = getattr(self.model.denoiser, _ENGINE_ATTR, None)
+        if owner is not None and owner is not self:
+            raise CalibrationError("another QuantEngine is applied to this model; remove it first")
+        if steps is not None:
+            if steps < 1:
+                raise MPQSearchError(f"steps must be >= 1, got {steps}")
+            self.steps = steps
+        setattr(self.model.denoiser, _ENGINE_ATTR, self)
+        self._bitmap = bitmap
+        self._first_timestep = None
+        self._group = 0
+        self._install(bitmap.groups[0].layers)
+
+    def _check_candidates(self, bitmap: BitMap) -> None:
+        for group in bitmap.groups:
+            for name, bits in group.layers.items():
+                if not is_float(bits.w) and bits.w not in self.config.w_bits:
+                    raise BitMapError(f"layer {name!r}: weight bits {bits.w} were not calibrated "
+                                      f"(candidates: {_listing(self.config.w_bits)})")
+                if not is_float(bits.a) and bits.a not in self.config.a_bits:
+                    raise BitMapError(f"layer {name!r}: activation bits {bits.a} were not "
+                                      f"calibrated (candidates: {_listing(self.config.a_bits)})")
+
+    def _install(self, plan: Mapping[str, LayerBits]) -> None:
+        """Swap what differs between the installed plan and `plan` (float for missing layers)."""
+        for name in self._modules:
+            bits = plan.get(name, FLOAT)
+            now = self._installed.get(name, FLOAT)
+            if _effective(bits.w) != _effective(now.w):
+                self._set_weight(name, _effective(bits.w))
+            if _effective(bits.a) != _effective(now.a):
+                self._set_activation(name, _effective(bits.a))
+            if bits == FLOAT:
+                self._installed.pop(name, None)
+            else:
+                self._installed[name] = bits
+
+    def _set_weight(self, name: str, bits: int | None) -> None:
+        param = _weight(self._modules[name])
+        if bits is None:
+            param.data = self._originals.pop(name)
+            return
+        self._originals.setdefault(name, param.data)
+        cached = self._dequant.get((name, bits))
+        if cached is None:
+            cached = self._weights[name][bits].dequantize().to(param.dtype)
+        param.data = cached
+
+    def _set_activation(self, name: str, bits: int | None) -> None:
+        module = self._modules[name]
+        if name not in self._forwards:  # an instance-level forward someone else set, or None
+            self._forwards[name] = module.__dict__.get("forward")
+        original = self._forwards[name]
+        module.__dict__.pop("forward", None)
+        if original is not None:
+            module.__dict__["forward"] = original
+        if bits is None:
+            del self._forwards[name]
+        else:
+            module.__dict__["forward"] = _quantizing_forward(module.forward,
+                                                             self._acts[name][bits])
+
+    def remove(self) -> None:
+        """Restore the FP model bit-exactly (weights and forwards); a no-op when in FP."""
+        self._install({})
+        self._bitmap = None
+        self._group = -1
+        if getattr(self.model.denoiser, _ENGINE_ATTR, None) is self:
+            delattr(self.model.denoiser, _ENGINE_ATTR)
+
+    def step_hook(self, step_index: int, timestep: int) -> None:
+        """StepHook for sampling: switch to the plan of the timestep group of this step.
+
+        A no-op for single-group maps. For grouped maps it checks at step 0 that the sampler runs
+        the `steps` the engine was told, since groups are fractions of the step count.
+        """
+        bitmap = self._bitmap
+        if bitmap is None or not bitmap.is_grouped:
+            return
+        if step_index == 0:
+            self._check_steps(timestep)
+        if step_index >= self.steps:
+            raise MPQSearchError(f"sampling step {step_index} is past the engine's steps "
+                                 f"({self.steps}); pass steps= to QuantEngine.apply")
+        group = next((i for i, g in enumerate(bitmap.groups) if g.covers(step_index, self.steps)),
+                     len(bitmap.groups) - 1)
+        if group != self._group:
+            self._install(bitmap.groups[group].layers)
+            self._group = group
+
+    def _check_steps(self, timestep: int) -> None:
+        if self._first_timestep is None:
+            self._first_timestep = sampling_timesteps(self.model, self.steps)[0]
+        if timestep != self._first_timestep:
+            raise MPQSearchError(
+                f"sampling does not run {self.steps} steps (first timestep {timestep}, expected "
+                f"{self._first_timestep}); pass steps= to QuantEngine.apply"
+            )
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the precomputed quantized weights and activation parameters."""
+        codes = sum(e.nbytes() for by_bits in self._weights.values() for e in by_bits.values())
+        dequant = sum(t.numel() * t.element_size() for t in self._dequant.values())
+        acts = sum(
+            sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
+                for v in (s.inv_scale, s.lo, s.hi, s.scale))
+            for by_bits in self._acts.values() for s in by_bits.values()
+        )
+        return codes + dequant + acts
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise MPQSearchError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def _effective(bits: int) -> int | None:
+    """None for float bit-widths (16 and 32 are the same thing here)."""
+    return None if is_float(bits) else bits
+
+
+def _listing(bits: Iterable[int]) -> str:
+    return ", ".join(str(b) for b in sorted(bits))
+
+
+def apply(model: LoadedModel, bitmap: BitMap, config: QuantConfig | None = None) -> QuantEngine:
+    """Calibrate an engine for `model` and apply `bitmap` in place; `engine.remove()` undoes it.
+
+    Without a config, only the bit-widths the map uses are calibrated.
+    """
+    specs = discover_layers(model.denoiser)
+    bitmap.validate([s.name for s in specs], model.identity)  # fail before the slow part
+    engine = QuantEngine(model, specs, config or QuantConfig.for_bitmap(bitmap))
+    engine.calibrate()
+    engine.apply(bitmap)
+    return engine

@@ -1,0 +1,178 @@
+"""The study config: one frozen record that holds every option of `mpq-search run`.
+
+It loads from a TOML file (flat keys named like the fields, see `studies/default.toml`), and CLI flags
+override single fields. The record is stored in the study's user attributes, so a study describes the
+settings that produced it and a resumed run can refuse settings that would mix two experiments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from mpq_search.errors import StudyError
+
+SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
+ObjectiveName = Literal["fid", "bops", "size"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+SECOND_OBJECTIVES: tuple[str, ...] = ("bops", "size")
+
+# Fields that change what a trial's numbers mean: a resumed study must agree on them.
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "budget", "objectives", "timestep_groups", "w_bits", "a_bits", "n", "steps", "sample_seed",
+    "feature_net", "act_calibration", "calib_n", "calib_steps", "tie_layers",
+)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Every option of a search run. Defaults finish in about 10 minutes on a 2-core CPU."""
+
+    budget: str = "4.5bits"
+    model: str = "mnist-ddpm"
+    study: str | None = None
+    """Study name; default `<model>-<budget>` (plus `-g<G>` for timestep groups)."""
+    storage: str | None = None
+    """Optuna storage URL; default `sqlite:///<root>/<study>/study.db`."""
+    root: str = "studies"
+    """Folder for per-study outputs (database, artifacts, report)."""
+    trials: int = 40
+    """Search trials to run now (priors included; the uniform reference trials are extra)."""
+    sampler: SamplerName = "guided"
+    objectives: tuple[str, ...] = ("fid", "bops")
+    timestep_groups: int = 1
+    seed: int = 0
+    """Seed of every random choice of the search (sampler, moves, random priors)."""
+    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    a_bits: tuple[int, ...] = (4, 5, 6, 7, 8)
+    tie_layers: bool = True
+    n: int = 128
+    """Samples per trial (FID proxy)."""
+    steps: int = 20
+    """DDIM steps per sample."""
+    sample_seed: int = 0
+    """Noise seed shared by every trial and the FP reference (common random numbers)."""
+    batch_size: int = 128
+    feature_net: str | None = None
+    """'lenet' or 'inception'; default lenet for 1-channel models, inception for RGB."""
+    prior_modes: tuple[str, ...] = ("orthogonality", "size")
+    """ILP prior modes enqueued at the budget."""
+    prior_budgets: tuple[str, ...] | None = None
+    """Tighter budgets for extra priors; default: three evenly spaced below the budget."""
+    baselines: tuple[str, ...] = ("W4A8", "W8A8")
+    importance_timesteps: int = 5
+    importance_n: int = 64
+    act_calibration: str = "mse"
+    calib_n: int = 32
+    calib_steps: int = 20
+    heldout_n: int = 512
+    heldout_seed: int = 1
+    grid_n: int = 64
+    threads: int | None = None
+    """torch threads; default: torch's own choice."""
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    @property
+    def study_name(self) -> str:
+        """The study name, derived from model and budget when not given."""
+        if self.study:
+            return self.study
+        model = Path(self.model).name if "/" in self.model else self.model
+        suffix = f"-g{self.timestep_groups}" if self.timestep_groups > 1 else ""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{self.budget}{suffix}")
+
+    @property
+    def study_dir(self) -> Path:
+        """Where this study's outputs live."""
+        return Path(self.root) / self.study_name
+
+    @property
+    def storage_url(self) -> str:
+        """The storage URL in use (the default SQLite file under the study folder)."""
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{self.study_dir / 'study.db'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (tuples become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed study must agree on."""
+        data = self.to_dict()
+        return {key: data[key] for key in IDENTITY_FIELDS}
+
+    def replace(self, **changes: Any) -> StudyConfig:
+        """A copy with some fields changed; `None` values are ignored (CLI flags left unset)."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        unknown = sorted(set(given) - {f.name for f in fields(self)})
+        if unknown:
+            raise StudyError(f"unknown study option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **_coerce(given))
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
+    """Read a TOML study config (flat keys, or keys under a `[study]` table), then apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        source = Path(path)
+        try:
+            data = tomllib.loads(source.read_text())
+        except OSError as e:
+            raise StudyError(f"cannot read study config {source}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise StudyError(f"{source} is not valid TOML: {e}") from e
+        if isinstance(data.get("study"), dict):
+            data = {**{k: v for k, v in data.items() if k != "study"}, **data["study"]}
+    return StudyConfig().replace(**data).replace(**overrides)
+
+
+def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if key in {"objectives", "prior_modes", "prior_budgets", "baselines"} and isinstance(
+            value, str
+        ):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        elif key in {"w_bits", "a_bits"} and isinstance(value, str):
+            value = tuple(int(v) for v in value.split(",") if v.strip())
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[key] = value
+    return out
+
+
+def _check(config: StudyConfig) -> None:
+    if config.sampler not in SAMPLERS:
+        raise StudyError(f"unknown sampler {config.sampler!r}; supported: {', '.join(SAMPLERS)}")
+    objectives = tuple(config.objectives)
+    if len(objectives) != 2 or objectives[0] != "fid" or objectives[1] not in SECOND_OBJECTIVES:
+        raise StudyError(
+            f"objectives must be 'fid,bops' or 'fid,size', got {','.join(map(str, objectives))!r}"
+        )
+    for name in ("trials", "n", "steps", "batch_size", "timestep_groups", "grid_n", "heldout_n"):
+        value = getattr(config, name)
+        minimum = 0 if name == "trials" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise StudyError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    for name in ("w_bits", "a_bits"):
+        bits = getattr(config, name)
+        if not bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in bits):
+            raise StudyError(f"{name} must be a non-empty list of bit-widths in 2..8, got {bits!r}")
+    if config.feature_net not in (None, "lenet", "inception"):
+        raise StudyError(
+            f"unknown feature net {config.feature_net!r}; supported: lenet, inception"
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,231 @@
+"""Samplers over bit maps that never spend an evaluation on a map outside the budget.
+
+* `GuidedSampler` (the default, "guided"): local search that starts from the priors. Each trial takes
+  the best map so far at a target budget (the study's budget, or now and then one of the tighter
+  prior budgets, to push the rest of the Pareto front), and makes 1-3 *exchange* moves: raise the
+  level that a Thompson draw of the fitted surrogate says gains most per unit of budget, pay for it by
+  lowering the levels that hurt least, then fill the remaining budget. The surrogate is refitted to
+  all finished trials before each draw, so moves learn which layers really matter.
+* `RepairingSampler` wraps any optuna sampler (NSGA-II, TPE, GP, random): the base sampler proposes
+  a full map, which is projected into the budget and filled using the importance prior.
+
+Both return the repaired map from `sample_relative`, so a trial's stored params are exactly the map
+it evaluated. Enqueued trials (priors, uniform baselines) pass through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+from mpq_search.cost import Budget
+from mpq_search.errors import StudyError
+from mpq_search.search._config import SAMPLERS
+from mpq_search.search._repair import Repairer, Surrogate
+from mpq_search.search._space import Levels, SearchSpace, SpaceCost
+
+
+class _History:
+    """Level arrays of a study's trials, decoded once per trial."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self._cache: dict[int, Levels | None] = {}
+
+    def levels(self, trial: FrozenTrial) -> Levels | None:
+        if trial._trial_id not in self._cache:
+            try:
+                self._cache[trial._trial_id] = self.space.from_params(trial.params)
+            except StudyError:
+                return None  # still being suggested (running) or foreign params
+        return self._cache[trial._trial_id]
+
+    def seen(self, study: Study) -> set[bytes]:
+        keys = set()
+        for trial in study.get_trials(deepcopy=False):
+            levels = self.levels(trial)
+            if levels is not None:
+                keys.add(self.space.key(levels))
+        return keys
+
+    def scored(self, study: Study) -> list[tuple[Levels, float]]:
+        out = []
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            levels = self.levels(trial)
+            if levels is not None and trial.values and np.isfinite(trial.values[0]):
+                out.append((levels, float(trial.values[0])))
+        return out
+
+
+class _MapSampler(BaseSampler):
+    """Shared plumbing: the whole space is 'relative'; enqueued trials are left alone."""
+
+    def __init__(self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int) -> None:
+        self._space = space
+        self._cost = cost
+        self._budget = cost.budget
+        self._prior = prior
+        self._seed = seed
+        self._repairer = Repairer(cost)
+        self._history = _History(space)
+        self._random = optuna.samplers.RandomSampler(seed=seed)
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self._space.distributions()
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def _rng(self, trial: FrozenTrial) -> np.random.Generator:
+        # Seeded by trial number: a resumed study draws what an uninterrupted one would.
+        return np.random.default_rng([self._seed, trial.number])
+
+    def _unique(
+        self, study: Study, child: Levels, parent: Levels, rng: np.random.Generator,
+    ) -> Levels:
+        """The child, or if it was evaluated before, a random exchange away from it."""
+        seen = self._history.seen(study)
+        for attempt in range(16):
+            if self._space.key(child) not in seen:
+                return child
+            noisy = self._prior.perturbed(rng, 1.0 + attempt)
+            child = self._repairer.exchange(parent, self._budget, noisy, 1 + attempt // 4)
+        return child
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        if not search_space or "fixed_params" in trial.system_attrs:
+            return {}
+        return self._space.to_params(self._propose(study, trial))
+
+    fast = True
+    """Whether `propose` works without a stored trial (the loop then writes a trial in one go)."""
+
+    def propose(self, study: Study, number: int) -> Levels:
+        """The map for trial `number`, without creating a trial (one storage write saved per
+        parameter: on SQLite, suggesting 100+ parameters one by one costs seconds per trial)."""
+        return self._propose(study, _placeholder(number))
+
+    def _propose(self, study: Study, trial: FrozenTrial) -> Levels:
+        raise NotImplementedError
+
+
+def _placeholder(number: int) -> FrozenTrial:
+    return FrozenTrial(number=number, state=TrialState.RUNNING, value=None, datetime_start=None,
+                       datetime_complete=None, params={}, distributions={}, user_attrs={},
+                       system_attrs={}, intermediate_values={}, trial_id=-1)
+
+
+class GuidedSampler(_MapSampler):
+    """Importance- and cost-guided local search around the best maps (module docstring)."""
+
+    def __init__(
+        self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = 0,
+        front_budgets: Sequence[Budget] = (), front_share: float = 0.2, sigma: float = 0.5,
+        max_moves: int = 3,
+    ) -> None:
+        super().__init__(space=space, cost=cost, prior=prior, seed=seed)
+        if not 0.0 <= front_share <= 1.0:
+            raise StudyError(f"front_share must be in [0, 1], got {front_share}")
+        if max_moves < 1:
+            raise StudyError(f"max_moves must be >= 1, got {max_moves}")
+        self._front = tuple(front_budgets)
+        self._front_share = front_share
+        self._sigma = sigma
+        self._max_moves = max_moves
+
+    def _propose(self, study: Study, trial: FrozenTrial) -> Levels:
+        rng = self._rng(trial)
+        budget = self._budget
+        if self._front and rng.random() < self._front_share:
+            budget = self._front[int(rng.integers(len(self._front)))]
+        scored = self._history.scored(study)
+        surrogate = self._prior.fit(self._space, [m for m, _ in scored], [y for _, y in scored])
+        parent = self._parent(scored, budget, rng)
+        if parent is None:
+            parent = self._repairer.fill(self._space.empty(), budget, surrogate)
+        draw = surrogate.perturbed(rng, self._sigma)
+        moves = int(rng.integers(1, self._max_moves + 1))
+        child = self._repairer.exchange(parent, budget, draw, moves)
+        return self._unique(study, child, parent, rng)
+
+    def _parent(
+        self, scored: list[tuple[Levels, float]], budget: Budget, rng: np.random.Generator,
+    ) -> Levels | None:
+        """The best feasible map at `budget` (sometimes the 2nd or 3rd best, to avoid a rut)."""
+        feasible = [(y, m) for m, y in scored if self._cost.violation(*m, budget) <= 0]
+        if not feasible:
+            return None
+        feasible.sort(key=lambda item: item[0])
+        pick = 0 if rng.random() < 0.7 else int(rng.integers(min(3, len(feasible))))
+        return feasible[pick][1]
+
+
+class RepairingSampler(_MapSampler):
+    """Any optuna sampler, with each proposal projected into the budget and filled."""
+
+    def __init__(
+        self, base: BaseSampler, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(space=space, cost=cost, prior=prior, seed=seed)
+        self._base = base
+        # Only the random sampler is stateless enough to propose without a stored trial; NSGA-II
+        # keeps its generation in the trial's system attributes.
+        self.fast = isinstance(base, optuna.samplers.RandomSampler)
+
+    def _propose(self, study: Study, trial: FrozenTrial) -> Levels:
+        base_space = self._base.infer_relative_search_space(study, trial)
+        raw = dict(self._base.sample_relative(study, trial, base_space)) if base_space else {}
+        for name, distribution in self._space.distributions().items():
+            if name not in raw:
+                raw[name] = self._base.sample_independent(study, trial, name, distribution)
+        levels = self._space.from_params(raw)
+        repaired = self._repairer.repair(levels, self._budget, self._prior)
+        return self._unique(study, repaired, repaired, self._rng(trial))
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._base.before_trial(study, trial)
+
+    def after_trial(
+        self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None,
+    ) -> None:
+        self._base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._base.reseed_rng()
+
+
+def make_sampler(
+    name: str, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int,
+    front_budgets: Sequence[Budget] = (), population: int = 16,
+) -> BaseSampler:
+    """The sampler called `name` ('guided', 'nsga2', 'tpe', 'gp' or 'random'), budget-safe."""
+    if name == "guided":
+        return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed,
+                             front_budgets=front_budgets)
+    base: BaseSampler
+    if name == "nsga2":
+        base = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+    elif name == "tpe":
+        base = optuna.samplers.TPESampler(seed=seed)
+    elif name == "gp":
+        base = optuna.samplers.GPSampler(seed=seed)
+    elif name == "random":
+        base = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        raise StudyError(f"unknown sampler {name!r}; supported: {', '.join(SAMPLERS)}")
+    return RepairingSampler(base, space=space, cost=cost, prior=prior, seed=seed)

@@ -1,0 +1,71 @@
+"""Shared helpers for the search/report/dashboard tests: a tiny random-weight pipeline on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def tiny_pipeline_dir(root: Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight DDPM pipeline (UNet2DModel, 1x16x16, attention, skips)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
+    )
+    target = root / "tiny-ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(
+        str(target))
+    return target
+
+
+def tiny_config(model_dir: Path, root: Path, **changes: Any) -> Any:
+    """A StudyConfig that runs in seconds on the tiny model."""
+    from mpq_search.search import StudyConfig
+
+    base = dict(
+        model=str(model_dir), root=str(root / "studies"), budget="5bits", trials=4, n=8,
+        steps=3, batch_size=8, calib_n=4, calib_steps=3, importance_n=8, importance_timesteps=2,
+        grid_n=4, heldout_n=8, prior_modes=("size",), feature_net="lenet", threads=1,
+    )
+    base.update(changes)
+    return StudyConfig(**base)
+
+
+def uniform_importance(model_dir: Path) -> dict[str, dict[str, float]]:
+    """Equal importance for every layer (keeps the tests independent of importance.py)."""
+    from mpq_search.layers import discover_layers
+    from mpq_search.models import load_model
+
+    names = [s.name for s in discover_layers(load_model(model_dir).denoiser)]
+    return {"weight": dict.fromkeys(names, 1.0), "activation": dict.fromkeys(names, 1.0)}
+
+
+def build_study(root: Path, **changes: Any) -> tuple[Any, Any, Any]:
+    """(config, context, study) after running the tiny search; importance is uniform."""
+    from mpq_search.search import calibrate, create_study, load, optimize, prepare
+
+    model_dir = root / "tiny-ddpm"
+    if not model_dir.exists():
+        tiny_pipeline_dir(root)
+    config = tiny_config(model_dir, root, **changes)
+    model, specs = load(config)
+    ctx = prepare(config, model, specs, importance=uniform_importance(model_dir))
+    calibrate(ctx)
+    study = create_study(ctx)
+    optimize(study, ctx)
+    return config, ctx, study
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

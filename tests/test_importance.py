@@ -1,0 +1,141 @@
+"""Orthogonality importance: CKA properties, the constant-layer rule, profiling a tiny UNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mpq_search.errors import MPQSearchError
+from mpq_search.importance import (
+    aggregate,
+    cka_matrix,
+    gamma_theta,
+    gram,
+    linear_cka,
+    profile_orthogonality,
+    reweighted,
+    uniform_steps,
+)
+from mpq_search.layers import discover_layers
+from mpq_search.models import LoadedModel, ModelIdentity
+
+ESTIMATORS = ["biased", "debiased"]
+
+
+def features(seed: int, n: int = 40, d: int = 30) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_cka_of_itself_is_one_and_symmetric(estimator: Any) -> None:
+    x, y = features(0), features(1) @ torch.randn(30, 30) + features(0)
+    assert linear_cka(x, x, estimator) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, y, estimator) == pytest.approx(linear_cka(y, x, estimator), abs=1e-12)
+    assert 0.0 < linear_cka(x, y, estimator) < 1.0
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_cka_invariant_to_orthogonal_transform_and_isotropic_scale(estimator: Any) -> None:
+    x = features(2)
+    y = torch.tanh(x @ torch.randn(30, 50, generator=torch.Generator().manual_seed(3)))
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=torch.Generator().manual_seed(4)))
+    base = linear_cka(x, y, estimator)
+    assert linear_cka(x, y @ q, estimator) == pytest.approx(base, abs=1e-6)
+    assert linear_cka(x * 7.5, y * 0.01, estimator) == pytest.approx(base, abs=1e-6)
+    # but not to a non-isotropic scale of the feature axes
+    skew = torch.ones(50)
+    skew[:5] = 30.0
+    assert abs(linear_cka(x, y * skew, estimator) - base) > 1e-3
+
+
+def test_debiased_cka_removes_small_n_bias() -> None:
+    """Unrelated wide features at small n: biased CKA is far from 0, debiased is near 0."""
+    x, y = features(5, n=32, d=2000), features(6, n=32, d=2000)
+    assert linear_cka(x, y, "biased") > 0.5
+    assert linear_cka(x, y, "debiased") < 0.1
+
+
+def test_batch_constant_layers_get_nan_cka_and_the_median_theta() -> None:
+    x, y, z = features(7), features(8), features(9)
+    const = torch.ones(40, 30) * 3.0
+    orm = cka_matrix([gram(x), gram(const), gram(y), gram(z)], "debiased")
+    assert np.isnan(orm[1]).all() and np.isnan(orm[:, 1]).all()
+    gamma, theta = gamma_theta(orm, beta=5.0)
+    assert np.isnan(gamma[1])
+    assert gamma[0] == pytest.approx(orm[0, 2] + orm[0, 3])
+    assert theta[0] == pytest.approx(np.exp(-5.0 * gamma[0] / 2))
+    assert theta[1] == pytest.approx(np.median(theta[[0, 2, 3]]))
+
+
+def test_aggregate_weights_late_steps_exponentially() -> None:
+    theta = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert aggregate(theta, 0.0) == pytest.approx([0.5, 0.5])
+    late = 1 / (1 + np.exp(-2.0))
+    assert aggregate(theta, 2.0) == pytest.approx([1 - late, late])
+
+
+def test_uniform_steps() -> None:
+    assert uniform_steps(20, 5) == [0, 5, 10, 14, 19]
+    assert uniform_steps(20, 20) == list(range(20))
+    assert uniform_steps(20, 1) == [0]
+    with pytest.raises(MPQSearchError, match="between 1 and the 20"):
+        uniform_steps(20, 21)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> LoadedModel:
+    from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       attention_head_dim=8).eval().requires_grad_(False)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    return LoadedModel(identity=ModelIdentity("tiny", "t"), pipeline=pipe, denoiser=unet,
+                       source="memory")
+
+
+def test_profile_tiny_unet(tiny_model: LoadedModel, tmp_path: Path) -> None:
+    specs = discover_layers(tiny_model.denoiser)
+    imp = profile_orthogonality(tiny_model, specs, timesteps=3, steps=6, n=16, seed=0)
+    names = {s.name for s in specs}
+    assert set(imp.layers) == names and len(imp.layers) == len(specs)
+    assert imp.layers[0].startswith("time_embedding")  # execution order, not registration
+    assert imp.theta_w.shape == (len(specs), 3)
+    assert set(imp.constant) == {n for n in names
+                                 if n.startswith("time_embedding") or "time_emb_proj" in n}
+    assert np.isnan(imp.gamma_w[list(imp.layers).index(imp.constant[0])]).all()
+    assert all(np.isfinite(v) and v > 0 for v in imp.weight.values())
+    assert all(np.isfinite(v) and v > 0 for v in imp.activation.values())
+    # q/k/v read the same input: identical activation importance
+    prefix = next(n for n in imp.layers if n.endswith("to_q"))[: -len("to_q")]
+    qkv = [prefix + part for part in ("to_q", "to_k", "to_v")]
+    assert len({round(imp.activation[n], 12) for n in qkv}) == 1
+    again = profile_orthogonality(tiny_model, specs, timesteps=3, steps=6, n=16, seed=0)
+    assert again.weight == imp.weight  # deterministic
+    flat = reweighted(imp, beta=0.0)
+    assert set(flat.weight.values()) == {1.0}
+    csv = imp.to_csv(tmp_path / "imp.csv")
+    text = csv.read_text()
+    assert "# beta=5.0" in text and text.count("\n") == len(specs) + 1 + 9
+    assert imp.heatmap().data[0].z.shape == (len(specs), 3)
+
+
+def _ddim_timesteps(model: LoadedModel, steps: int) -> list[int]:
+    from mpq_search.models import sampling_timesteps
+
+    return sampling_timesteps(model, steps)
+
+
+def test_profile_timesteps_are_the_sampled_schedule(tiny_model: LoadedModel) -> None:
+    specs = discover_layers(tiny_model.denoiser)
+    imp = profile_orthogonality(tiny_model, specs, timesteps=3, steps=6, n=8)
+    schedule = _ddim_timesteps(tiny_model, 6)
+    assert imp.timesteps == (schedule[0], schedule[2], schedule[5])
+    with pytest.raises(MPQSearchError, match="n >= 4"):
+        profile_orthogonality(tiny_model, specs, n=2)

@@ -1,0 +1,305 @@
+"""The search stage: space and cost, repair, budget, resume, NaN trials, samplers, storage, CLI."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from _search_fixtures import build_study, tiny_config, tiny_pipeline_dir, uniform_importance
+from optuna.trial import TrialState
+
+from mpq_search.bitmap import BitMap
+from mpq_search.cost import cost_of, parse_budget
+from mpq_search.errors import NonFiniteSamplesError, StudyError
+from mpq_search.layers import discover_layers
+from mpq_search.models import load_model
+from mpq_search.search import (
+    Repairer,
+    SearchSpace,
+    SpaceCost,
+    StudyConfig,
+    Surrogate,
+    calibrate,
+    create_study,
+    load,
+    load_config,
+    optimize,
+    prepare,
+)
+from mpq_search.search import _run
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_pipeline_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def specs(model_dir: Path) -> list[Any]:
+    return discover_layers(load_model(model_dir).denoiser)
+
+
+def _space(specs: list[Any], groups: int = 1) -> SearchSpace:
+    from mpq_search.allocate import units_of
+
+    return SearchSpace(tuple(specs), tuple(tuple(u) for u in units_of(specs)),
+                       (2, 3, 4, 5, 6, 7, 8), (4, 5, 6, 7, 8), groups)
+
+
+def _random_levels(space: SearchSpace, rng: np.random.Generator) -> tuple[Any, Any]:
+    return (rng.integers(0, len(space.w_bits), space.shape),
+            rng.integers(0, len(space.a_bits), space.shape))
+
+
+def _recomputed_feasible(study: optuna.Study, specs: list[Any], budget_text: str) -> None:
+    budget = parse_budget(budget_text, specs)
+    for trial in study.best_trials:
+        bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
+        assert budget.is_met(cost_of(specs, bitmap)), (trial.number, cost_of(specs, bitmap))
+
+
+# --- space, cost, repair ---------------------------------------------------------------------
+@pytest.mark.parametrize("groups", [1, 3])
+def test_space_cost_equals_cost_of(specs: list[Any], groups: int) -> None:
+    space = _space(specs, groups)
+    fast = SpaceCost.build(space, parse_budget("4bits", specs))
+    rng = np.random.default_rng(0)
+    identity = load_model.__globals__["ModelIdentity"]("m", "h")
+    for _ in range(5):
+        levels = _random_levels(space, rng)
+        exact = cost_of(specs, space.to_bitmap(levels, identity))
+        got = fast.cost(levels)
+        for field in ("avg_w_bits", "avg_a_bits", "bops", "weight_bytes"):
+            assert getattr(got, field) == pytest.approx(getattr(exact, field), rel=1e-12)
+
+
+def test_params_bitmap_round_trip(specs: list[Any]) -> None:
+    space = _space(specs, 2)
+    levels = _random_levels(space, np.random.default_rng(1))
+    identity = load_model.__globals__["ModelIdentity"]("m", "h")
+    again = space.from_bitmap(space.to_bitmap(levels, identity))
+    assert space.key(again) == space.key(levels)
+    assert space.key(space.from_params(space.to_params(levels))) == space.key(levels)
+    # tied layers share bits in every map
+    bitmap = space.to_bitmap(levels, identity)
+    for unit in space.units:
+        assert len({bitmap.groups[0].layers[n] for n in unit}) == 1
+
+
+@pytest.mark.parametrize("budget_text", ["4bits", "w3.5a6", "bops<=W4A6", "size<=20KB"])
+def test_repair_meets_budget_and_fills_it(specs: list[Any], budget_text: str) -> None:
+    space = _space(specs)
+    budget = parse_budget(budget_text, specs)
+    cost = SpaceCost.build(space, budget)
+    repairer = Repairer(cost)
+    prior = Surrogate.prior(space)
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        w, a = repairer.repair(_random_levels(space, rng), budget, prior)
+        assert budget.is_met(cost.cost((w, a)))
+        moves, (bw, ba) = repairer.neighbours((w, a), +1, set())
+        # filled: no single level can go up without breaking the budget
+        assert (cost.violation(bw, ba) > 0).all()
+
+
+def test_surrogate_fit_learns_a_sensitive_unit(specs: list[Any]) -> None:
+    space = _space(specs)
+    prior = Surrogate.prior(space)
+    truth = prior.cw.copy()
+    truth[0, 3] *= 50.0
+    rng = np.random.default_rng(3)
+    maps = [_random_levels(space, rng) for _ in range(40)]
+    scores = [float(Surrogate(truth, prior.ca).predict(space, *m)) for m in maps]
+    fitted = prior.fit(space, maps, scores)
+    ratio = fitted.cw[0] / prior.cw[0]
+    assert int(np.argmax(ratio)) == 3
+
+
+# --- config --------------------------------------------------------------------------------------
+def test_default_toml_holds_every_option() -> None:
+    import tomllib
+
+    data = tomllib.loads((REPO / "studies" / "default.toml").read_text())
+    fields = set(StudyConfig.__dataclass_fields__)
+    assert fields - {"study", "storage", "prior_budgets", "feature_net", "threads"} <= set(data)
+    assert load_config(REPO / "studies" / "default.toml") == StudyConfig()
+
+
+def test_config_overrides_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text('budget = "4bits"\ntrials = 7\nw_bits = [3, 4, 8]\n')
+    config = load_config(path, trials=9, sampler=None)
+    assert (config.budget, config.trials, config.w_bits) == ("4bits", 9, (3, 4, 8))
+    with pytest.raises(StudyError, match="unknown study option"):
+        load_config(path, colour="red")
+    with pytest.raises(StudyError, match="supported: guided, nsga2, tpe, gp, random"):
+        load_config(path, sampler="cmaes")
+    with pytest.raises(StudyError, match="fid,bops"):
+        load_config(path, objectives="bops,fid")
+
+
+# --- studies -------------------------------------------------------------------------------------
+def test_pareto_maps_meet_budget_and_seeds_are_tagged(tmp_path: Path) -> None:
+    config, ctx, study = build_study(tmp_path, trials=8, prior_modes=("size", "random"))
+    tags = [t.user_attrs["tag"] for t in study.trials]
+    assert tags[:2] == ["uniform:W4A8", "uniform:W8A8"]
+    assert "prior:size@5bits" in tags and "prior:random@5bits" in tags
+    assert any(t.startswith("prior:size@4.5bits") for t in tags)
+    assert len(study.trials) == 2 + 8
+    _recomputed_feasible(study, ctx.specs, config.budget)
+    # every trial's params are exactly the map it evaluated
+    for trial in study.trials:
+        bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
+        assert ctx.space.key(ctx.space.from_bitmap(bitmap)) == ctx.space.key(
+            ctx.space.from_params(trial.params))
+    # search trials fill their target budget (the study's, or a tighter prior budget)
+    targets = np.array([5.0, 4.5, 4.0, 3.5])
+    for trial in (t for t in study.trials if t.user_attrs["role"] == "search"):
+        gap = targets - trial.user_attrs["cost"]["avg_w_bits"]
+        assert gap[gap >= -1e-9].min() < 0.03 * 5
+
+
+def test_resume_adds_trials_without_repeating(tmp_path: Path) -> None:
+    config, ctx, study = build_study(tmp_path, trials=5, study="resume")
+    first = len(study.trials)
+    again = create_study(ctx)
+    optimize(again, ctx)
+    trials = again.trials
+    assert len(trials) == first + 5
+    keys = [ctx.space.key(ctx.space.from_params(t.params)) for t in trials
+            if t.user_attrs["role"] != "baseline"]
+    assert len(keys) == len(set(keys))
+    tags = [t.user_attrs["tag"] for t in trials if t.user_attrs["tag"]]
+    assert len(tags) == len(set(tags))  # seeds ran once
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    config, ctx, study = build_study(tmp_path, trials=0, study="strict")
+    model, specs = load(config)
+    other = prepare(config.replace(n=16), model, specs, importance=ctx.importance)
+    with pytest.raises(StudyError, match="n=8"):
+        create_study(other)
+
+
+def test_nan_trial_recorded_failed_and_study_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = _run.evaluate_current
+    calls = {"n": 0}
+
+    def poisoned(model: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] != 4:
+            return real(model, *args, **kwargs)
+        hook = model.denoiser.conv_out.register_forward_hook(
+            lambda m, i, o: torch.full_like(o, float("nan")))
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(_run, "evaluate_current", poisoned)
+    config, ctx, study = build_study(tmp_path, trials=5)
+    states = [t.state for t in study.trials]
+    assert states[3] == TrialState.FAIL
+    assert "NaN" in study.trials[3].user_attrs["fail_reason"]
+    assert states.count(TrialState.COMPLETE) == len(states) - 1
+    with pytest.raises(NonFiniteSamplesError):
+        poisoned_calls = calls["n"]
+        calls["n"] = 3
+        _run.evaluate_bitmap(ctx, BitMap.from_dict(study.trials[3].user_attrs["bitmap"]))
+    ctx.engine.remove()
+    assert poisoned_calls == 7
+
+
+def test_timestep_groups(tmp_path: Path) -> None:
+    config, ctx, study = build_study(tmp_path, trials=3, timestep_groups=2, baselines=())
+    search = [t for t in study.trials if t.user_attrs["role"] == "search"]
+    assert search and all(len(t.user_attrs["bitmap"]["groups"]) == 2 for t in search)
+    assert all(k.startswith(("t0/", "t1/")) for k in search[0].params)
+    _recomputed_feasible(study, ctx.specs, config.budget)
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random"])
+def test_optuna_samplers_stay_in_budget(tmp_path: Path, sampler: str) -> None:
+    config, ctx, study = build_study(tmp_path, trials=4, sampler=sampler, baselines=())
+    search = [t for t in study.trials if t.user_attrs["role"] == "search"]
+    assert len(search) == 1  # 3 priors + 1
+    budget = parse_budget(config.budget, ctx.specs)
+    for trial in study.trials:
+        assert budget.is_met(cost_of(ctx.specs, BitMap.from_dict(trial.user_attrs["bitmap"])))
+
+
+def test_postgresql_storage(tmp_path: Path) -> None:
+    url = "postgresql://postgres@127.0.0.1:5432/test"
+    name = f"mpq-test-{uuid.uuid4().hex[:12]}"
+    try:
+        config, ctx, study = build_study(tmp_path, trials=3, storage=url, study=name)
+        loaded = optuna.load_study(study_name=name, storage=url)
+        assert len(loaded.trials) == 5
+        assert loaded.user_attrs["budget"] == "5bits"
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=url)
+        except KeyError:
+            pass
+
+
+# --- CLI and pipeline -----------------------------------------------------------------------------
+def test_cli_run_report_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from mpq_search.cli import app
+
+    model_dir = tiny_pipeline_dir(tmp_path)
+    monkeypatch.setattr("mpq_search.api._stored_importance",
+                        lambda config: uniform_importance(model_dir))
+    toml = tmp_path / "tiny.toml"
+    config = tiny_config(model_dir, tmp_path)
+    lines = [f"{k} = {_toml(v)}" for k, v in config.to_dict().items() if v is not None]
+    toml.write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "3", "--study", "cli"])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output
+    root = tmp_path / "studies"
+    result = runner.invoke(app, ["export", "--study", "cli", "--best", "--root", str(root),
+                                 "--out", str(tmp_path / "best.json")])
+    assert result.exit_code == 0, result.output
+    assert BitMap.load(tmp_path / "best.json").meta["study"] == "cli"
+    result = runner.invoke(app, ["report", "--study", "cli", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert (root / "cli" / "report" / "pareto.html").is_file()
+    result = runner.invoke(app, ["export", "--study", "nope", "--best", "--root", str(root)])
+    assert result.exit_code == 2 and "no study 'nope'" in result.output
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+@pytest.mark.slow
+def test_embedded_model_search_beats_uniform_w4a8(tmp_path: Path) -> None:
+    from mpq_search.api import run
+
+    config = StudyConfig(root=str(tmp_path), trials=6, n=64, steps=10, calib_n=16,
+                         calib_steps=10, threads=2)
+    study = run(config)
+    w4a8 = next(t.values[0] for t in study.trials if t.user_attrs["tag"] == "uniform:W4A8")
+    best = min(t.values[0] for t in study.best_trials)
+    assert best < w4a8
+    _recomputed_feasible(study, discover_layers(load_model("mnist-ddpm").denoiser), "4.5bits")
