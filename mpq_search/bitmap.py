@@ -2,7 +2,8 @@
 
 A BitMap maps each layer's dotted name to (weight bits, activation bits). It may hold several
 *timestep groups*: contiguous slices of the sampling trajectory, given as fractions [start, end) of
-the steps, each with its own layer plan (early, noisy steps can often take fewer bits). A plain map is
+the steps, each with its own layer plan (early, noisy steps can often take fewer bits). A plain
+map is
 a single group covering [0, 1). Bits of 16 or 32 mean "leave this layer in float"; a layer missing
 from a group also stays in float (as `None` does in torchao's per-layer plans).
 
@@ -46,9 +47,7 @@ class LayerBits:
     def __post_init__(self) -> None:
         for kind, bits in (("weight", self.w), ("activation", self.a)):
             if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
-                raise BitMapError(
-                    f"{kind} bits must be one of 2..8, 16 or 32, got {bits!r}"
-                )
+                raise BitMapError(f"{kind} bits must be one of 2..8, 16 or 32, got {bits!r}")
 
     def __str__(self) -> str:
         return f"W{self.w}A{self.a}"
@@ -96,10 +95,15 @@ class BitMap:
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_layers(
-        cls, model: ModelIdentity, layers: Mapping[str, LayerBits], meta: Mapping[str, Any] | None = None
+        cls,
+        model: ModelIdentity,
+        layers: Mapping[str, LayerBits],
+        meta: Mapping[str, Any] | None = None,
     ) -> BitMap:
         """A single-group map."""
-        return cls(model=model, groups=(TimestepGroup(0.0, 1.0, dict(layers)),), meta=dict(meta or {}))
+        return cls(
+            model=model, groups=(TimestepGroup(0.0, 1.0, dict(layers)),), meta=dict(meta or {})
+        )
 
     @classmethod
     def uniform(cls, model: ModelIdentity, layer_names: Iterable[str], w: int, a: int) -> BitMap:
@@ -117,7 +121,9 @@ class BitMap:
     def layers(self) -> Mapping[str, LayerBits]:
         """The plan of a single-group map (raises for a grouped map: pick a group instead)."""
         if self.is_grouped:
-            raise BitMapError("this bit map has several timestep groups; use .groups or .for_step()")
+            raise BitMapError(
+                "this bit map has several timestep groups; use .groups or .for_step()"
+            )
         return self.groups[0].layers
 
     def for_step(self, step_index: int, steps: int) -> Mapping[str, LayerBits]:
@@ -183,8 +189,11 @@ class BitMap:
             raise BitMapError("bit map 'groups' must be a list")
         identity = ModelIdentity(name=str(model["name"]), weights_hash=str(model["weights_hash"]))
         meta = data.get("meta", {})
-        return cls(model=identity, groups=tuple(_parse_group(g) for g in groups),
-                   meta=meta if isinstance(meta, dict) else {})
+        return cls(
+            model=identity,
+            groups=tuple(_parse_group(g) for g in groups),
+            meta=meta if isinstance(meta, dict) else {},
+        )
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON form (creating parent folders)."""
@@ -218,7 +227,7 @@ def _parse_group(data: Any) -> TimestepGroup:
     layers = {}
     for name, bits in data["layers"].items():
         if not isinstance(bits, dict) or set(bits) != {"w", "a"}:
-            raise BitMapError(f"layer {name!r}: bits must be an object {{\"w\": int, \"a\": int}}")
+            raise BitMapError(f'layer {name!r}: bits must be an object {{"w": int, "a": int}}')
         try:
             layers[str(name)] = LayerBits(bits["w"], bits["a"])
         except BitMapError as e:

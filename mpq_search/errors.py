@@ -20,7 +20,8 @@ class UnknownFeatureNetError(MPQSearchError):
 
 
 class BitMapError(MPQSearchError):
-    """A bit map is malformed, names unknown layers, has bits out of range, or is for another model."""
+    """A bit map is malformed, names unknown layers, has bits out of range, or is for another
+    model."""
 
 
 class BudgetError(MPQSearchError):

@@ -1,9 +1,12 @@
 """Stage (evaluate): score a (possibly quantized) model by its FID-excess over the FP model.
 
 FID-excess is the Frechet distance between the features of the model's samples and those of the FP
-model's samples *from the same initial noise* (common random numbers). With the same seeds, W8A8 sits
-near 0 while two FP sample sets with different seeds are far apart, which is what makes a few hundred
-samples a usable proxy (DESIGN.md, first probe). The FP reference statistics are cached on disk, keyed
+model's samples *from the same initial noise* (common random numbers). With the same seeds,
+W8A8 sits
+near 0 while two FP sample sets with different seeds are far apart, which is what makes a few
+hundred
+samples a usable proxy (DESIGN.md, first probe). The FP reference statistics are cached on
+disk, keyed
 by weights hash, feature net, N, steps and seed.
 """
 
@@ -53,18 +56,32 @@ class TrialResult:
 
 
 def fp_reference_stats(
-    model: LoadedModel, net: FeatureNet, settings: SampleSettings,
+    model: LoadedModel,
+    net: FeatureNet,
+    settings: SampleSettings,
     progress: Callable[[int], None] | None = None,
 ) -> FeatureStats:
-    """Cached feature statistics of the FP model's samples (the model must not be quantized now)."""
+    """Cached feature statistics of the FP model's samples (the model must not be quantized
+    now)."""
 
     def compute() -> FeatureStats:
-        images = sample(model, n=settings.n, steps=settings.steps, seed=settings.seed,
-                        batch_size=settings.batch_size, progress=progress)
+        images = sample(
+            model,
+            n=settings.n,
+            steps=settings.steps,
+            seed=settings.seed,
+            batch_size=settings.batch_size,
+            progress=progress,
+        )
         return stats_of_images(images, net)
 
-    key = {"kind": "fp-samples", "model": model.identity.weights_hash, "net": net.name,
-           **settings.key(), "v": 1}
+    key = {
+        "kind": "fp-samples",
+        "model": model.identity.weights_hash,
+        "net": net.name,
+        **settings.key(),
+        "v": 1,
+    }
     return cached_stats(key, compute)
 
 
@@ -82,8 +99,15 @@ def evaluate_current(
     Raises NonFiniteSamplesError when any sample is NaN or Inf (e.g. a 2-bit layer blew up).
     """
     started = time.perf_counter()
-    images = sample(model, n=settings.n, steps=settings.steps, seed=settings.seed,
-                    batch_size=settings.batch_size, step_hook=step_hook, progress=progress)
+    images = sample(
+        model,
+        n=settings.n,
+        steps=settings.steps,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        step_hook=step_hook,
+        progress=progress,
+    )
     if not torch.isfinite(images).all():
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         raise NonFiniteSamplesError(f"{bad} of {len(images)} samples contain NaN or Inf")
@@ -111,7 +135,12 @@ class FIDReport:
 
 
 def fp_fid_report(
-    spec: str, *, feature_net: str = "lenet", n: int = 1000, steps: int = 20, seed: int = 0,
+    spec: str,
+    *,
+    feature_net: str = "lenet",
+    n: int = 1000,
+    steps: int = 20,
+    seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> FIDReport:
     """FID of the FP model's samples vs held-out, and of the train split vs held-out (the floor).
@@ -129,6 +158,9 @@ def fp_fid_report(
     model_fid = fid_against_heldout(images, net)
     featured = time.perf_counter()
     n_ref = min(n, 1000)
-    floor = frechet_distance(dataset_stats("train", net, n_ref), dataset_stats("heldout", net, n_ref))
-    return FIDReport(model.identity.name, net.name, n, model_fid, floor,
-                     sampled - started, featured - sampled)
+    floor = frechet_distance(
+        dataset_stats("train", net, n_ref), dataset_stats("heldout", net, n_ref)
+    )
+    return FIDReport(
+        model.identity.name, net.name, n, model_fid, floor, sampled - started, featured - sampled
+    )

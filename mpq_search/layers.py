@@ -1,7 +1,8 @@
 """Stage 2 (layers): discover every quantizable Conv2d/Linear of a denoiser, with measured shapes.
 
 Nothing is hard-coded: layers come from `named_modules()` and their shapes and MACs from one real
-forward pass at the model's sample size, so the same code serves UNet2DModel, UNet2DConditionModel and
+forward pass at the model's sample size, so the same code serves UNet2DModel,
+UNet2DConditionModel and
 transformer denoisers. The dotted module name is the key used everywhere else in the tool.
 """
 
@@ -35,18 +36,22 @@ class LayerSpec:
         return self.weight_shape[0]
 
 
-def quantizable_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv2d and Linear in the denoiser, keyed by dotted name, in network (registration) order."""
+QuantizableModule = nn.Conv2d | nn.Linear
+
+
+def quantizable_modules(denoiser: nn.Module) -> dict[str, QuantizableModule]:
+    """Every Conv2d and Linear in the denoiser, keyed by dotted name, in network (registration)
+    order."""
     return {
         name: module
         for name, module in denoiser.named_modules()
-        if isinstance(module, nn.Conv2d | nn.Linear)
+        if isinstance(module, QuantizableModule)
     }
 
 
 def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
     """Keyword inputs for one denoiser call at the configured sample size (random, seeded)."""
-    config = denoiser.config
+    config: Any = denoiser.config
     generator = torch.Generator().manual_seed(0)
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -78,13 +83,16 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
 
 @torch.no_grad()
 def discover_layers(denoiser: nn.Module) -> list[LayerSpec]:
-    """Run one forward pass (batch 1) and return a LayerSpec per Conv2d/Linear, in network order."""
+    """Run one forward pass (batch 1) and return a LayerSpec per Conv2d/Linear, in network
+    order."""
     modules = quantizable_modules(denoiser)
     seen: dict[str, tuple[torch.Size, torch.Size, int]] = {}
     handles = []
     for name, module in modules.items():
 
-        def record(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name) -> None:
+        def record(
+            mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, name: str = name
+        ) -> None:
             if name not in seen:
                 seen[name] = (args[0].shape, out.shape, _macs(mod, out))
 

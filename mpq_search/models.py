@@ -1,9 +1,11 @@
 """Stage 1 (models): resolve a model spec to a diffusers pipeline, and sample from it with DDIM.
 
-A spec is the name of an embedded model, a local diffusers pipeline directory, or a hub id. Sampling
+A spec is the name of an embedded model, a local diffusers pipeline directory, or a hub id.
+Sampling
 is our own short DDIM loop (not `pipeline.__call__`) so that every caller gets the same things: all
 initial noise drawn up front from one seeded generator (common random numbers that do not depend on
-the batch size), images in [0, 1], and a hook before each denoiser call that says which sampling step
+the batch size), images in [0, 1], and a hook before each denoiser call that says which
+sampling step
 is running (timestep-aware calibration and per-timestep-group bit maps need it).
 """
 
@@ -45,7 +47,7 @@ class LoadedModel:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one sample, read from the denoiser config."""
-        config = self.denoiser.config
+        config: Any = self.denoiser.config
         size = config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return int(config.in_channels), int(height), int(width)
@@ -66,7 +68,8 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 
 def load_model(spec: str | Path) -> LoadedModel:
-    """Load an embedded model name, a local pipeline directory or a hub id (the latter needs network)."""
+    """Load an embedded model name, a local pipeline directory or a hub id (the latter needs
+    network)."""
     spec_text = str(spec)
     if spec_text in EMBEDDED_MODELS:
         entry = EMBEDDED_MODELS[spec_text]
@@ -99,7 +102,9 @@ def _looks_like_path(spec: str) -> bool:
 def _load_directory(path: Path, *, name: str) -> LoadedModel:
     index = path / "model_index.json"
     if not index.is_file():
-        raise InvalidModelError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        raise InvalidModelError(
+            f"{path} is not a diffusers pipeline directory (no model_index.json)"
+        )
     try:
         json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -145,7 +150,8 @@ def _from_pretrained(source: str, *, name: str, local_files_only: bool) -> Loade
 
 
 def initial_noise(model: LoadedModel, n: int, seed: int) -> torch.Tensor:
-    """All starting noise for n samples, drawn from one seeded generator (common random numbers)."""
+    """All starting noise for n samples, drawn from one seeded generator (common random
+    numbers)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((n, *model.sample_shape), generator=generator)
 
@@ -191,7 +197,9 @@ def sample(
     return torch.cat(out).clamp(-1, 1).add(1).div(2)
 
 
-def _ddim_batch(model: LoadedModel, x: torch.Tensor, steps: int, hook: StepHook | None) -> torch.Tensor:
+def _ddim_batch(
+    model: LoadedModel, x: torch.Tensor, steps: int, hook: StepHook | None
+) -> torch.Tensor:
     scheduler = make_ddim_scheduler(model, steps)
     for index, t in enumerate(scheduler.timesteps):
         if hook is not None:

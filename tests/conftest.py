@@ -46,6 +46,8 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep feature-statistics caches out of the user's home."""
     monkeypatch.setenv("MPQ_SEARCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mpq_search.data import mnist_split
 from mpq_search.errors import UnknownFeatureNetError
@@ -35,10 +34,14 @@ def test_fid_separates_different_distributions() -> None:
     net = get_feature_net("lenet")
     images, labels = mnist_split("heldout")
     train_images, _ = mnist_split("train")
-    same = frechet_distance(stats_of_images(train_images[:1000], net), stats_of_images(images, net))
+    same = frechet_distance(
+        stats_of_images(train_images[:1000], net), stats_of_images(images, net)
+    )
     ones = stats_of_images(images[labels == 1], net)
     sevens = stats_of_images(images[labels == 7], net)
     different = frechet_distance(ones, sevens)
+    assert same < 40
+    assert different > 50 * same
 
 
 def test_frechet_distance_matches_closed_form_for_gaussians() -> None:

@@ -59,7 +59,7 @@ def test_missing_directory(tmp_path: Path) -> None:
 
 def test_directory_that_is_not_a_pipeline(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(InvalidModelError, match="model_index.json"):
+    with pytest.raises(InvalidModelError, match=r"model_index\.json"):
         load_model(str(tmp_path))
 
 

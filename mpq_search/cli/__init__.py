@@ -8,7 +8,7 @@ from __future__ import annotations
 from mpq_search.cli._app import app
 
 # Importing the command modules registers their commands on `app`.
-from mpq_search.cli import _foundation  # noqa: E402, F401  isort: skip
+from mpq_search.cli import _foundation  # noqa: F401  isort: skip
 
 for _optional in ("_quant", "_allocate", "_search"):
     try:

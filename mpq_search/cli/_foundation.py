@@ -16,15 +16,21 @@ ModelOption = Annotated[
     str,
     typer.Option("--model", "-m", help="Embedded model name, pipeline directory or hub id."),
 ]
-SeedOption = Annotated[int, typer.Option(help="Seed of the initial noise (same seed, same images).")]
+SeedOption = Annotated[
+    int, typer.Option(help="Seed of the initial noise (same seed, same images).")
+]
 StepsOption = Annotated[int, typer.Option(help="DDIM sampling steps.", min=1)]
 
 
 def sampling_progress(total: int, label: str) -> Progress:
     """A rich progress bar for image counts."""
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     )
 
 
@@ -50,22 +56,32 @@ def sample_command(
     steps: StepsOption = 50,
     seed: SeedOption = 0,
     batch_size: Annotated[int, typer.Option(help="Images per denoiser batch.", min=1)] = 250,
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write.")] = Path("grid.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write.")] = Path(
+        "grid.png"
+    ),
 ) -> None:
     """Sample the full-precision model with DDIM and write a grid of images."""
-    from mpq_search.models import load_model, sample
     from mpq_search.images import save_grid
+    from mpq_search.models import load_model, sample
 
     loaded = load_model(model)
     started = time.perf_counter()
     with sampling_progress(n, "sampling") as bar:
         task = bar.add_task("sampling", total=n)
-        images = sample(loaded, n=n, steps=steps, seed=seed, batch_size=batch_size,
-                        progress=lambda k: bar.advance(task, k))
+        images = sample(
+            loaded,
+            n=n,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            progress=lambda k: bar.advance(task, k),
+        )
     elapsed = time.perf_counter() - started
     save_grid(images, out)
-    console.print(f"wrote {n} samples of {loaded.identity.name} to {out} "
-                  f"({elapsed:.1f}s, {1000 * elapsed / (n * steps):.2f} ms per image-step)")
+    console.print(
+        f"wrote {n} samples of {loaded.identity.name} to {out} "
+        f"({elapsed:.1f}s, {1000 * elapsed / (n * steps):.2f} ms per image-step)"
+    )
 
 
 @app.command("fid")
@@ -82,12 +98,20 @@ def fid_command(
 
     with sampling_progress(n, "sampling") as bar:
         task = bar.add_task("sampling", total=n)
-        report = fp_fid_report(model, feature_net=features, n=n, steps=steps, seed=seed,
-                               progress=lambda k: bar.advance(task, k))
+        report = fp_fid_report(
+            model,
+            feature_net=features,
+            n=n,
+            steps=steps,
+            seed=seed,
+            progress=lambda k: bar.advance(task, k),
+        )
     table = Table(title=f"FID against the held-out split ({features}, N={report.n})")
     table.add_column("set")
     table.add_column("FID", justify="right")
-    table.add_row(f"{report.model} (FP, {steps} DDIM steps, seed {seed})", f"{report.model_fid:.2f}")
+    table.add_row(
+        f"{report.model} (FP, {steps} DDIM steps, seed {seed})", f"{report.model_fid:.2f}"
+    )
     table.add_row("floor: train split vs held-out", f"{report.floor_fid:.2f}")
     table.add_row("ratio", f"{report.model_fid / report.floor_fid:.2f}x")
     console.print(table)
@@ -107,8 +131,9 @@ def zoo_train_command(
     from mpq_search.zoo.train import train_lenet, train_mnist_ddpm
 
     if name == "mnist-ddpm":
-        train_mnist_ddpm(out or EMBEDDED_MODELS[name].path, steps=steps, seed=seed,
-                         log=console.print)
+        train_mnist_ddpm(
+            out or EMBEDDED_MODELS[name].path, steps=steps, seed=seed, log=console.print
+        )
     elif name == "lenet":
         accuracy = train_lenet(out or LENET_WEIGHTS, seed=seed, log=console.print)
         console.print(f"lenet held-out accuracy: {accuracy:.4f}")

@@ -1,6 +1,7 @@
 """Seeded, logged training of the embedded models (`mpq-search zoo train ...`).
 
-The diffusion model is a small DDPM UNet with the parts real ones have: attention blocks (one down/up
+The diffusion model is a small DDPM UNet with the parts real ones have: attention blocks (one
+down/up
 level and the mid block) and concatenated skip connections in the decoder. It is trained with the
 standard epsilon-prediction loss (Ho et al., 2020, eq. 14) and an EMA of the weights, which is what
 gets shipped; EMA matters a lot for sample quality at short training budgets.
@@ -25,7 +26,8 @@ LogFn = Callable[[str], None]
 
 
 def mnist_unet_config() -> dict[str, Any]:
-    """UNet2DModel config of `mnist-ddpm`: about 1.1M params, 28x28 grey, three resolution levels."""
+    """UNet2DModel config of `mnist-ddpm`: about 1.1M params, 28x28 grey, three resolution
+    levels."""
     return {
         "sample_size": 28,
         "in_channels": 1,
@@ -57,7 +59,8 @@ def train_mnist_ddpm(
     seed: int = 0,
     log: LogFn = print,
 ) -> Path:
-    """Train the MNIST DDPM from scratch and save the EMA weights as a diffusers pipeline folder."""
+    """Train the MNIST DDPM from scratch and save the EMA weights as a diffusers pipeline
+    folder."""
     from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(seed)
@@ -93,8 +96,10 @@ def train_mnist_ddpm(
                 p_ema.lerp_(p, 1.0 - decay)
         if step % 50 == 0 or step == steps - 1:
             elapsed = time.perf_counter() - started
-            log(f"step {step:5d}  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}"
-                f"  {elapsed:7.1f}s")
+            log(
+                f"step {step:5d}  loss {loss.item():.4f}  lr {optimizer.param_groups[0]['lr']:.2e}"
+                f"  {elapsed:7.1f}s"
+            )
         if step > 0 and step % 500 == 0:
             _save(ema, out_dir, DDPMPipeline, DDIMScheduler, steps_done=step, seed=seed)
     _save(ema, out_dir, DDPMPipeline, DDIMScheduler, steps_done=steps, seed=seed)
@@ -102,8 +107,9 @@ def train_mnist_ddpm(
     return out_dir
 
 
-def _save(ema: Any, out_dir: Path, pipeline_cls: Any, ddim_cls: Any, *, steps_done: int,
-          seed: int) -> None:
+def _save(
+    ema: Any, out_dir: Path, pipeline_cls: Any, ddim_cls: Any, *, steps_done: int, seed: int
+) -> None:
     """Save as a diffusers pipeline whose scheduler is DDIM (same betas as the training DDPM)."""
     scheduler = ddim_cls(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     pipeline_cls(unet=ema, scheduler=scheduler).save_pretrained(str(out_dir))
@@ -157,8 +163,9 @@ def _jitter(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     scale = 0.9 + 0.2 * torch.rand(n, generator=generator)
     shift = (torch.rand(n, 2, generator=generator) - 0.5) * (4 / 14)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, align_corners=False, padding_mode="zeros")
 

@@ -1,0 +1,54 @@
+"""`mpq-search dashboard`: optuna-dashboard on 127.0.0.1 lists the study, its trials, artifacts."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _search_fixtures import build_study, free_port
+
+from mpq_search.report import dashboard_command, start_dashboard
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _get(url: str, deadline: float) -> Any:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
+    config, _, study = build_study(tmp_path, trials=2)
+    port = free_port()
+    command = dashboard_command(config.storage_url, config.study_dir / "artifacts", port=port)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    process = start_dashboard(config.storage_url, config.study_dir / "artifacts", port=port,
+                              quiet=True)
+    try:
+        deadline = time.monotonic() + 60
+        studies = _get(f"http://127.0.0.1:{port}/api/studies", deadline)["study_summaries"]
+        names = {s["study_name"]: s["study_id"] for s in studies}
+        assert config.study_name in names
+        detail = _get(f"http://127.0.0.1:{port}/api/studies/{names[config.study_name]}",
+                      deadline)
+        assert len(detail["trials"]) == len(study.trials) == 4
+        artifacts = [a for t in detail["trials"] for a in t.get("artifacts", [])]
+        assert {a["mimetype"] for a in artifacts} == {"image/png", "application/json"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            process.kill()
+            process.wait(timeout=10)
