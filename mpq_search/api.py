@@ -53,7 +53,7 @@ def _stored_importance(config: StudyConfig) -> dict[str, dict[str, float]] | Non
     """A resumed study reuses the importance it was seeded with (profiling is not repeated)."""
     try:
         study = load_study(config.study_name, config.storage_url)
-    except Exception:  # no such study yet, or no storage yet  # noqa: BLE001
+    except Exception:  # no such study yet, or no storage yet
         return None
     stored = study.user_attrs.get("importance")
     return stored if isinstance(stored, dict) else None

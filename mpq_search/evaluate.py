@@ -128,10 +128,9 @@ class FIDReport:
     model: str
     feature_net: str
     n: int
+    n_reference: int
     model_fid: float
     floor_fid: float
-    seconds_sampling: float
-    seconds_features: float
 
 
 def fp_fid_report(
@@ -145,22 +144,17 @@ def fp_fid_report(
 ) -> FIDReport:
     """FID of the FP model's samples vs held-out, and of the train split vs held-out (the floor).
 
-    N is capped at the held-out size (1,000) for the reference side; the generated side uses n.
+    The reference side uses min(n, 1000) held-out images (the whole split at most). The model's
+    sample statistics are cached (weights hash, net, n, steps, seed).
     """
     from mpq_search.fid import get_feature_net
     from mpq_search.models import load_model
 
     net = get_feature_net(feature_net)
     model = load_model(spec)
-    started = time.perf_counter()
-    images = sample(model, n=n, steps=steps, seed=seed, progress=progress)
-    sampled = time.perf_counter()
-    model_fid = fid_against_heldout(images, net)
-    featured = time.perf_counter()
+    samples = fp_reference_stats(model, net, SampleSettings(n=n, steps=steps, seed=seed), progress)
     n_ref = min(n, 1000)
-    floor = frechet_distance(
-        dataset_stats("train", net, n_ref), dataset_stats("heldout", net, n_ref)
-    )
-    return FIDReport(
-        model.identity.name, net.name, n, model_fid, floor, sampled - started, featured - sampled
-    )
+    heldout = dataset_stats("heldout", net, n_ref)
+    floor = frechet_distance(dataset_stats("train", net, n_ref), heldout)
+    model_fid = frechet_distance(samples, heldout)
+    return FIDReport(model.identity.name, net.name, n, n_ref, model_fid, floor)

@@ -150,10 +150,10 @@ class Importance:
     model: ModelIdentity
     layers: tuple[str, ...]
     timesteps: tuple[int, ...]
-    theta_w: np.ndarray = field(repr=False)
-    theta_a: np.ndarray = field(repr=False)
-    gamma_w: np.ndarray = field(repr=False)
-    gamma_a: np.ndarray = field(repr=False)
+    theta_w: np.ndarray = field(repr=False, compare=False)
+    theta_a: np.ndarray = field(repr=False, compare=False)
+    gamma_w: np.ndarray = field(repr=False, compare=False)
+    gamma_a: np.ndarray = field(repr=False, compare=False)
     weight: Mapping[str, float]
     activation: Mapping[str, float]
     constant: tuple[str, ...]

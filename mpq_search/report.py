@@ -1,7 +1,8 @@
 """Stage (report): a finished or running study -> Pareto table, CSV, plotly HTML, bit maps, grids.
 
 Works from the storage alone (no model needed): every trial stores the bit map it evaluated, its
-cost and its tag. The Pareto front is optuna's `study.best_trials` (feasible trials only, i.e. within
+cost and its tag. The Pareto front is optuna's `study.best_trials` (feasible trials only, i.e.
+within
 the budget); uniform baselines and ILP priors are shown beside it for reference.
 
 Files written to `<out>/`: `pareto.csv`, `pareto.html`, `report.json` (schema, study settings,
@@ -134,7 +135,8 @@ def write_report(study: optuna.Study, out: str | Path, *,
     folder.mkdir(parents=True, exist_ok=True)
     all_rows = rows(study)
     front = pareto_rows(study)
-    csv = _write_csv([r for r in all_rows if r.pareto or r.role != "search"], folder / "pareto.csv")
+    listed = [r for r in all_rows if r.pareto or r.role != "search"]
+    csv = _write_csv(listed, folder / "pareto.csv")
     html = write_html(study, all_rows, folder / "pareto.html")
     summary = folder / "report.json"
     summary.write_text(json.dumps({
@@ -176,7 +178,7 @@ def _grids(study: optuna.Study, trials: dict[int, FrozenTrial], front: Sequence[
         target.unlink(missing_ok=True)  # download_artifact refuses to overwrite
         try:
             download_artifact(artifact_store=store, file_path=str(target), artifact_id=artifact)
-        except Exception:  # a missing artifact file must not stop the report  # noqa: BLE001
+        except Exception:  # a missing artifact file must not stop the report
             continue
         out.append(target)
     return out

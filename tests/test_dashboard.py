@@ -49,6 +49,6 @@ def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
         process.terminate()
         try:
             process.wait(timeout=10)
-        except Exception:  # noqa: BLE001
+        except Exception:
             process.kill()
             process.wait(timeout=10)

@@ -139,3 +139,30 @@ def test_profile_timesteps_are_the_sampled_schedule(tiny_model: LoadedModel) -> 
     assert imp.timesteps == (schedule[0], schedule[2], schedule[5])
     with pytest.raises(MPQSearchError, match="n >= 4"):
         profile_orthogonality(tiny_model, specs, n=2)
+
+
+def test_weight_errors_fall_with_bits(tiny_model: LoadedModel) -> None:
+    from mpq_search.importance import weight_errors
+
+    specs = discover_layers(tiny_model.denoiser)[:4]
+    errors = weight_errors(tiny_model, specs, (2, 4, 8))
+    for by_bits in errors.values():
+        assert by_bits[2] > by_bits[4] > by_bits[8] > 0
+        assert by_bits[8] < 1e-3 < by_bits[2]
+
+
+def test_sqnr_sensitivity_one_layer_at_a_time(tiny_model: LoadedModel) -> None:
+    from mpq_search.importance import sqnr_sensitivity
+    from mpq_search.quant import QuantConfig, QuantEngine
+
+    specs = discover_layers(tiny_model.denoiser)
+    chosen = [s for s in specs if s.name in ("conv_in", "conv_out")]
+    config = QuantConfig(calib_n=4, calib_steps=3, calib_timesteps=2, batch_size=4)
+    engine = QuantEngine(tiny_model, specs, config).calibrate()
+    before = {k: v.clone() for k, v in tiny_model.denoiser.state_dict().items()}
+    low = sqnr_sensitivity(engine, chosen, w=2, a=32, timesteps=2, steps=3, n=4)
+    high = sqnr_sensitivity(engine, chosen, w=8, a=32, timesteps=2, steps=3, n=4)
+    assert set(low) == {"conv_in", "conv_out"}
+    assert all(high[k] > low[k] + 10 for k in low)  # ~6 dB per bit
+    after = tiny_model.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # left in FP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
 
 
 def test_report_files(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
-    config, ctx, study = searched
+    config, _ctx, study = searched
     files = write_report(study, tmp_path / "out", artifact_dir=config.study_dir / "artifacts")
     front = pareto_rows(study)
     assert front and all(r.feasible for r in front)
@@ -43,12 +44,12 @@ def test_report_files(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
         assert tag in html
     # the front is non-dominated: cheaper points are worse
     ordered = sorted(front, key=lambda r: r.bops)
-    assert all(a.fid_excess >= b.fid_excess for a, b in zip(ordered, ordered[1:], strict=False))
+    assert all(a.fid_excess >= b.fid_excess for a, b in itertools.pairwise(ordered))
     assert pareto_table(front).row_count == len(front)
 
 
 def test_export_round_trips(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
-    config, ctx, study = searched
+    _config, ctx, study = searched
     best = best_trial(study)
     path = export(study, tmp_path / "best.json", best=True)
     loaded = BitMap.load(path)

@@ -24,14 +24,13 @@ from mpq_search.search import (
     SpaceCost,
     StudyConfig,
     Surrogate,
-    calibrate,
+    _run,
     create_study,
     load,
     load_config,
     optimize,
     prepare,
 )
-from mpq_search.search import _run
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +104,7 @@ def test_repair_meets_budget_and_fills_it(specs: list[Any], budget_text: str) ->
     for _ in range(4):
         w, a = repairer.repair(_random_levels(space, rng), budget, prior)
         assert budget.is_met(cost.cost((w, a)))
-        moves, (bw, ba) = repairer.neighbours((w, a), +1, set())
+        _moves, (bw, ba) = repairer.neighbours((w, a), +1, set())
         # filled: no single level can go up without breaking the budget
         assert (cost.violation(bw, ba) > 0).all()
 
@@ -168,7 +167,7 @@ def test_pareto_maps_meet_budget_and_seeds_are_tagged(tmp_path: Path) -> None:
 
 
 def test_resume_adds_trials_without_repeating(tmp_path: Path) -> None:
-    config, ctx, study = build_study(tmp_path, trials=5, study="resume")
+    _config, ctx, study = build_study(tmp_path, trials=5, study="resume")
     first = len(study.trials)
     again = create_study(ctx)
     optimize(again, ctx)
@@ -182,7 +181,7 @@ def test_resume_adds_trials_without_repeating(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
-    config, ctx, study = build_study(tmp_path, trials=0, study="strict")
+    config, ctx, _study = build_study(tmp_path, trials=0, study="strict")
     model, specs = load(config)
     other = prepare(config.replace(n=16), model, specs, importance=ctx.importance)
     with pytest.raises(StudyError, match="n=8"):
@@ -207,7 +206,7 @@ def test_nan_trial_recorded_failed_and_study_goes_on(
             hook.remove()
 
     monkeypatch.setattr(_run, "evaluate_current", poisoned)
-    config, ctx, study = build_study(tmp_path, trials=5)
+    _config, ctx, study = build_study(tmp_path, trials=5)
     states = [t.state for t in study.trials]
     assert states[3] == TrialState.FAIL
     assert "NaN" in study.trials[3].user_attrs["fail_reason"]
@@ -221,7 +220,7 @@ def test_nan_trial_recorded_failed_and_study_goes_on(
 
 
 def test_timestep_groups(tmp_path: Path) -> None:
-    config, ctx, study = build_study(tmp_path, trials=3, timestep_groups=2, baselines=())
+    config, ctx, study = build_study(tmp_path, trials=6, timestep_groups=2, baselines=())
     search = [t for t in study.trials if t.user_attrs["role"] == "search"]
     assert search and all(len(t.user_attrs["bitmap"]["groups"]) == 2 for t in search)
     assert all(k.startswith(("t0/", "t1/")) for k in search[0].params)
@@ -230,9 +229,9 @@ def test_timestep_groups(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random"])
 def test_optuna_samplers_stay_in_budget(tmp_path: Path, sampler: str) -> None:
-    config, ctx, study = build_study(tmp_path, trials=4, sampler=sampler, baselines=())
+    config, ctx, study = build_study(tmp_path, trials=6, sampler=sampler, baselines=())
     search = [t for t in study.trials if t.user_attrs["role"] == "search"]
-    assert len(search) == 1  # 3 priors + 1
+    assert len(search) == 2  # 4 priors (5, 4.5, 4, 3.5 bits) + 2
     budget = parse_budget(config.budget, ctx.specs)
     for trial in study.trials:
         assert budget.is_met(cost_of(ctx.specs, BitMap.from_dict(trial.user_attrs["bitmap"])))
@@ -242,7 +241,7 @@ def test_postgresql_storage(tmp_path: Path) -> None:
     url = "postgresql://postgres@127.0.0.1:5432/test"
     name = f"mpq-test-{uuid.uuid4().hex[:12]}"
     try:
-        config, ctx, study = build_study(tmp_path, trials=3, storage=url, study=name)
+        _config, _ctx, _study = build_study(tmp_path, trials=3, storage=url, study=name)
         loaded = optuna.load_study(study_name=name, storage=url)
         assert len(loaded.trials) == 5
         assert loaded.user_attrs["budget"] == "5bits"
@@ -253,7 +252,7 @@ def test_postgresql_storage(tmp_path: Path) -> None:
             pass
 
 
-# --- CLI and pipeline -----------------------------------------------------------------------------
+# --- CLI and pipeline ------------------------------------------------------------------------
 def test_cli_run_report_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 

@@ -106,7 +106,9 @@ def fid_command(
             seed=seed,
             progress=lambda k: bar.advance(task, k),
         )
-    table = Table(title=f"FID against the held-out split ({features}, N={report.n})")
+    table = Table(
+        title=f"FID against the held-out split ({features}, N={report.n} vs {report.n_reference})"
+    )
     table.add_column("set")
     table.add_column("FID", justify="right")
     table.add_row(

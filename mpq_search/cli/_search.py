@@ -19,7 +19,8 @@ from mpq_search.cli._app import app, console, fail, handles_errors
 
 StudyOption = Annotated[str | None, typer.Option("--study", help="Study name.")]
 StorageOption = Annotated[
-    str | None, typer.Option("--storage", help="Optuna storage URL (default: SQLite under --root).")
+    str | None,
+    typer.Option("--storage", help="Optuna storage URL (default: SQLite under --root)."),
 ]
 RootOption = Annotated[Path, typer.Option("--root", help="Folder holding per-study outputs.")]
 ConfigOption = Annotated[
@@ -36,7 +37,8 @@ def _config(config: Path | None, **flags: Any) -> Any:
 @app.command("run")
 @handles_errors
 def run_command(
-    budget: Annotated[str | None, typer.Option(help="Budget, e.g. 4.5bits, w4a6, size<=1MB.")] = None,
+    budget: Annotated[
+        str | None, typer.Option(help="Budget, e.g. 4.5bits, w4a6, size<=1MB.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec.")] = None,
     trials: Annotated[int | None, typer.Option(help="Trials to run now (priors count).")] = None,
     sampler: Annotated[str | None, typer.Option(help="guided|nsga2|tpe|gp|random.")] = None,

@@ -5,7 +5,8 @@ Public API (implementation in private modules):
 * `StudyConfig`, `load_config` - every option of a run; TOML under `studies/`, CLI overrides;
 * `load`, `prepare`, `calibrate`, `create_study`, `optimize`, `confirm` - the stages of a run,
   called in order by `mpq_search.api.run`;
-* `SearchSpace`, `SpaceCost`, `Repairer`, `Surrogate` - the space, its vectorised cost, budget repair;
+* `SearchSpace`, `SpaceCost`, `Repairer`, `Surrogate` - the space, its vectorised cost, budget
+  repair;
 * `GuidedSampler`, `RepairingSampler`, `make_sampler` - budget-safe samplers;
 * `load_study`, `make_storage` - storage helpers.
 """

@@ -1,7 +1,9 @@
 """The study config: one frozen record that holds every option of `mpq-search run`.
 
-It loads from a TOML file (flat keys named like the fields, see `studies/default.toml`), and CLI flags
-override single fields. The record is stored in the study's user attributes, so a study describes the
+It loads from a TOML file (flat keys named like the fields, see `studies/default.toml`), and
+CLI flags
+override single fields. The record is stored in the study's user attributes, so a study
+describes the
 settings that produced it and a resumed run can refuse settings that would mix two experiments.
 """
 
@@ -119,7 +121,7 @@ class StudyConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
-    """Read a TOML study config (flat keys, or keys under a `[study]` table), then apply overrides."""
+    """Read a TOML study config (flat keys, or keys in a `[study]` table), then apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         source = Path(path)
@@ -165,7 +167,7 @@ def _check(config: StudyConfig) -> None:
     for name in ("w_bits", "a_bits"):
         bits = getattr(config, name)
         if not bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in bits):
-            raise StudyError(f"{name} must be a non-empty list of bit-widths in 2..8, got {bits!r}")
+            raise StudyError(f"{name} must be a non-empty list of bits in 2..8, got {bits!r}")
     if config.feature_net not in (None, "lenet", "inception"):
         raise StudyError(
             f"unknown feature net {config.feature_net!r}; supported: lenet, inception"

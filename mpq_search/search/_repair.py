@@ -10,9 +10,11 @@ get better at telling which layers can give up bits.
 Repair has two halves, both greedy on (surrogate change) / (budget change), which is how one solves
 a separable convex knapsack:
 
-* `project` lowers one level at a time where it hurts least per unit of excess removed, until the map
+* `project` lowers one level at a time where it hurts least per unit of excess removed, until
+  the map
   meets the budget;
-* `fill` raises one level at a time where it helps most per unit of budget used, while the map still
+* `fill` raises one level at a time where it helps most per unit of budget used, while the map
+  still
   meets it. The first probe's search left budget unused (3.956 of 4.0 bits); filling fixes that.
 """
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpq_search.cost import Budget, REL_TOL
+from mpq_search.cost import REL_TOL, Budget
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
 
 RIDGE = 0.3
@@ -78,10 +80,12 @@ class Surrogate:
         base = self.coefficients()
         prior_pred = phi @ base
         weights = 1.0 / (y + 1.0) ** 2
-        scale = float((weights * y * prior_pred).sum() / max((weights * prior_pred**2).sum(), 1e-30))
+        norm = max(float((weights * prior_pred**2).sum()), 1e-30)
+        scale = float((weights * y * prior_pred).sum()) / norm
         scale = max(scale, 1e-12)
         k = len(base)
-        design = np.hstack([phi * (scale * base), np.ones((len(y), 1))]) * np.sqrt(weights)[:, None]
+        design = np.hstack([phi * (scale * base), np.ones((len(y), 1))])
+        design *= np.sqrt(weights)[:, None]
         ridge = np.hstack([np.sqrt(RIDGE) * np.eye(k), np.zeros((k, 1))])
         matrix = np.vstack([design, ridge])
         target = np.concatenate([y * np.sqrt(weights), np.full(k, np.sqrt(RIDGE))])
@@ -132,7 +136,9 @@ class Repairer:
         values = self.cost.fields(w, a)
         return np.stack([(values[k] - v) / v - REL_TOL for k, v in budget.limits().items()])
 
-    def neighbours(self, levels: Levels, delta: int, frozen: set[Move]) -> tuple[list[Move], Levels]:
+    def neighbours(
+        self, levels: Levels, delta: int, frozen: set[Move]
+    ) -> tuple[list[Move], Levels]:
         """Every single-level change in direction `delta` not frozen, and the batch of results."""
         w, a = levels
         moves = []
@@ -149,9 +155,10 @@ class Repairer:
         return moves, (bw, ba)
 
     def project(
-        self, levels: Levels, budget: Budget, surrogate: Surrogate, frozen: set[Move] | None = None,
+        self, levels: Levels, budget: Budget, surrogate: Surrogate,
+        frozen: set[Move] | None = None,
     ) -> Levels:
-        """Lower levels until the map meets the budget (least predicted harm per excess removed)."""
+        """Lower levels until the map meets the budget (least predicted harm per excess cut)."""
         w, a = levels[0].copy(), levels[1].copy()
         frozen = set(frozen or ())
         while (current := np.clip(self.excess(w, a, budget), 0, None).sum()) > 0:
@@ -169,7 +176,8 @@ class Repairer:
         return w, a
 
     def fill(
-        self, levels: Levels, budget: Budget, surrogate: Surrogate, frozen: set[Move] | None = None,
+        self, levels: Levels, budget: Budget, surrogate: Surrogate,
+        frozen: set[Move] | None = None,
     ) -> Levels:
         """Raise levels while the map meets the budget (most predicted gain per budget used)."""
         w, a = levels[0].copy(), levels[1].copy()
@@ -205,7 +213,8 @@ class Repairer:
             candidates, (bw, ba) = self.neighbours((w, a), +1, no_raise)
             if not candidates:
                 break
-            used = (self.excess(bw, ba, budget) - self.excess(w, a, budget)[:, None]).clip(0).sum(0)
+            used = (self.excess(bw, ba, budget) - self.excess(w, a, budget)[:, None])
+            used = used.clip(0).sum(0)
             gain = surrogate.predict(self.space, w, a) - surrogate.predict(self.space, bw, ba)
             pick = candidates[int(np.argmax(gain / np.maximum(used, 1e-12)))]
             (w if pick.kind == 0 else a)[pick.group, pick.unit] += 1

@@ -14,9 +14,9 @@ import json
 import math
 import tempfile
 import time
-from datetime import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ def _profile(config: StudyConfig, model: LoadedModel, specs: list[LayerSpec]) ->
     from mpq_search.importance import profile_orthogonality
 
     return profile_orthogonality(model, specs, timesteps=config.importance_timesteps,
-                                 n=config.importance_n, seed=config.seed)
+                                 steps=config.steps, n=config.importance_n, seed=config.seed)
 
 
 def _front_budgets(config: StudyConfig, budget: Budget, specs: list[LayerSpec]) -> list[Budget]:
@@ -276,7 +276,8 @@ def _record(ctx: SearchContext, levels: Levels, number: int, role: str, tag: str
     bitmap = ctx.space.to_bitmap(levels, ctx.model.identity, trial=number, role=role,
                                  study=study.study_name)
     cost = cost_of(ctx.specs, bitmap)
-    attrs = {"role": role, "tag": tag, "bitmap": bitmap.to_dict(), "cost": dataclasses.asdict(cost)}
+    attrs = {"role": role, "tag": tag, "bitmap": bitmap.to_dict(),
+             "cost": dataclasses.asdict(cost)}
     return attrs, ctx.budget.violations(cost)
 
 
@@ -319,7 +320,9 @@ def _ask(study: optuna.Study, ctx: SearchContext) -> tuple[_Handle, str, str, fl
     return _Handle(trial._trial_id, trial.number), tag, role, proposal_s
 
 
-def _evaluate(study: optuna.Study, handle: _Handle, ctx: SearchContext, store: Any) -> float | None:
+def _evaluate(
+    study: optuna.Study, handle: _Handle, ctx: SearchContext, store: Any
+) -> float | None:
     """Evaluate a created trial and tell the study; its FID-excess, or None when it failed."""
     storage = study._storage
     frozen = storage.get_trial(handle.trial_id)
@@ -344,10 +347,11 @@ def evaluate_bitmap(ctx: SearchContext, bitmap: BitMap, settings: SampleSettings
                     reference: FeatureStats | None = None) -> Any:
     """Apply a map and score it (the engine stays quantized; callers remove())."""
     settings = settings or ctx.settings
-    if ctx.engine is None or settings is None or ctx.net is None:
+    reference = reference or ctx.reference
+    if ctx.engine is None or settings is None or ctx.net is None or reference is None:
         raise StudyError("the search context is not calibrated; call calibrate(ctx) first")
     ctx.engine.apply(bitmap, steps=settings.steps)
-    return evaluate_current(ctx.model, ctx.net, settings, reference or ctx.reference,
+    return evaluate_current(ctx.model, ctx.net, settings, reference,
                             step_hook=ctx.engine.step_hook)
 
 

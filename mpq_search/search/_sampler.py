@@ -1,9 +1,11 @@
 """Samplers over bit maps that never spend an evaluation on a map outside the budget.
 
-* `GuidedSampler` (the default, "guided"): local search that starts from the priors. Each trial takes
+* `GuidedSampler` (the default, "guided"): local search that starts from the priors. Each
+  trial takes
   the best map so far at a target budget (the study's budget, or now and then one of the tighter
   prior budgets, to push the rest of the Pareto front), and makes 1-3 *exchange* moves: raise the
-  level that a Thompson draw of the fitted surrogate says gains most per unit of budget, pay for it by
+  level that a Thompson draw of the fitted surrogate says gains most per unit of budget, pay
+  for it by
   lowering the levels that hurt least, then fill the remaining budget. The surrogate is refitted to
   all finished trials before each draw, so moves learn which layers really matter.
 * `RepairingSampler` wraps any optuna sampler (NSGA-II, TPE, GP, random): the base sampler proposes
@@ -67,7 +69,9 @@ class _History:
 class _MapSampler(BaseSampler):
     """Shared plumbing: the whole space is 'relative'; enqueued trials are left alone."""
 
-    def __init__(self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int) -> None:
+    def __init__(
+        self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int
+    ) -> None:
         self._space = space
         self._cost = cost
         self._budget = cost.budget

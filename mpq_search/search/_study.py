@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from mpq_search.errors import StudyError
 from mpq_search.search._config import StudyConfig
@@ -105,7 +104,8 @@ def _check_same(stored: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise StudyError(
-                f"study was run with {key}={old.get(key)!r}, this run asks {key}={new.get(key)!r}; "
+                f"study was run with {key}={old.get(key)!r}, this run asks "
+                f"{key}={new.get(key)!r}; "
                 "use another --study name"
             )
 

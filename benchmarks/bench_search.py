@@ -1,0 +1,172 @@
+"""Benchmark of `mpq-search run`: the must-show numbers of the search stage, side by side.
+
+One process, one model snapshot, the same noise seeds and the same priors for every sampler:
+
+1. the default run, stage by stage (its wall time is the sum);
+2. the same study with other samplers (random search, NSGA-II, TPE...) and the same trial count;
+3. FP sampling of the same N x S, against the mean trial wall time; sampler time per trial;
+4. a held-out evaluation (other noise seed, larger N) of the Pareto points, the priors, the
+   uniform baselines and a spread of other trials, with the Spearman rank correlation between the
+   proxy and the held-out FID-excess over those trials.
+
+    .venv/bin/python benchmarks/bench_search.py --model mnist-ddpm --samplers guided,random,nsga2 \
+        --out benchmarks/results/search_raw.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from mpq_search.api import report
+from mpq_search.models import sample
+from mpq_search.search import (
+    StudyConfig,
+    calibrate,
+    confirm,
+    create_study,
+    load,
+    optimize,
+    prepare,
+)
+
+
+def summarise(study: optuna.Study, wall: float) -> dict[str, Any]:
+    """Best feasible FID-excess, baselines, priors, per-trial times of one study."""
+    done = [t for t in study.trials if t.values is not None]
+    search = [t for t in done if t.user_attrs.get("role") == "search"]
+    feasible = study.best_trials
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    sampler_s = [t.user_attrs.get("sampler_seconds", 0.0) for t in search]
+    tags = {t.user_attrs["tag"]: t.values[0] for t in done if t.user_attrs.get("tag")}
+    best = min(feasible, key=lambda t: t.values[0])
+    return {
+        "study": study.study_name, "wall_s": wall, "trials": len(study.trials),
+        "failed": sum(t.state.name == "FAIL" for t in study.trials),
+        "best_fid_excess": best.values[0], "best_trial": best.number,
+        "best_tag": best.user_attrs.get("tag", ""),
+        "best_avg_w_bits": best.user_attrs["cost"]["avg_w_bits"], "tagged": tags,
+        "mean_trial_s": statistics.mean(durations),
+        "mean_search_trial_s": statistics.mean(
+            (t.datetime_complete - t.datetime_start).total_seconds() for t in search)
+        if search else None,
+        "mean_sampler_s": statistics.mean(sampler_s) if sampler_s else None,
+        "max_sampler_s": max(sampler_s) if sampler_s else None,
+        "best_so_far": _best_curve(study),
+    }
+
+
+def _best_curve(study: optuna.Study) -> list[float]:
+    best, out = float("inf"), []
+    for t in study.trials:
+        if t.values is not None and all(v <= 0 for v in t.constraints.values()):
+            best = min(best, t.values[0])
+        out.append(best)
+    return out
+
+
+def fp_sampling_seconds(ctx: Any, repeats: int = 2) -> float:
+    """Wall time of FP sampling of the trial's N x S (best of `repeats`)."""
+    s = ctx.settings
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sample(ctx.model, n=s.n, steps=s.steps, seed=s.seed, batch_size=s.batch_size)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def heldout(study: optuna.Study, ctx: Any, extra: int) -> dict[str, Any]:
+    """Confirm Pareto points, tagged trials and `extra` others on held-out noise; Spearman."""
+    from scipy.stats import spearmanr
+
+    done = [t for t in study.trials if t.values is not None]
+    chosen = {t.number for t in study.best_trials}
+    chosen |= {t.number for t in done if t.user_attrs.get("tag")}
+    rest = sorted((t for t in done if t.number not in chosen), key=lambda t: t.values[0])
+    if rest and extra:
+        picks = np.linspace(0, len(rest) - 1, min(extra, len(rest))).round().astype(int)
+        chosen |= {rest[i].number for i in picks}
+    scores = confirm(study, ctx, sorted(chosen))
+    proxy = {t.number: t.values[0] for t in done}
+    numbers = [n for n in sorted(scores) if np.isfinite(scores[n])]
+    rho = spearmanr([proxy[n] for n in numbers], [scores[n] for n in numbers])
+    return {"heldout": {str(n): scores[n] for n in sorted(scores)},
+            "proxy": {str(n): proxy[n] for n in sorted(scores)},
+            "tags": {str(t.number): t.user_attrs.get("tag", "") for t in done
+                     if t.number in scores},
+            "spearman": float(rho.statistic), "n_trials": len(numbers),
+            "settings": {"n": ctx.config.heldout_n, "seed": ctx.config.heldout_seed,
+                         "steps": ctx.config.steps}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mnist-ddpm")
+    parser.add_argument("--budget", default="4.5bits")
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--samplers", default="guided,random,nsga2")
+    parser.add_argument("--root", default="/tmp/mpq-bench-studies")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--heldout-extra", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results/search_raw.json")
+    args = parser.parse_args()
+    stamp = time.strftime("%H%M%S")
+    base = StudyConfig(model=args.model, budget=args.budget, root=args.root,
+                       threads=args.threads, study=f"bench-guided-{stamp}")
+    if args.trials is not None:
+        base = base.replace(trials=args.trials)
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "machine": "2-core CPU VM (shared with other jobs)",
+                           "config": base.to_dict(), "stages": {}, "runs": {}}
+    stages = out["stages"]
+
+    def timed(name: str, fn: Any, *a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
+        result = fn(*a, **k)
+        stages[name] = time.perf_counter() - started
+        print(f"[{name}] {stages[name]:.1f}s", flush=True)
+        return result
+
+    model, specs = timed("load", load, base)
+    ctx = timed("importance+priors", prepare, base, model, specs)
+    timed("calibrate+reference", calibrate, ctx)
+    out["model"] = {"name": model.identity.name, "weights_hash": model.identity.weights_hash,
+                    "source": str(model.source), "layers": len(specs),
+                    "units": len(ctx.space.units)}
+    for sampler in args.samplers.split(","):
+        cfg = base.replace(sampler=sampler, study=f"bench-{sampler}-{stamp}")
+        ctx.config = cfg
+        started = time.perf_counter()
+        study = create_study(ctx)
+        optimize(study, ctx, lambda e, sampler=sampler: print(
+            f"  {sampler} trial {e.number} {e.tag or e.role}: {e.fid_excess} best {e.best} "
+            f"({e.seconds:.1f}s, sampler {1000 * e.sampler_seconds:.1f}ms)", flush=True))
+        wall = time.perf_counter() - started
+        if sampler == args.samplers.split(",")[0]:
+            timed("report", report, study, cfg)
+        out["runs"][sampler] = summarise(study, wall)
+        print(json.dumps({k: v for k, v in out["runs"][sampler].items()
+                          if k not in ("best_so_far",)}, indent=1), flush=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    ctx.config = base.replace(sampler=args.samplers.split(",")[0],
+                              study=f"bench-{args.samplers.split(',')[0]}-{stamp}")
+    out["fp_sampling_s"] = fp_sampling_seconds(ctx)
+    out["default_run_wall_s"] = sum(stages.values()) + out["runs"][
+        args.samplers.split(",")[0]]["wall_s"]
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    first = optuna.load_study(study_name=ctx.config.study_name, storage=ctx.config.storage_url)
+    out["heldout"] = heldout(first, ctx, args.heldout_extra)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["heldout"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
