@@ -43,7 +43,7 @@ def summarise(study: optuna.Study, wall: float) -> dict[str, Any]:
     done = [t for t in study.trials if t.values is not None]
     search = [t for t in done if t.user_attrs.get("role") == "search"]
     feasible = study.best_trials
-    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    durations = [_seconds(t) for t in done]
     sampler_s = [t.user_attrs.get("sampler_seconds", 0.0) for t in search]
     tags = {t.user_attrs["tag"]: t.values[0] for t in done if t.user_attrs.get("tag")}
     best = min(feasible, key=lambda t: t.values[0])
@@ -54,13 +54,15 @@ def summarise(study: optuna.Study, wall: float) -> dict[str, Any]:
         "best_tag": best.user_attrs.get("tag", ""),
         "best_avg_w_bits": best.user_attrs["cost"]["avg_w_bits"], "tagged": tags,
         "mean_trial_s": statistics.mean(durations),
-        "mean_search_trial_s": statistics.mean(
-            (t.datetime_complete - t.datetime_start).total_seconds() for t in search)
-        if search else None,
+        "mean_search_trial_s": statistics.mean(_seconds(t) for t in search) if search else None,
         "mean_sampler_s": statistics.mean(sampler_s) if sampler_s else None,
         "max_sampler_s": max(sampler_s) if sampler_s else None,
         "best_so_far": _best_curve(study),
     }
+
+
+def _seconds(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.duration.total_seconds() if trial.duration is not None else float("nan")
 
 
 def _best_curve(study: optuna.Study) -> list[float]:
@@ -107,6 +109,30 @@ def heldout(study: optuna.Study, ctx: Any, extra: int) -> dict[str, Any]:
                          "steps": ctx.config.steps}}
 
 
+def _printer(sampler: str) -> Any:
+    def show(e: Any) -> None:
+        print(f"  {sampler} trial {e.number} {e.tag or e.role}: {e.fid_excess} best {e.best} "
+              f"({e.seconds:.1f}s, sampler {1000 * e.sampler_seconds:.1f}ms)", flush=True)
+
+    return show
+
+
+def heldout_only(args: argparse.Namespace) -> None:
+    """Re-open a benchmark study and confirm its trials on held-out noise (separate process)."""
+    from mpq_search.search import load_study
+
+    storage = f"sqlite:///{Path(args.root) / args.heldout_only / 'study.db'}"
+    study = load_study(args.heldout_only, storage)
+    config = StudyConfig(**study.user_attrs["config"]).replace(
+        heldout_n=args.heldout_n, threads=args.threads)
+    model, specs = load(config)
+    ctx = prepare(config, model, specs, importance=study.user_attrs["importance"])
+    calibrate(ctx)
+    result = heldout(study, ctx, args.heldout_extra)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mnist-ddpm")
@@ -116,13 +142,23 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/mpq-bench-studies")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heldout-extra", type=int, default=10)
+    parser.add_argument("--n", type=int, default=None, help="samples per trial (default: config)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--heldout-n", type=int, default=None)
+    parser.add_argument("--calib-n", type=int, default=None)
+    parser.add_argument("--heldout-only", default=None, metavar="STUDY",
+                        help="only confirm an existing study (in --root) on held-out noise")
     parser.add_argument("--out", default="benchmarks/results/search_raw.json")
     args = parser.parse_args()
+    if args.heldout_only:
+        heldout_only(args)
+        return
     stamp = time.strftime("%H%M%S")
     base = StudyConfig(model=args.model, budget=args.budget, root=args.root,
                        threads=args.threads, study=f"bench-guided-{stamp}")
-    if args.trials is not None:
-        base = base.replace(trials=args.trials)
+    base = base.replace(trials=args.trials, n=args.n, steps=args.steps, heldout_n=args.heldout_n,
+                        calib_n=args.calib_n, calib_steps=args.steps,
+                        batch_size=args.n)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "machine": "2-core CPU VM (shared with other jobs)",
                            "config": base.to_dict(), "stages": {}, "runs": {}}
@@ -146,9 +182,7 @@ def main() -> None:
         ctx.config = cfg
         started = time.perf_counter()
         study = create_study(ctx)
-        optimize(study, ctx, lambda e, sampler=sampler: print(
-            f"  {sampler} trial {e.number} {e.tag or e.role}: {e.fid_excess} best {e.best} "
-            f"({e.seconds:.1f}s, sampler {1000 * e.sampler_seconds:.1f}ms)", flush=True))
+        optimize(study, ctx, _printer(sampler))
         wall = time.perf_counter() - started
         if sampler == args.samplers.split(",")[0]:
             timed("report", report, study, cfg)

@@ -2,12 +2,12 @@
 
 Works from the storage alone (no model needed): every trial stores the bit map it evaluated, its
 cost and its tag. The Pareto front is optuna's `study.best_trials` (feasible trials only, i.e.
-within
-the budget); uniform baselines and ILP priors are shown beside it for reference.
+within the budget); uniform baselines and ILP priors are shown beside it for reference.
 
 Files written to `<out>/`: `pareto.csv`, `pareto.html`, `report.json` (schema, study settings,
 rows), `bitmaps/trial_<n>.json` and `grids/trial_<n>.png` per Pareto point.
 """
+
 
 from __future__ import annotations
 
@@ -251,7 +251,10 @@ def dashboard_command(storage: str, artifact_dir: str | Path | None, *, host: st
     exe = str(sibling) if sibling.exists() else shutil.which("optuna-dashboard")
     if exe is None:
         raise StudyError("optuna-dashboard is not installed: pip install optuna-dashboard")
+    from mpq_search.search._study import normalise_url
+
     target = storage.removeprefix("journal:") if storage.startswith("journal:") else storage
+    target = normalise_url(target)
     command = [exe, target, "--host", host, "--port", str(port)]
     if artifact_dir is not None:
         Path(artifact_dir).mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def test_access_single_and_grouped() -> None:
 
 
 def test_validate_accepts_known_layers_of_the_same_model() -> None:
-    BitMap.uniform(MODEL, NAMES, 4, 8).validate(NAMES + ["extra"], MODEL)
+    BitMap.uniform(MODEL, NAMES, 4, 8).validate([*NAMES, "extra"], MODEL)
     BitMap.from_layers(MODEL, {}).validate(NAMES, MODEL)  # empty = all float
 
 
@@ -74,7 +74,7 @@ def test_model_mismatch() -> None:
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 12, 33, -4, True, 8.0, "8", None])
 def test_bits_out_of_range_or_wrong_type(bits: Any) -> None:
-    with pytest.raises(BitMapError, match="must be one of 2..8, 16 or 32"):
+    with pytest.raises(BitMapError, match=r"must be one of 2\.\.8, 16 or 32"):
         LayerBits(bits, 8)
     with pytest.raises(BitMapError, match="activation bits must be one of"):
         LayerBits(8, bits)

@@ -28,6 +28,8 @@ from mpq_search.search import (
     create_study,
     load,
     load_config,
+    load_study,
+    make_storage,
     optimize,
     prepare,
 )
@@ -242,12 +244,12 @@ def test_postgresql_storage(tmp_path: Path) -> None:
     name = f"mpq-test-{uuid.uuid4().hex[:12]}"
     try:
         _config, _ctx, _study = build_study(tmp_path, trials=3, storage=url, study=name)
-        loaded = optuna.load_study(study_name=name, storage=url)
+        loaded = load_study(name, url)
         assert len(loaded.trials) == 5
         assert loaded.user_attrs["budget"] == "5bits"
     finally:
         try:
-            optuna.delete_study(study_name=name, storage=url)
+            optuna.delete_study(study_name=name, storage=make_storage(url))
         except KeyError:
             pass
 

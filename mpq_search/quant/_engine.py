@@ -114,8 +114,8 @@ class QuantEngine:
 
     @property
     def is_calibrated(self) -> bool:
-        """Whether `calibrate()` has run."""
-        return bool(self._weights)
+        """Whether `calibrate()` has run to the end (activation states are made last)."""
+        return bool(self._acts)
 
     def calibrate(self, progress: Callable[[int], None] | None = None) -> QuantEngine:
         """Compute quantized weights and activation ranges for every candidate bit-width.
@@ -127,6 +127,7 @@ class QuantEngine:
         if owner is not None:
             raise CalibrationError("the model is quantized now; remove() the applied map first")
         cfg = self.config
+        self._acts = {}
         self._calibrate_weights()
         denoiser = self.model.denoiser
         self.splits = find_skip_splits(denoiser, self._modules) if cfg.split_skip else {}

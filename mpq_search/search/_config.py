@@ -1,11 +1,11 @@
 """The study config: one frozen record that holds every option of `mpq-search run`.
 
-It loads from a TOML file (flat keys named like the fields, see `studies/default.toml`), and
-CLI flags
-override single fields. The record is stored in the study's user attributes, so a study
-describes the
-settings that produced it and a resumed run can refuse settings that would mix two experiments.
+It loads from a TOML file (flat keys named like the fields, see `studies/default.toml`), and CLI
+flags override single fields. The record is stored in the study's user attributes, so a study
+describes the settings that produced it, and a resumed run can refuse settings that would mix two
+experiments.
 """
+
 
 from __future__ import annotations
 
@@ -79,6 +79,9 @@ class StudyConfig:
     """torch threads; default: torch's own choice."""
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # lists (from TOML or callers) become tuples: the record is frozen
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         _check(self)
 
     @property

@@ -10,13 +10,13 @@ get better at telling which layers can give up bits.
 Repair has two halves, both greedy on (surrogate change) / (budget change), which is how one solves
 a separable convex knapsack:
 
-* `project` lowers one level at a time where it hurts least per unit of excess removed, until
-  the map
-  meets the budget;
+* `project` lowers one level at a time where it hurts least per unit of excess removed, until the
+  map meets the budget;
 * `fill` raises one level at a time where it helps most per unit of budget used, while the map
-  still
-  meets it. The first probe's search left budget unused (3.956 of 4.0 bits); filling fixes that.
+  still meets it. The first probe's search left budget unused (3.956 of 4.0 bits); filling fixes
+  that.
 """
+
 
 from __future__ import annotations
 

@@ -1,19 +1,18 @@
 """Samplers over bit maps that never spend an evaluation on a map outside the budget.
 
-* `GuidedSampler` (the default, "guided"): local search that starts from the priors. Each
-  trial takes
-  the best map so far at a target budget (the study's budget, or now and then one of the tighter
-  prior budgets, to push the rest of the Pareto front), and makes 1-3 *exchange* moves: raise the
-  level that a Thompson draw of the fitted surrogate says gains most per unit of budget, pay
-  for it by
-  lowering the levels that hurt least, then fill the remaining budget. The surrogate is refitted to
-  all finished trials before each draw, so moves learn which layers really matter.
-* `RepairingSampler` wraps any optuna sampler (NSGA-II, TPE, GP, random): the base sampler proposes
-  a full map, which is projected into the budget and filled using the importance prior.
+* `GuidedSampler` (the default, "guided"): local search that starts from the priors. Each trial
+  takes the best map so far at a target budget (the study's budget, or now and then one of the
+  tighter prior budgets, to push the rest of the Pareto front) and makes 1-3 *exchange* moves:
+  raise the level that a Thompson draw of the fitted surrogate says gains most per unit of budget,
+  pay for it by lowering the levels that hurt least, then fill the remaining budget. The surrogate
+  is refitted to all finished trials before each draw, so moves learn which layers really matter.
+* `RepairingSampler` wraps any optuna sampler (NSGA-II, TPE, GP, random): the base sampler
+  proposes a full map, which is projected into the budget and filled using the importance prior.
 
-Both return the repaired map from `sample_relative`, so a trial's stored params are exactly the map
-it evaluated. Enqueued trials (priors, uniform baselines) pass through untouched.
+Both return the repaired map from `sample_relative`, so a trial's stored params are exactly the
+map it evaluated. Enqueued trials (priors, uniform baselines) pass through untouched.
 """
+
 
 from __future__ import annotations
 

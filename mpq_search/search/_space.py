@@ -1,16 +1,16 @@
 """The search space: one categorical weight and activation bit-width per *unit* and timestep group.
 
-A unit is a set of layers that must share bits (`allocate.tied_groups`, e.g. a shortcut tied to its
-main path); an untied layer is a unit of one. Optuna parameter names are the unit's first
-layer name:
-`w:<layer>` / `a:<layer>`, prefixed with `t<g>/` when the study searches one map per timestep
-group.
+A unit is a set of layers that must share bits (`allocate.tied_groups`, e.g. a shortcut tied to
+its main path); an untied layer is a unit of one. Optuna parameter names are the unit's first
+layer name, `w:<layer>` / `a:<layer>`, prefixed with `t<g>/` when the study searches one map per
+timestep group.
 
 Inside the search a map is a pair of integer arrays of *level indices* into the candidate lists,
 shape (groups, units). `SpaceCost` prices such arrays (and batches of them) with exactly the
-formulas
-of `cost.cost_of`, vectorised, because repair prices thousands of candidate moves per trial.
+formulas of `cost.cost_of`, vectorised, because repair prices thousands of candidate moves per
+trial.
 """
+
 
 from __future__ import annotations
 

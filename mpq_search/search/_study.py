@@ -28,8 +28,20 @@ ROLE_SEARCH = "search"
 METRIC_NAMES = {"fid": "fid_excess", "bops": "bops", "size": "weight_bytes"}
 
 
+def normalise_url(url: str) -> str:
+    """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps `postgresql://` to psycopg 3,
+    while psycopg2 (`psycopg2-binary`) is what this package depends on."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An optuna storage for a URL; creates the folder of a local SQLite or journal file."""
+    url = normalise_url(url)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
