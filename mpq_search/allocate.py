@@ -33,8 +33,11 @@ path).
 from __future__ import annotations
 
 import itertools
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -180,6 +183,20 @@ def _build(
     return _Program(units, choices, objective, rows, list(limits))
 
 
+@contextmanager
+def _quiet_fd1() -> Iterator[None]:
+    """HiGHS (in scipy) prints MIP debug lines straight to file descriptor 1 despite disp=False."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(devnull)
+        os.close(saved)
+
+
 def _solve(program: _Program, margin: float) -> list[int]:
     """Index of the chosen (w, a) per unit; budget rows tightened by `margin` (relative)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -193,8 +210,9 @@ def _solve(program: _Program, margin: float) -> list[int]:
     # gap tolerances are partly absolute, and perturbations at 8 bits are ~1e-5.
     floor = program.objective.reshape(n_units, n_choice).min(axis=1).sum()
     objective = program.objective / max(float(floor), 1e-300)
-    result = milp(objective, constraints=constraints, integrality=np.ones_like(objective),
-                  bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9, "disp": False})
+    with _quiet_fd1():
+        result = milp(objective, constraints=constraints, integrality=np.ones_like(objective),
+                      bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9, "disp": False})
     if result.x is None:
         raise AllocationError(f"the integer program found no solution: {result.message}")
     x = np.round(result.x).reshape(n_units, n_choice)
