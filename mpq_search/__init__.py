@@ -1,6 +1,8 @@
 """mpq-search: mixed-precision quantization search for diffusion models.
 
 The public API is re-exported here and imported lazily, so `import mpq_search` stays cheap.
+The ILP is `mpq_search.allocate.allocate`: a function cannot share its name with a submodule of
+the package (importing the submodule rebinds the package attribute), so it is not re-exported.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ _EXPORTS: dict[str, str] = {
     "QuantEngine": "mpq_search.quant",
     "parse_budget": "mpq_search.cost",
     "cost_of": "mpq_search.cost",
-    "allocate": "mpq_search.allocate",
     "profile_orthogonality": "mpq_search.importance",
     "run": "mpq_search.api",
 }
