@@ -77,8 +77,9 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return per_sample_out * (module.in_channels // module.groups) * kh * kw
-    assert isinstance(module, nn.Linear)
-    return per_sample_out * module.in_features
+    if isinstance(module, nn.Linear):
+        return per_sample_out * module.in_features
+    raise TypeError(f"not a Conv2d or Linear: {type(module).__name__}")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ enqueued twice, and the samplers skip every map the study has already evaluated.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ def open_study(
 ) -> optuna.Study:
     """Create the study, or resume it after checking that its settings agree with `attrs`."""
     storage = make_storage(config.storage_url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI prints its own progress
     study = optuna.create_study(
         study_name=config.study_name, storage=storage, sampler=sampler,
         directions=["minimize", "minimize"], load_if_exists=True,
@@ -100,7 +102,9 @@ def open_study(
     if stored.get("schema") == STUDY_SCHEMA:
         _check_same(stored, attrs)
         return study
-    study.set_metric_names([METRIC_NAMES[o] for o in config.objectives])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC_NAMES[o] for o in config.objectives])
     for key, value in {"schema": STUDY_SCHEMA, **attrs}.items():
         study.set_user_attr(key, value)
     return study
