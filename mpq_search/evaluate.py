@@ -55,6 +55,25 @@ class TrialResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def _sample(
+    model: LoadedModel,
+    settings: SampleSettings,
+    *,
+    step_hook: StepHook | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Samples as `settings` describe them (the FP reference and every trial use this)."""
+    return sample(
+        model,
+        n=settings.n,
+        steps=settings.steps,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        step_hook=step_hook,
+        progress=progress,
+    )
+
+
 def fp_reference_stats(
     model: LoadedModel,
     net: FeatureNet,
@@ -65,15 +84,7 @@ def fp_reference_stats(
     now)."""
 
     def compute() -> FeatureStats:
-        images = sample(
-            model,
-            n=settings.n,
-            steps=settings.steps,
-            seed=settings.seed,
-            batch_size=settings.batch_size,
-            progress=progress,
-        )
-        return stats_of_images(images, net)
+        return stats_of_images(_sample(model, settings, progress=progress), net)
 
     key = {
         "kind": "fp-samples",
@@ -99,15 +110,7 @@ def evaluate_current(
     Raises NonFiniteSamplesError when any sample is NaN or Inf (e.g. a 2-bit layer blew up).
     """
     started = time.perf_counter()
-    images = sample(
-        model,
-        n=settings.n,
-        steps=settings.steps,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        step_hook=step_hook,
-        progress=progress,
-    )
+    images = _sample(model, settings, step_hook=step_hook, progress=progress)
     if not torch.isfinite(images).all():
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         raise NonFiniteSamplesError(f"{bad} of {len(images)} samples contain NaN or Inf")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -22,9 +24,10 @@ SeedOption = Annotated[
 StepsOption = Annotated[int, typer.Option(help="DDIM sampling steps.", min=1)]
 
 
-def sampling_progress(total: int, label: str) -> Progress:
-    """A rich progress bar for image counts."""
-    return Progress(
+@contextmanager
+def sampling_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """Show a rich progress bar of `total` items; yields the callback that advances it."""
+    bar = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -32,6 +35,9 @@ def sampling_progress(total: int, label: str) -> Progress:
         console=console,
         transient=True,
     )
+    with bar:
+        task = bar.add_task(label, total=total)
+        yield lambda k: bar.advance(task, k)
 
 
 @app.command("models")
@@ -66,15 +72,14 @@ def sample_command(
 
     loaded = load_model(model)
     started = time.perf_counter()
-    with sampling_progress(n, "sampling") as bar:
-        task = bar.add_task("sampling", total=n)
+    with sampling_progress(n, "sampling") as advance:
         images = sample(
             loaded,
             n=n,
             steps=steps,
             seed=seed,
             batch_size=batch_size,
-            progress=lambda k: bar.advance(task, k),
+            progress=advance,
         )
     elapsed = time.perf_counter() - started
     save_grid(images, out)
@@ -96,15 +101,14 @@ def fid_command(
     """FID of the full-precision model against the held-out MNIST split, beside the data floor."""
     from mpq_search.evaluate import fp_fid_report
 
-    with sampling_progress(n, "sampling") as bar:
-        task = bar.add_task("sampling", total=n)
+    with sampling_progress(n, "sampling") as advance:
         report = fp_fid_report(
             model,
             feature_net=features,
             n=n,
             steps=steps,
             seed=seed,
-            progress=lambda k: bar.advance(task, k),
+            progress=advance,
         )
     table = Table(
         title=f"FID against the held-out split ({features}, N={report.n} vs {report.n_reference})"

@@ -60,24 +60,21 @@ def quantize_command(
     net = get_feature_net(features)
     specs = discover_layers(loaded.denoiser)
     settings = SampleSettings(n=n, steps=steps, seed=seed, batch_size=batch_size)
-    with sampling_progress(n, "FP reference") as bar:
-        task = bar.add_task("fp", total=n)
-        reference = fp_reference_stats(loaded, net, settings, lambda k: bar.advance(task, k))
+    with sampling_progress(n, "FP reference") as advance:
+        reference = fp_reference_stats(loaded, net, settings, advance)
     heldout = dataset_stats("heldout", net, 1000)
     bitmap = BitMap.uniform(loaded.identity, [s.name for s in specs], bits.w, bits.a)
     config = QuantConfig.for_bitmap(bitmap, split_skip=split_skip,
                                     **_calibration(act_calibration, calib_n, steps))
     started = time.perf_counter()
-    with sampling_progress(calib_n, "calibrating") as bar:
-        task = bar.add_task("calibrating", total=calib_n)
-        engine = QuantEngine(loaded, specs, config).calibrate(lambda k: bar.advance(task, k))
+    with sampling_progress(calib_n, "calibrating") as advance:
+        engine = QuantEngine(loaded, specs, config).calibrate(advance)
     calibration_s = time.perf_counter() - started
     engine.apply(bitmap)
     try:
-        with sampling_progress(n, str(bits)) as bar:
-            task = bar.add_task("quantized", total=n)
+        with sampling_progress(n, str(bits)) as advance:
             result = evaluate_current(loaded, net, settings, reference,
-                                      progress=lambda k: bar.advance(task, k))
+                                      progress=advance)
     finally:
         engine.remove()
     quant_fid = frechet_distance(stats_of_images(result.images, net), heldout)
@@ -115,10 +112,9 @@ def apply_command(
     config = QuantConfig.for_bitmap(bitmap, **_calibration(act_calibration, calib_n, steps))
     engine = apply(loaded, bitmap, config)
     try:
-        with sampling_progress(n, "sampling") as bar:
-            task = bar.add_task("sampling", total=n)
+        with sampling_progress(n, "sampling") as advance:
             images = sample(loaded, n=n, steps=steps, seed=seed, batch_size=batch_size,
-                            step_hook=engine.step_hook, progress=lambda k: bar.advance(task, k))
+                            step_hook=engine.step_hook, progress=advance)
     finally:
         engine.remove()
     save_grid(images, out)
