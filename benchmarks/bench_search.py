@@ -29,6 +29,7 @@ from mpq_search.api import report
 from mpq_search.models import sample
 from mpq_search.search import (
     StudyConfig,
+    _run,
     calibrate,
     confirm,
     create_study,
@@ -36,6 +37,7 @@ from mpq_search.search import (
     optimize,
     prepare,
 )
+from mpq_search.search._run import evaluate_bitmap
 
 
 def summarise(study: optuna.Study, wall: float) -> dict[str, Any]:
@@ -133,6 +135,43 @@ def heldout_only(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
+def ilp_baselines(args: argparse.Namespace) -> None:
+    """Score the ILP priors (every mode, random importance over several seeds) at the budget on
+    the search's proxy and on the held-out setting, outside any study (separate process)."""
+    from mpq_search.allocate import allocate
+    from mpq_search.evaluate import SampleSettings, fp_reference_stats
+
+    config = StudyConfig(budget=args.budget, root=args.root, threads=args.threads,
+                         heldout_n=args.heldout_n or 256)
+    model, specs = load(config)
+    profile, sensitivity = _run._profile(config, model, specs)
+    ctx = prepare(config, model, specs, importance={"weight": dict(profile.weight),
+                                                    "activation": dict(profile.activation)})
+    calibrate(ctx)
+    heldout_settings = SampleSettings(n=config.heldout_n, steps=config.steps,
+                                      seed=config.heldout_seed, batch_size=config.batch_size)
+    if ctx.net is None:
+        raise RuntimeError("calibrate() did not load the feature net")
+    heldout_ref = fp_reference_stats(model, ctx.net, heldout_settings)
+    rows = {}
+    wanted = [("orthogonality", 0), ("sensitivity", 0), ("size", 0)]
+    wanted += [("random", seed) for seed in range(args.random_seeds)]
+    for mode, seed in wanted:
+        bitmap = allocate(specs, ctx.budget, profile, w_bits=config.w_bits, a_bits=config.a_bits,
+                          ties=config.tie_layers, mode=mode, seed=seed,  # type: ignore[arg-type]
+                          model=model.identity, sensitivity=sensitivity)
+        proxy = evaluate_bitmap(ctx, bitmap).fid_excess
+        ctx.engine.remove()
+        held = evaluate_bitmap(ctx, bitmap, heldout_settings, heldout_ref).fid_excess
+        ctx.engine.remove()
+        rows[f"{mode}:{seed}"] = {"proxy": proxy, "heldout": held}
+        print(mode, seed, rows[f"{mode}:{seed}"], flush=True)
+    Path(args.out).write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget": args.budget,
+        "proxy": {"n": config.n, "steps": config.steps, "seed": config.sample_seed},
+        "heldout": heldout_settings.key(), "rows": rows}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mnist-ddpm")
@@ -146,10 +185,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--heldout-n", type=int, default=None)
     parser.add_argument("--calib-n", type=int, default=None)
+    parser.add_argument("--global-share", type=float, default=None,
+                        help="guided sampler's share of global proposals (default: config)")
     parser.add_argument("--heldout-only", default=None, metavar="STUDY",
                         help="only confirm an existing study (in --root) on held-out noise")
+    parser.add_argument("--ilp-baselines", action="store_true",
+                        help="only score the ILP priors (all modes) on proxy and held-out")
+    parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/search_raw.json")
     args = parser.parse_args()
+    if args.ilp_baselines:
+        ilp_baselines(args)
+        return
     if args.heldout_only:
         heldout_only(args)
         return
@@ -158,7 +205,7 @@ def main() -> None:
                        threads=args.threads, study=f"bench-guided-{stamp}")
     base = base.replace(trials=args.trials, n=args.n, steps=args.steps, heldout_n=args.heldout_n,
                         calib_n=args.calib_n, calib_steps=args.steps,
-                        batch_size=args.n)
+                        batch_size=args.n, global_share=args.global_share)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "machine": "2-core CPU VM (shared with other jobs)",
                            "config": base.to_dict(), "stages": {}, "runs": {}}

@@ -56,9 +56,9 @@ from mpq_search.layers import LayerSpec
 from mpq_search.models import ModelIdentity
 
 if TYPE_CHECKING:
-    from mpq_search.importance import Importance
+    from mpq_search.importance import Importance, Sensitivity
 
-AllocationMode = Literal["orthogonality", "size", "random", "inverted"]
+AllocationMode = Literal["sensitivity", "orthogonality", "size", "random", "inverted"]
 ALLOCATION_MODES: tuple[str, ...] = get_args(AllocationMode)
 DEFAULT_W_BITS = (2, 3, 4, 5, 6, 7, 8)
 DEFAULT_A_BITS = (4, 5, 6, 7, 8)
@@ -120,7 +120,7 @@ def layer_scores(
     if mode not in ALLOCATION_MODES:
         raise AllocationError(f"unknown allocation mode {mode!r}; supported: {ALLOCATION_MODES}")
     ones = np.ones(len(names))
-    if mode == "size":
+    if mode in ("size", "sensitivity"):  # "sensitivity": the perturbation table carries it all
         return ones, ones.copy()
     if importance is None:
         if mode != "random":
@@ -166,7 +166,7 @@ def _limits_as_sums(specs: Sequence[LayerSpec], budget: Budget) -> dict[str, flo
 def _build(
     specs: Sequence[LayerSpec], budget: Budget, units: list[list[str]],
     choices: list[tuple[int, int]], s_w: Mapping[str, float], s_a: Mapping[str, float],
-    omega_w: Mapping[str, Mapping[int, float]], act_weight: float,
+    omega_w: Mapping[str, Mapping[int, float]], omega_a: Mapping[str, Mapping[int, float]],
 ) -> _Program:
     by_name = {s.name: s for s in specs}
     limits = _limits_as_sums(specs, budget)
@@ -176,8 +176,7 @@ def _build(
     for u, unit in enumerate(units):
         for c, (w, a) in enumerate(choices):
             col = u * n_choice + c
-            objective[col] = sum(s_w[n] * omega_w[n][w] + s_a[n] * act_weight * 4.0 ** -a
-                                 for n in unit)
+            objective[col] = sum(s_w[n] * omega_w[n][w] + s_a[n] * omega_a[n][a] for n in unit)
             for r, (field, limit) in enumerate(limits.items()):
                 rows[r, col] = sum(_choice_costs(by_name[n], w, a)[field] for n in unit) / limit
     return _Program(units, choices, objective, rows, list(limits))
@@ -219,20 +218,26 @@ def _solve(program: _Program, margin: float) -> list[int]:
     return [int(np.argmax(row)) for row in x]
 
 
+def _table(names: Sequence[str], bits: Sequence[int], values: Mapping[str, Mapping[int, float]],
+           what: str) -> dict[str, dict[int, float]]:
+    """values[name][b] for every layer and candidate bit-width, or a clear error."""
+    table: dict[str, dict[int, float]] = {}
+    for n in names:
+        row = values.get(n, {})
+        missing = [b for b in bits if b not in row]
+        if missing:
+            raise AllocationError(f"{what} lacks layer {n!r} at bits {missing}")
+        table[n] = {b: float(row[b]) for b in bits}
+    return table
+
+
 def _weight_error_table(
     names: Sequence[str], w_bits: Sequence[int], weight_error: Mapping[str, Mapping[int, float]]
     | None,
 ) -> dict[str, dict[int, float]]:
     if weight_error is None:
         return {n: {b: 4.0 ** -b for b in w_bits} for n in names}
-    table: dict[str, dict[int, float]] = {}
-    for n in names:
-        errors = weight_error.get(n, {})
-        missing = [b for b in w_bits if b not in errors]
-        if missing:
-            raise AllocationError(f"weight_error lacks layer {n!r} at bits {missing}")
-        table[n] = {b: float(errors[b]) for b in w_bits}
-    return table
+    return _table(names, w_bits, weight_error, "weight_error")
 
 
 def allocate(
@@ -248,8 +253,12 @@ def allocate(
     weight_error: Mapping[str, Mapping[int, float]] | None = None,
     act_weight: float = 1.0,
     model: ModelIdentity | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> BitMap:
     """The bit map that minimises importance-weighted perturbation within `budget` (module doc).
+
+    Mode "sensitivity" minimises the measured output perturbation instead
+    (`importance.profile_sensitivity`: per layer and bit-width, weights and activations).
 
     Raises InfeasibleBudgetError when no candidate configuration meets the budget. The returned
     map always meets it (recomputed with `cost_of`); its meta records budget, cost, mode and
@@ -261,10 +270,19 @@ def allocate(
     sw, sa = layer_scores(names, importance, mode, seed)
     units = units_of(specs, ties)
     choices = list(itertools.product(w_list, a_list))
+    if mode == "sensitivity":
+        if sensitivity is None:
+            raise AllocationError("mode 'sensitivity' needs a sensitivity profile "
+                                  "(importance.profile_sensitivity)")
+        omega_w = _table(names, w_list, sensitivity.weight, "weight sensitivity")
+        omega_a = _table(names, a_list, sensitivity.activation, "activation sensitivity")
+    else:
+        omega_w = _weight_error_table(names, w_list, weight_error)
+        omega_a = {n: {b: act_weight * 4.0**-b for b in a_list} for n in names}
     program = _build(specs, budget, units, choices, dict(zip(names, sw, strict=True)),
-                     dict(zip(names, sa, strict=True)),
-                     _weight_error_table(names, w_list, weight_error), act_weight)
-    identity = model or (importance.model if importance is not None else UNBOUND)
+                     dict(zip(names, sa, strict=True)), omega_w, omega_a)
+    identity = model or (importance.model if importance is not None else
+                         sensitivity.model if sensitivity is not None else UNBOUND)
     for margin in (0.0, 1e-7, 1e-5, 1e-3):  # HiGHS may overshoot by its ~1e-7 tolerance
         picks = _solve(program, margin)
         layers = {n: LayerBits(*choices[c]) for unit, c in zip(units, picks, strict=True)
@@ -272,11 +290,13 @@ def allocate(
         bitmap = BitMap.from_layers(identity, layers)
         cost = cost_of(specs, bitmap)
         if budget.is_met(cost):
-            meta = {"budget": str(budget), "cost": vars(cost), "mode": mode,
+            meta: dict[str, Any] = {"budget": str(budget), "cost": vars(cost), "mode": mode,
                     "objective": float(program.objective[[u * len(choices) + c for u, c in
                                                           enumerate(picks)]].sum()),
                     "settings": _settings(importance, w_list, a_list, ties, seed, act_weight,
                                           weight_error is not None)}
+            if mode == "sensitivity" and sensitivity is not None:
+                meta["settings"]["sensitivity"] = dict(sensitivity.settings)
             return bitmap.with_meta(**meta)
     raise AllocationError(f"the integer program's answer exceeds budget {budget} ({cost})")
 

@@ -173,6 +173,7 @@ def sampling_timesteps(model: LoadedModel, steps: int) -> list[int]:
 
 
 @torch.no_grad()
+@torch.inference_mode()
 def sample(
     model: LoadedModel,
     *,
@@ -183,7 +184,11 @@ def sample(
     step_hook: StepHook | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Draw n images in [0, 1] with deterministic DDIM (eta = 0) from seeded noise."""
+    """Draw n images in [0, 1] with deterministic DDIM (eta = 0) from seeded noise.
+
+    Runs under inference mode: no autograd bookkeeping, and one grad mode for every caller, so
+    the compiled activation quantizer is not compiled twice (dynamo guards on the grad mode).
+    """
     if n < 1:
         raise MPQSearchError(f"n must be >= 1, got {n}")
     if batch_size < 1:

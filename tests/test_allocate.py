@@ -209,6 +209,14 @@ def test_cli_budget_profile_allocate(tiny_pipeline_dir: Path, tmp_path: Path) ->
     bitmap = BitMap.load(out)
     assert bitmap.meta["budget"] == "4.5bits" and bitmap.meta["mode"] == "orthogonality"
     assert bitmap.meta["cost"]["avg_w_bits"] <= 4.5
+    result = runner.invoke(app, ["allocate", "--model", model, "--budget", "w4a6", "-o",
+                                 str(out), "--steps", "3", "--timesteps", "2", "--n", "4",
+                                 "--mode", "sensitivity"])
+    assert result.exit_code == 0, result.output
+    bitmap = BitMap.load(out)
+    assert bitmap.meta["mode"] == "sensitivity"
+    assert bitmap.meta["settings"]["sensitivity"]["n"] == 4
+    assert bitmap.meta["cost"]["avg_w_bits"] <= 4 and bitmap.meta["cost"]["avg_a_bits"] <= 6
 
 
 @pytest.mark.parametrize(
@@ -232,3 +240,24 @@ def test_cli_bad_input_is_one_line_exit_2(
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_sensitivity_mode_minimises_the_measured_perturbation() -> None:
+    from mpq_search.importance import Sensitivity
+
+    specs = [conv("x", 16, 16, 8), conv("y", 16, 16, 8)]
+    w_bits, a_bits = (2, 4, 8), (4, 8)
+    table = {"x": {b: 4.0 ** -b for b in w_bits}, "y": {b: 100 * 4.0 ** -b for b in w_bits}}
+    acts = {"x": {b: 50 * 4.0 ** -b for b in a_bits}, "y": {b: 4.0 ** -b for b in a_bits}}
+    sens = Sensitivity(ID, table, acts, {"method": "test"})
+    bitmap = allocate(specs, parse_budget("w5a6", specs), mode="sensitivity", w_bits=w_bits,
+                      a_bits=a_bits, sensitivity=sens)
+    assert bitmap.layers["y"].w > bitmap.layers["x"].w  # y's weights matter 100x more
+    assert bitmap.layers["x"].a > bitmap.layers["y"].a  # x's input matters 50x more
+    assert bitmap.model == ID and bitmap.meta["settings"]["sensitivity"] == {"method": "test"}
+    with pytest.raises(AllocationError, match="needs a sensitivity profile"):
+        allocate(specs, parse_budget("5bits", specs), mode="sensitivity")
+    partial = Sensitivity(ID, {"x": table["x"]}, acts, {})
+    with pytest.raises(AllocationError, match="weight sensitivity lacks layer 'y'"):
+        allocate(specs, parse_budget("5bits", specs), mode="sensitivity", w_bits=w_bits,
+                 a_bits=a_bits, sensitivity=partial)

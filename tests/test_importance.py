@@ -166,3 +166,47 @@ def test_sqnr_sensitivity_one_layer_at_a_time(tiny_model: LoadedModel) -> None:
     assert all(high[k] > low[k] + 10 for k in low)  # ~6 dB per bit
     after = tiny_model.denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # left in FP
+
+
+def test_output_sensitivity_falls_with_bits_and_is_deterministic(tiny_model: LoadedModel) -> None:
+    from mpq_search.importance import profile_sensitivity
+
+    specs = discover_layers(tiny_model.denoiser)
+    kwargs: dict[str, Any] = {"w_bits": (2, 4, 8), "a_bits": (4, 8), "timesteps": 2, "steps": 4,
+                              "n": 4, "probes": 4, "seed": 0}
+    sens = profile_sensitivity(tiny_model, specs, **kwargs)
+    names = {s.name for s in specs}
+    assert set(sens.weight) == names and set(sens.activation) == names
+    for name in names:
+        w, a = sens.weight[name], sens.activation[name]
+        assert w[2] > w[4] > w[8] > 0  # the real quantizer's error shrinks with bits
+        assert a[4] == pytest.approx(a[8] * ((2**8 - 1) / (2**4 - 1)) ** 2)
+        assert a[8] > 0  # every input gets a gradient, the time embedding's included
+    assert all(p.requires_grad is False for p in tiny_model.denoiser.parameters())
+    again = profile_sensitivity(tiny_model, specs, **kwargs)
+    assert again.weight == sens.weight  # deterministic
+    scores = sens.scores("weight")
+    assert set(scores) == names and all(v > 0 for v in scores.values())
+    with pytest.raises(MPQSearchError, match="probes >= 1"):
+        profile_sensitivity(tiny_model, specs, **{**kwargs, "probes": 0})
+
+
+def test_output_sensitivity_matches_the_measured_output_error(tiny_model: LoadedModel) -> None:
+    """The first-order estimate agrees with the real output change of quantizing one layer."""
+    from mpq_search.importance import profile_sensitivity
+    from mpq_search.models import initial_noise, make_ddim_scheduler
+    from mpq_search.quant._quantizers import quantize_weight
+
+    specs = [s for s in discover_layers(tiny_model.denoiser) if s.name == "conv_out"]
+    sens = profile_sensitivity(tiny_model, specs, w_bits=(6,), a_bits=(8,), timesteps=1,
+                               steps=1, n=4, probes=64, seed=0)
+    x = initial_noise(tiny_model, 4, 0)
+    t = make_ddim_scheduler(tiny_model, 1).timesteps[0]
+    layer = tiny_model.denoiser.conv_out
+    original = layer.weight.data
+    with torch.no_grad():
+        reference = tiny_model.denoiser(x, t).sample
+        layer.weight.data = quantize_weight(original, 6).dequantize()
+        measured = float((tiny_model.denoiser(x, t).sample - reference).square().sum())
+        layer.weight.data = original
+    assert sens.weight["conv_out"][6] == pytest.approx(measured, rel=0.5)

@@ -192,6 +192,32 @@ def test_split_layers_get_one_range_per_half(engine: QuantEngine) -> None:
     assert all(len(r) == 1 for n, r in ranges.items() if n not in engine.splits)
 
 
+def test_per_timestep_ranges_follow_the_denoiser_timestep(
+    unet: LoadedModel, specs: list[LayerSpec], engine: QuantEngine
+) -> None:
+    assert len(engine.timesteps) == FAST.calib_timesteps
+    first, last = engine.timesteps[0], engine.timesteps[-1]
+    assert first > last  # sampling order: noisiest first
+    # conv_in reads x_t itself: pure noise at the first step, nearly an image at the last
+    assert engine.activation_ranges(8, 0)["conv_in"] != engine.activation_ranges(8, 1)["conv_in"]
+    assert engine.bucket_of(first + 7) == 0 and engine.bucket_of(last) == 1
+    shared = QuantEngine(unet, specs, QuantConfig(**{**FAST.__dict__, "act_ranges": "shared"}))
+    shared.calibrate()
+    assert shared.timesteps == () and shared.bucket_of(first) == 0
+    bitmap = _uniform(unet, specs, 8, 5)
+    images = []
+    for candidate in (engine, shared):
+        candidate.apply(bitmap)
+        try:
+            images.append(sample(unet, n=2, steps=4, seed=0, batch_size=2))
+        finally:
+            candidate.remove()
+    assert not torch.equal(images[0], images[1])
+    assert not unet.denoiser._forward_pre_hooks  # remove() takes the timestep hook away too
+    with pytest.raises(CalibrationError, match="supported: per-timestep, shared"):
+        QuantConfig(act_ranges="per-step")  # type: ignore[arg-type]
+
+
 def test_apply_then_remove_is_bit_exact(unet: LoadedModel, specs: list[LayerSpec],
                                         engine: QuantEngine) -> None:
     before = {k: v.clone() for k, v in unet.denoiser.state_dict().items()}
@@ -296,6 +322,37 @@ def test_cache_bound_falls_back_to_codes_with_identical_results(
         assert torch.equal(_forward(unet), expected)
     finally:
         lean.remove()
+
+
+def test_compiled_and_eager_kernels_give_identical_samples(
+    unet: LoadedModel, specs: list[LayerSpec], engine: QuantEngine
+) -> None:
+    assert engine.config.kernel == "compiled"
+    eager = QuantEngine(unet, specs, QuantConfig(**{**FAST.__dict__, "kernel": "eager"}))
+    eager.calibrate()
+    bitmap = _uniform(unet, specs, 4, 5)  # low activation bits: every rounding shows
+    images = []
+    for candidate in (engine, eager):
+        candidate.apply(bitmap)
+        try:
+            images.append(sample(unet, n=3, steps=3, seed=0, batch_size=3))
+        finally:
+            candidate.remove()
+    assert torch.equal(images[0], images[1])
+    assert not torch.equal(images[0], sample(unet, n=3, steps=3, seed=0, batch_size=3))
+
+
+def test_fused_kernel_matches_eager_on_every_layout() -> None:
+    from mpq_search.quant._quantizers import fake_quant_act, fused_fake_quant_act
+
+    generator = torch.Generator().manual_seed(0)
+    grid = [torch.tensor(v) for v in (7.0, -3.0, 12.0, 1 / 7.0)]
+    per_channel = [torch.full((1, 6, 1, 1), v) for v in (5.0, -8.0, 7.0, 0.2)]
+    for shape in ((5, 6), (2, 9, 6), (2, 6, 4, 4), (3, 1, 4, 4)):
+        x = torch.randn(shape, generator=generator) * 3
+        assert torch.equal(fused_fake_quant_act(x, *grid), fake_quant_act(x, *grid))
+    x = torch.randn(2, 6, 3, 3, generator=generator).permute(0, 1, 3, 2)  # non-contiguous
+    assert torch.equal(fused_fake_quant_act(x, *per_channel), fake_quant_act(x, *per_channel))
 
 
 def test_calibration_is_deterministic(unet: LoadedModel, specs: list[LayerSpec],
@@ -409,6 +466,8 @@ def test_config_validation() -> None:
         QuantConfig(act_calibration="max")  # type: ignore[arg-type]
     with pytest.raises(CalibrationError, match="calib_timesteps"):
         QuantConfig(calib_steps=4, calib_timesteps=5)
+    with pytest.raises(CalibrationError, match="supported: compiled, eager"):
+        QuantConfig(kernel="triton")  # type: ignore[arg-type]
     assert QuantConfig(calib_steps=20, calib_timesteps=5).recorded_steps() == [0, 5, 10, 14, 19]
 
 

@@ -124,6 +124,55 @@ def test_surrogate_fit_learns_a_sensitive_unit(specs: list[Any]) -> None:
     assert int(np.argmax(ratio)) == 3
 
 
+def test_guided_global_proposals_fill_the_budget_and_are_seeded(specs: list[Any]) -> None:
+    from mpq_search.search._sampler import GuidedSampler
+
+    space = _space(specs)
+    budget = parse_budget("4.5bits", specs)
+    cost = SpaceCost.build(space, budget)
+
+    def proposals(seed: int) -> list[bytes]:
+        sampler = GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), seed=seed,
+                                global_share=1.0)
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        out = []
+        for number in range(6):
+            levels = sampler.propose(study, number)
+            assert budget.is_met(cost.cost(levels))
+            _moves, (bw, ba) = Repairer(cost).neighbours(levels, +1, set())
+            assert (cost.violation(bw, ba) > 0).all()  # the whole budget is used
+            out.append(space.key(levels))
+        return out
+
+    first = proposals(0)
+    assert len(set(first)) > 3  # Thompson draws: different re-allocations
+    assert proposals(0) == first  # seeded by (seed, trial number)
+    assert proposals(1) != first
+    with pytest.raises(StudyError, match="global_share"):
+        GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), global_share=2.0)
+
+
+def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
+    model_dir = tiny_pipeline_dir(tmp_path)
+    config = tiny_config(model_dir, tmp_path, prior_modes=("sensitivity", "orthogonality"),
+                         sensitivity_n=4, sensitivity_probes=2, surrogate_prior="sensitivity")
+    model, specs = load(config)
+    ctx = prepare(config, model, specs)
+    tags = [seed.tag for seed in ctx.seeds]
+    assert {"prior:sensitivity@5bits", "prior:orthogonality@5bits"} <= set(tags)
+    assert "prior:sensitivity@4.5bits" in tags  # the first mode also seeds the tighter budgets
+    assert {"sensitivity_weight", "sensitivity_activation"} <= set(ctx.importance)
+    by_source = {}
+    for source in ("sensitivity", "orthogonality", "size"):
+        ctx.config = config.replace(surrogate_prior=source)
+        by_source[source] = _run.surrogate_prior(ctx).cw
+    assert not np.allclose(by_source["sensitivity"], by_source["orthogonality"])
+    assert np.allclose(by_source["size"], [[len(unit) for unit in ctx.space.units]])
+    # without a sensitivity prior or surrogate, the (slower) sensitivity profile is skipped
+    plain = config.replace(prior_modes=("orthogonality",), surrogate_prior="orthogonality")
+    assert "sensitivity_weight" not in prepare(plain, model, specs).importance
+
+
 # --- config --------------------------------------------------------------------------------------
 def test_default_toml_holds_every_option() -> None:
     import tomllib
@@ -145,6 +194,10 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(path, sampler="cmaes")
     with pytest.raises(StudyError, match="fid,bops"):
         load_config(path, objectives="bops,fid")
+    with pytest.raises(StudyError, match="global_share must be in"):
+        load_config(path, global_share=1.5)
+    with pytest.raises(StudyError, match="supported: sensitivity, orthogonality, size"):
+        load_config(path, surrogate_prior="oracle")
 
 
 # --- studies -------------------------------------------------------------------------------------

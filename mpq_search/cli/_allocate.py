@@ -14,7 +14,7 @@ from mpq_search.cli._app import app, console, handles_errors
 
 DEFAULT_W = "2,3,4,5,6,7,8"
 DEFAULT_A = "4,5,6,7,8"
-MODES = "orthogonality, size, random, inverted"
+MODES = "orthogonality, sensitivity, size, random, inverted"
 PROFILE_DIR = Path("profile")
 PRIOR_JSON = Path("prior.json")
 
@@ -131,7 +131,7 @@ def allocate(
     mode: str = typer.Option("orthogonality", help=f"Importance: {MODES}."),
     timesteps: int = typer.Option(5, help="Timesteps profiled (orthogonality modes)."),
     steps: int = typer.Option(20, help="DDIM steps of the profiling trajectory."),
-    n: int = typer.Option(64, help="Profiling batch size."),
+    n: int = typer.Option(64, help="Profiling batch size (sensitivity: at most 16)."),
     beta: float = typer.Option(5.0, help="Orthogonality sharpness."),
     seed: int = typer.Option(0, help="Seed (profiling noise, random mode)."),
     w_bits: str = typer.Option(DEFAULT_W, help="Candidate weight bits."),
@@ -142,7 +142,7 @@ def allocate(
     """Allocate a prior bit map that meets the budget (ILP) and write it as JSON."""
     from mpq_search.allocate import allocate as run_allocate
     from mpq_search.cost import check_feasible, cost_of, parse_budget
-    from mpq_search.importance import profile_orthogonality, weight_errors
+    from mpq_search.importance import profile_orthogonality, profile_sensitivity, weight_errors
 
     w_list, a_list = _bits(w_bits, "--w-bits"), _bits(a_bits, "--a-bits")
     loaded, specs = _load(model)
@@ -155,10 +155,17 @@ def allocate(
             importance = profile_orthogonality(loaded, specs, timesteps=timesteps, steps=steps,
                                                n=n, seed=seed, beta=beta,
                                                progress=lambda k: bar.advance(task, k))
+    sensitivity = None
+    if mode == "sensitivity":
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("profiling output sensitivity", total=steps)
+            sensitivity = profile_sensitivity(loaded, specs, w_bits=w_list, a_bits=a_list,
+                                              timesteps=timesteps, steps=steps, n=min(n, 16),
+                                              seed=seed, progress=lambda k: bar.advance(task, k))
     errors = weight_errors(loaded, specs, w_list) if measured else None
     bitmap = run_allocate(specs, parsed, importance, w_bits=w_list, a_bits=a_list, ties=ties,
                           mode=mode, seed=seed, weight_error=errors,  # type: ignore[arg-type]
-                          model=loaded.identity)
+                          model=loaded.identity, sensitivity=sensitivity)
     bitmap.save(output)
     cost = cost_of(specs, bitmap)
     counts: dict[str, int] = {}

@@ -93,7 +93,7 @@ class SegmentRecord:
 
 
 class _Recorder:
-    """Forward pre-hooks that record layer inputs while `active` (set by the step hook)."""
+    """Forward pre-hooks that record layer inputs at the timestep set by the step hook."""
 
     def __init__(self, layers: dict[str, nn.Module], splits: dict[str, Segments], keep: int,
                  seed: int) -> None:
@@ -101,27 +101,34 @@ class _Recorder:
         self.splits = splits
         self.keep = keep
         self.generator = torch.Generator().manual_seed(seed)
-        self.active = False
-        self.records: dict[str, list[SegmentRecord]] = {
-            name: [SegmentRecord() for _ in splits.get(name, (0,))] for name in layers
-        }
+        self.timestep: int | None = None
+        """The timestep being recorded now (None: not recording)."""
+        self.records: dict[str, dict[int, list[SegmentRecord]]] = {name: {} for name in layers}
 
     def hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if self.active:
-                self._record(name, args[0].detach())
+            if self.timestep is not None:
+                self._record(name, self.timestep, args[0].detach())
 
         return record
 
-    def _record(self, name: str, x: torch.Tensor) -> None:
+    def _record(self, name: str, timestep: int, x: torch.Tensor) -> None:
         segments = self.splits.get(name)
         parts = x.split(list(segments), dim=1) if segments else (x,)
-        for part, rec in zip(parts, self.records[name], strict=True):
+        records = self.records[name].setdefault(timestep, [SegmentRecord() for _ in parts])
+        for part, rec in zip(parts, records, strict=True):
             flat = part.reshape(-1).float()
             rec.x_min = min(rec.x_min, float(flat.min()))
             rec.x_max = max(rec.x_max, float(flat.max()))
             idx = torch.randint(0, flat.numel(), (self.keep,), generator=self.generator)
             rec.chunks.append(flat[idx].clone())
+
+
+def pooled(by_timestep: dict[int, list[SegmentRecord]]) -> list[SegmentRecord]:
+    """One record per segment over every recorded timestep (the shared, Q-Diffusion range)."""
+    parts = zip(*by_timestep.values(), strict=True)
+    return [SegmentRecord(min(r.x_min for r in recs), max(r.x_max for r in recs),
+                          [c for r in recs for c in r.chunks]) for recs in parts]
 
 
 @torch.no_grad()
@@ -137,14 +144,17 @@ def collect_activations(
     seed: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, list[SegmentRecord]]:
-    """Sample n FP trajectories and record each layer's input at the given step indices."""
+) -> dict[str, dict[int, list[SegmentRecord]]]:
+    """Sample n FP trajectories and record each layer's input at the given step indices.
+
+    Returns name -> timestep -> one record per input segment.
+    """
     batches = math.ceil(n / batch_size)
     recorder = _Recorder(layers, splits, max(1, math.ceil(keep_per_step / batches)), seed)
     wanted = set(record_steps)
 
     def step_hook(index: int, timestep: int) -> None:
-        recorder.active = index in wanted
+        recorder.timestep = timestep if index in wanted else None
 
     handles = [layer.register_forward_pre_hook(recorder.hook(name))
                for name, layer in layers.items()]

@@ -11,6 +11,10 @@ from mpq_search.errors import BitMapError, CalibrationError
 
 ActCalibration = Literal["mse", "minmax", "percentile"]
 ACT_CALIBRATIONS: tuple[str, ...] = get_args(ActCalibration)
+Kernel = Literal["compiled", "eager"]
+ActRanges = Literal["per-timestep", "shared"]
+ACT_RANGES: tuple[str, ...] = get_args(ActRanges)
+KERNELS: tuple[str, ...] = get_args(Kernel)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +42,14 @@ class QuantConfig:
     batch_size: int = 64
     max_cache_bytes: int = 1 << 30
     """Quantized weights beyond this many bytes are cached as uint8 codes, dequantized on apply."""
+    act_ranges: ActRanges = "per-timestep"
+    """"per-timestep": one activation range per calibrated timestep, the one nearest each
+    denoiser call's timestep is used (the input of the first conv is x_t itself, whose range
+    shrinks from about +-4 to +-1 along sampling); "shared": one range over all calibrated
+    timesteps (Q-Diffusion)."""
+    kernel: Kernel = "compiled"
+    """Activation fake-quant: "compiled" (torch.compile, one fused loop; the first use in a
+    process compiles for a few seconds) or "eager" (four torch ops). Same numbers either way."""
 
     def __post_init__(self) -> None:
         for kind, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
@@ -56,6 +68,14 @@ class QuantConfig:
             raise CalibrationError(
                 f"calib_timesteps ({self.calib_timesteps}) cannot exceed calib_steps "
                 f"({self.calib_steps})"
+            )
+        if self.act_ranges not in ACT_RANGES:
+            raise CalibrationError(
+                f"unknown act_ranges {self.act_ranges!r}; supported: {', '.join(ACT_RANGES)}"
+            )
+        if self.kernel not in KERNELS:
+            raise CalibrationError(
+                f"unknown kernel {self.kernel!r}; supported: {', '.join(KERNELS)}"
             )
         if not 50.0 < self.percentile <= 100.0:
             raise CalibrationError(f"percentile must be in (50, 100], got {self.percentile}")

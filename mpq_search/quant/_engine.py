@@ -23,8 +23,14 @@ from torch import nn
 from mpq_search.bitmap import FLOAT, BitMap, LayerBits, is_float
 from mpq_search.errors import BitMapError, CalibrationError, MPQSearchError
 from mpq_search.layers import LayerSpec, discover_layers, quantizable_modules
-from mpq_search.models import LoadedModel, sampling_timesteps
-from mpq_search.quant._calibrate import Segments, collect_activations, find_skip_splits
+from mpq_search.models import LoadedModel, sample, sampling_timesteps
+from mpq_search.quant._calibrate import (
+    SegmentRecord,
+    Segments,
+    collect_activations,
+    find_skip_splits,
+    pooled,
+)
 from mpq_search.quant._config import QuantConfig
 from mpq_search.quant._quantizers import (
     ActRange,
@@ -33,6 +39,7 @@ from mpq_search.quant._quantizers import (
     act_range_mse,
     act_range_percentile,
     fake_quant_act,
+    fused_fake_quant_act,
     quantize_weight,
 )
 
@@ -40,22 +47,60 @@ _ENGINE_ATTR = "_mpq_search_engine"
 
 
 class _ActState:
-    """The numbers the hot path reads; tensors (1, C, 1, 1) when the input is split per part."""
+    """The numbers the hot path reads, and the kernel that reads them.
 
-    __slots__ = ("hi", "inv_scale", "lo", "scale")
+    One table of numbers per calibration timestep bucket; `select(bucket)` makes a bucket's
+    numbers current. With the compiled kernel every number is a tensor (0-d, or (1, C, 1, 1) when
+    the input is split per part) and `select` copies into them in place, so one compiled graph
+    serves every layer, bit-width and timestep.
+    """
 
-    def __init__(self, ranges: list[ActRange], segments: Segments | None) -> None:
-        if segments is None:
-            (r,) = ranges
-            self.inv_scale: float | torch.Tensor = r.inv_scale
-            self.lo: float | torch.Tensor = r.lo
-            self.hi: float | torch.Tensor = r.hi
-            self.scale: float | torch.Tensor = r.scale
+    __slots__ = ("_tables", "bucket", "hi", "inv_scale", "kernel", "lo", "scale")
+
+    def __init__(self, buckets: list[list[ActRange]], segments: Segments | None,
+                 kernel: str) -> None:
+        self.kernel: Callable[..., torch.Tensor] = (
+            fused_fake_quant_act if kernel == "compiled" else fake_quant_act
+        )
+        self._tables = [_grid_values(ranges, segments, kernel) for ranges in buckets]
+        current = [v.clone() if isinstance(v, torch.Tensor) else v for v in self._tables[0]]
+        self.inv_scale, self.lo, self.hi, self.scale = current
+        self.bucket = 0
+
+    def select(self, bucket: int) -> None:
+        """Make the numbers of timestep bucket `bucket` current."""
+        if bucket == self.bucket:
+            return
+        values = self._tables[bucket]
+        if isinstance(self.scale, torch.Tensor):
+            for now, new in zip((self.inv_scale, self.lo, self.hi, self.scale), values,
+                                strict=True):
+                if isinstance(now, torch.Tensor) and isinstance(new, torch.Tensor):
+                    now.copy_(new)
         else:
-            self.inv_scale = _per_channel([r.inv_scale for r in ranges], segments)
-            self.lo = _per_channel([r.lo for r in ranges], segments)
-            self.hi = _per_channel([r.hi for r in ranges], segments)
-            self.scale = _per_channel([r.scale for r in ranges], segments)
+            self.inv_scale, self.lo, self.hi, self.scale = values
+        self.bucket = bucket
+
+    def nbytes(self) -> int:
+        """Bytes held by the per-bucket tables."""
+        return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
+                   for table in self._tables for v in table)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.inv_scale, self.lo, self.hi, self.scale)
+
+
+def _grid_values(ranges: list[ActRange], segments: Segments | None,
+                 kernel: str) -> list[float | torch.Tensor]:
+    """(inv_scale, lo, hi, scale) of one bucket: floats, 0-d tensors or per-channel tensors."""
+    if segments is None:
+        (r,) = ranges
+        values: list[float | torch.Tensor] = [r.inv_scale, r.lo, r.hi, r.scale]
+        if kernel == "compiled":
+            values = [torch.tensor(v, dtype=torch.float32) for v in values]
+        return values
+    return [_per_channel([getattr(r, f) for r in ranges], segments)
+            for f in ("inv_scale", "lo", "hi", "scale")]
 
 
 def _per_channel(values: list[float], segments: Segments) -> torch.Tensor:
@@ -68,8 +113,7 @@ def _quantizing_forward(original: Callable[..., Any], state: _ActState) -> Calla
     """The wrapper forward: fake-quantize the input, then run the layer as it was."""
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return original(fake_quant_act(x, state.inv_scale, state.lo, state.hi, state.scale),
-                        *args, **kwargs)
+        return original(state(x), *args, **kwargs)
 
     return forward
 
@@ -96,7 +140,8 @@ class QuantEngine:
         self._weights: dict[str, dict[int, WeightQuant]] = {}
         self._dequant: dict[tuple[str, int], torch.Tensor] = {}
         self._acts: dict[str, dict[int, _ActState]] = {}
-        self._ranges: dict[str, dict[int, list[ActRange]]] = {}
+        self._ranges: dict[str, dict[int, list[list[ActRange]]]] = {}
+        """name -> bits -> timestep bucket -> one range per input segment."""
         self.splits: dict[str, Segments] = {}
         self._originals: dict[str, torch.Tensor] = {}
         self._forwards: dict[str, Callable[..., Any] | None] = {}
@@ -105,6 +150,11 @@ class QuantEngine:
         self._group = -1
         self.steps = self.config.calib_steps
         self._first_timestep: int | None = None
+        self.timesteps: tuple[int, ...] = ()
+        """Calibration timesteps, one activation-range bucket each (empty: shared ranges)."""
+        self._buckets: dict[int, int] = {}
+        self._bucket = 0
+        self._hook: Any = None
 
     # --- calibration ----------------------------------------------------------------------
     @property
@@ -136,16 +186,35 @@ class QuantEngine:
             record_steps=cfg.recorded_steps(), keep_per_step=cfg.act_samples_per_step,
             seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
         )
-        self._ranges = {
-            name: {bits: [self._act_range(rec, bits) for rec in segs] for bits in cfg.a_bits}
-            for name, segs in records.items()
-        }
+        calibrated = sorted({t for by_t in records.values() for t in by_t}, reverse=True)
+        per_timestep = cfg.act_ranges == "per-timestep" and len(calibrated) > 1
+        self.timesteps = tuple(calibrated) if per_timestep else ()
+        self._buckets = {}
+        self._ranges = {}
+        for name, by_t in records.items():
+            if not by_t:  # never executed: an empty record (its range is a default grid)
+                by_t = {0: [SegmentRecord() for _ in self.splits.get(name, (0,))]}
+            buckets = [by_t[t] for t in calibrated] if per_timestep else [pooled(by_t)]
+            self._ranges[name] = {bits: [[self._act_range(rec, bits) for rec in segs]
+                                         for segs in buckets] for bits in cfg.a_bits}
         self._acts = {
-            name: {bits: _ActState(ranges, self.splits.get(name))
-                   for bits, ranges in by_bits.items()}
+            name: {bits: _ActState(per_bucket, self.splits.get(name), cfg.kernel)
+                   for bits, per_bucket in by_bits.items()}
             for name, by_bits in self._ranges.items()
         }
+        if cfg.kernel == "compiled":
+            self._warm_up()
         return self
+
+    def _warm_up(self) -> None:
+        """Compile the fused quantizer for every input layout now (one denoiser call on two
+        samples at the highest bits), so that the first map applied is not the one that pays."""
+        top = LayerBits(max(self.config.w_bits), max(self.config.a_bits))
+        self.apply(BitMap.from_layers(self.model.identity, dict.fromkeys(self.layer_names, top)))
+        try:
+            sample(self.model, n=2, steps=1, seed=self.config.seed, batch_size=2)
+        finally:
+            self.remove()
 
     def _calibrate_weights(self) -> None:
         budget = self.config.max_cache_bytes
@@ -167,13 +236,43 @@ class QuantEngine:
             return act_range_percentile(record.samples(), self.config.percentile, bits)
         return act_range_mse(record.samples(), record.x_min, record.x_max, bits)
 
-    def activation_ranges(self, bits: int) -> dict[str, list[tuple[float, float]]]:
-        """Calibrated (low, high) input range of each layer (one per split part) at `bits`."""
+    def activation_ranges(
+        self, bits: int, bucket: int = 0
+    ) -> dict[str, list[tuple[float, float]]]:
+        """Calibrated (low, high) input range of each layer (one per split part) at `bits`, in
+        timestep bucket `bucket` (the i-th of `timesteps`; the only one for shared ranges)."""
         self._require_calibrated()
         return {
-            name: [(r.lo * r.scale, r.hi * r.scale) for r in by_bits[bits]]
+            name: [(r.lo * r.scale, r.hi * r.scale) for r in by_bits[bits][bucket]]
             for name, by_bits in self._ranges.items()
         }
+
+    def bucket_of(self, timestep: int) -> int:
+        """The calibration bucket whose timestep is nearest `timestep` (0 for shared ranges)."""
+        if not self.timesteps:
+            return 0
+        bucket = self._buckets.get(timestep)
+        if bucket is None:
+            distances = [abs(t - timestep) for t in self.timesteps]
+            bucket = self._buckets[timestep] = distances.index(min(distances))
+        return bucket
+
+    def _timestep_hook(self, module: nn.Module, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> None:
+        """Denoiser pre-hook: switch every installed activation grid to the call's timestep.
+
+        Reading the timestep from the denoiser call itself means any sampler (ours, a diffusers
+        pipeline) gets per-timestep ranges without passing a step hook."""
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if t is None:
+            return
+        value = int(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else int(t)
+        bucket = self.bucket_of(value)
+        if bucket != self._bucket:
+            self._bucket = bucket
+            for name, bits in self._installed.items():
+                if not is_float(bits.a):
+                    self._acts[name][bits.a].select(bucket)
 
     def _require_calibrated(self) -> None:
         if not self.is_calibrated:
@@ -206,6 +305,9 @@ class QuantEngine:
         self._first_timestep = None
         self._group = 0
         self._install(bitmap.groups[0].layers)
+        if self.timesteps and self._hook is None:
+            self._hook = self.model.denoiser.register_forward_pre_hook(
+                self._timestep_hook, with_kwargs=True)
 
     def _check_candidates(self, bitmap: BitMap) -> None:
         for group in bitmap.groups:
@@ -253,12 +355,16 @@ class QuantEngine:
         if bits is None:
             del self._forwards[name]
         else:
-            module.__dict__["forward"] = _quantizing_forward(module.forward,
-                                                             self._acts[name][bits])
+            state = self._acts[name][bits]
+            state.select(self._bucket)
+            module.__dict__["forward"] = _quantizing_forward(module.forward, state)
 
     def remove(self) -> None:
         """Restore the FP model bit-exactly (weights and forwards); a no-op when in FP."""
         self._install({})
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self._bitmap = None
         self._group = -1
         if getattr(self.model.denoiser, _ENGINE_ATTR, None) is self:
@@ -297,11 +403,7 @@ class QuantEngine:
         """Bytes held by the precomputed quantized weights and activation parameters."""
         codes = sum(e.nbytes() for by_bits in self._weights.values() for e in by_bits.values())
         dequant = sum(t.numel() * t.element_size() for t in self._dequant.values())
-        acts = sum(
-            sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 8
-                for v in (s.inv_scale, s.lo, s.hi, s.scale))
-            for by_bits in self._acts.values() for s in by_bits.values()
-        )
+        acts = sum(s.nbytes() for by_bits in self._acts.values() for s in by_bits.values())
         return codes + dequant + acts
 
 

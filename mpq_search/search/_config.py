@@ -21,6 +21,8 @@ from mpq_search.errors import StudyError
 
 SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
 ObjectiveName = Literal["fid", "bops", "size"]
+SurrogatePrior = Literal["sensitivity", "orthogonality", "size"]
+SURROGATE_PRIORS: tuple[str, ...] = get_args(SurrogatePrior)
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 SECOND_OBJECTIVES: tuple[str, ...] = ("bops", "size")
 
@@ -62,13 +64,23 @@ class StudyConfig:
     batch_size: int = 128
     feature_net: str | None = None
     """'lenet' or 'inception'; default lenet for 1-channel models, inception for RGB."""
-    prior_modes: tuple[str, ...] = ("orthogonality", "size")
-    """ILP prior modes enqueued at the budget."""
+    prior_modes: tuple[str, ...] = ("orthogonality", "sensitivity", "size")
+    """ILP prior modes enqueued at the budget; the first is also enqueued at tighter budgets."""
+    global_share: float = 0.3
+    """Guided sampler: share of trials that re-allocate the whole budget under a random draw of
+    the fitted surrogate (the rest make 1-3 local exchanges around the best map)."""
+    surrogate_prior: SurrogatePrior = "orthogonality"
+    """Where the search's surrogate starts: orthogonality, measured output sensitivity, or equal
+    scores (size-aware). Its fit to the finished trials corrects it as the study goes. The
+    default follows the priors' measured quality (benchmarks/RESULTS.md section 4)."""
     prior_budgets: tuple[str, ...] | None = None
     """Tighter budgets for extra priors; default: three evenly spaced below the budget."""
     baselines: tuple[str, ...] = ("W4A8", "W8A8")
     importance_timesteps: int = 5
     importance_n: int = 64
+    sensitivity_n: int = 16
+    """Samples for the output-sensitivity profile (each of its probes is one backward pass)."""
+    sensitivity_probes: int = 8
     act_calibration: str = "mse"
     calib_n: int = 32
     calib_steps: int = 20
@@ -171,6 +183,11 @@ def _check(config: StudyConfig) -> None:
         bits = getattr(config, name)
         if not bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in bits):
             raise StudyError(f"{name} must be a non-empty list of bits in 2..8, got {bits!r}")
+    if not isinstance(config.global_share, int | float) or not 0 <= config.global_share <= 1:
+        raise StudyError(f"global_share must be in [0, 1], got {config.global_share!r}")
+    if config.surrogate_prior not in SURROGATE_PRIORS:
+        raise StudyError(f"unknown surrogate_prior {config.surrogate_prior!r}; supported: "
+                         f"{', '.join(SURROGATE_PRIORS)}")
     if config.feature_net not in (None, "lenet", "inception"):
         raise StudyError(
             f"unknown feature net {config.feature_net!r}; supported: lenet, inception"

@@ -133,21 +133,48 @@ def prepare(
     space = SearchSpace(tuple(specs), tuple(tuple(u) for u in units_of(specs, config.tie_layers)),
                         config.w_bits, config.a_bits, config.timestep_groups)
     cost = SpaceCost.build(space, budget)
-    profile = None
+    profile = sensitivity = None
     if importance is None:
-        profile = _profile(config, model, specs)
+        profile, sensitivity = _profile(config, model, specs)
         importance = {"weight": dict(profile.weight), "activation": dict(profile.activation)}
+        if sensitivity is not None:
+            importance["sensitivity_weight"] = sensitivity.scores("weight")
+            importance["sensitivity_activation"] = sensitivity.scores("activation")
     fronts = _front_budgets(config, budget, specs)
     seeds = _baselines(config, space) + _priors(config, model, specs, space, budget, fronts,
-                                                profile)
+                                                (profile, sensitivity))
     return SearchContext(config, model, specs, space, budget, cost, importance, seeds, fronts)
 
 
-def _profile(config: StudyConfig, model: LoadedModel, specs: list[LayerSpec]) -> Any:
-    from mpq_search.importance import profile_orthogonality
+def _profile(config: StudyConfig, model: LoadedModel, specs: list[LayerSpec]) -> tuple[Any, Any]:
+    """Orthogonality importance (MPQ-Diff) and, when a prior or the surrogate uses it, output
+    sensitivity (else None), at the same timesteps."""
+    from mpq_search.importance import profile_orthogonality, profile_sensitivity
 
-    return profile_orthogonality(model, specs, timesteps=config.importance_timesteps,
-                                 steps=config.steps, n=config.importance_n, seed=config.seed)
+    orthogonality = profile_orthogonality(
+        model, specs, timesteps=config.importance_timesteps, steps=config.steps,
+        n=config.importance_n, seed=config.seed)
+    if "sensitivity" not in config.prior_modes and config.surrogate_prior != "sensitivity":
+        return orthogonality, None
+    sensitivity = profile_sensitivity(
+        model, specs, w_bits=config.w_bits, a_bits=config.a_bits,
+        timesteps=config.importance_timesteps, steps=config.steps, n=config.sensitivity_n,
+        probes=config.sensitivity_probes, seed=config.seed)
+    return orthogonality, sensitivity
+
+
+def surrogate_prior(ctx: SearchContext) -> Surrogate:
+    """The surrogate the search starts from (`config.surrogate_prior`)."""
+    kind = ctx.config.surrogate_prior
+    if kind == "size":
+        return Surrogate.prior(ctx.space)
+    prefix = "sensitivity_" if kind == "sensitivity" else ""
+    weight = ctx.importance.get(prefix + "weight")
+    activation = ctx.importance.get(prefix + "activation")
+    if weight is None:  # a study made before this prior existed
+        return Surrogate.prior(ctx.space, ctx.importance.get("weight"),
+                               ctx.importance.get("activation"))
+    return Surrogate.prior(ctx.space, weight, activation)
 
 
 def _front_budgets(config: StudyConfig, budget: Budget, specs: list[LayerSpec]) -> list[Budget]:
@@ -185,20 +212,21 @@ def _baselines(config: StudyConfig, space: SearchSpace) -> list[Seed]:
 
 def _priors(
     config: StudyConfig, model: LoadedModel, specs: list[LayerSpec], space: SearchSpace,
-    budget: Budget, fronts: list[Budget], profile: Any,
+    budget: Budget, fronts: list[Budget], profiles: tuple[Any, Any],
 ) -> list[Seed]:
     """ILP priors: every mode at the budget, the first mode at each tighter budget."""
     from mpq_search.allocate import allocate
 
+    profile, sensitivity = profiles
     wanted = [(mode, budget) for mode in config.prior_modes]
     wanted += [(config.prior_modes[0], b) for b in fronts] if config.prior_modes else []
     seeds = []
     for mode, target in wanted:
-        if profile is None and mode in ("orthogonality", "inverted"):
+        if profile is None and mode in ("orthogonality", "inverted", "sensitivity"):
             continue  # resumed study: priors were enqueued when it was created
         bitmap = allocate(specs, target, profile, w_bits=config.w_bits, a_bits=config.a_bits,
                           ties=config.tie_layers, mode=mode, seed=config.seed,  # type: ignore[arg-type]
-                          model=model.identity)
+                          model=model.identity, sensitivity=sensitivity)
         seeds.append(Seed(f"prior:{mode}@{target}", ROLE_PRIOR, space.from_bitmap(bitmap)))
     return seeds
 
@@ -227,9 +255,8 @@ def create_study(ctx: SearchContext, attrs: dict[str, Any] | None = None) -> opt
     """Create or resume the study with the configured sampler (seeds run first in `optimize`)."""
     sampler = make_sampler(
         ctx.config.sampler, space=ctx.space, cost=ctx.cost, seed=ctx.config.seed,
-        prior=Surrogate.prior(ctx.space, ctx.importance.get("weight"),
-                              ctx.importance.get("activation")),
-        front_budgets=ctx.front_budgets,
+        prior=surrogate_prior(ctx),
+        front_budgets=ctx.front_budgets, global_share=ctx.config.global_share,
     )
     return open_study(ctx.config, sampler=sampler, attrs=attrs or ctx.study_attrs())
 

@@ -138,11 +138,14 @@ class GuidedSampler(_MapSampler):
     def __init__(
         self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = 0,
         front_budgets: Sequence[Budget] = (), front_share: float = 0.2, sigma: float = 0.5,
-        max_moves: int = 3,
+        max_moves: int = 3, global_share: float = 0.0, global_sigma: float = 1.0,
     ) -> None:
         super().__init__(space=space, cost=cost, prior=prior, seed=seed)
-        if not 0.0 <= front_share <= 1.0:
-            raise StudyError(f"front_share must be in [0, 1], got {front_share}")
+        for name, share in (("front_share", front_share), ("global_share", global_share)):
+            if not 0.0 <= share <= 1.0:
+                raise StudyError(f"{name} must be in [0, 1], got {share}")
+        self._global_share = global_share
+        self._global_sigma = global_sigma
         if max_moves < 1:
             raise StudyError(f"max_moves must be >= 1, got {max_moves}")
         self._front = tuple(front_budgets)
@@ -158,8 +161,13 @@ class GuidedSampler(_MapSampler):
         scored = self._history.scored(study)
         surrogate = self._prior.fit(self._space, [m for m, _ in scored], [y for _, y in scored])
         parent = self._parent(scored, budget, rng)
-        if parent is None:
-            parent = self._repairer.fill(self._space.empty(), budget, surrogate)
+        if parent is None or rng.random() < self._global_share:
+            # A global proposal: the whole budget re-allocated (greedy knapsack from the lowest
+            # bits) under a Thompson draw of the fitted surrogate. It reaches maps that differ
+            # from the best one in many layers at once, which local exchanges cannot.
+            draw = surrogate.perturbed(rng, self._global_sigma)
+            child = self._repairer.fill(self._space.empty(), budget, draw)
+            return self._unique(study, child, child, rng)
         draw = surrogate.perturbed(rng, self._sigma)
         moves = int(rng.integers(1, self._max_moves + 1))
         child = self._repairer.exchange(parent, budget, draw, moves)
@@ -214,12 +222,12 @@ class RepairingSampler(_MapSampler):
 
 def make_sampler(
     name: str, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int,
-    front_budgets: Sequence[Budget] = (), population: int = 16,
+    front_budgets: Sequence[Budget] = (), population: int = 16, global_share: float = 0.0,
 ) -> BaseSampler:
     """The sampler called `name` ('guided', 'nsga2', 'tpe', 'gp' or 'random'), budget-safe."""
     if name == "guided":
         return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed,
-                             front_budgets=front_budgets)
+                             front_budgets=front_budgets, global_share=global_share)
     base: BaseSampler
     if name == "nsga2":
         base = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
