@@ -498,9 +498,11 @@ def profile_sensitivity(
     modules = quantizable_modules(model.denoiser)
     names = [s.name for s in specs]
     params = {name: modules[name].weight for name in names}
-    deltas = {name: {b: quantize_weight(w.detach(), b).dequantize() - w.detach() for b in w_bits}
-              for name, w in params.items()}
-    sens_w = {name: dict.fromkeys(w_bits, 0.0) for name in names}
+    # Per layer, the quantizer's weight error at every candidate bit-width, stacked (bits, ...),
+    # so each probe scores all bit-widths with one reduction.
+    deltas = {name: torch.stack([quantize_weight(w.detach(), b).dequantize() - w.detach()
+                                 for b in w_bits]) for name, w in params.items()}
+    sens_w = {name: torch.zeros(len(w_bits), dtype=torch.float64) for name in names}
     grad_x = dict.fromkeys(names, 0.0)
     lo = dict.fromkeys(names, math.inf)
     hi = dict.fromkeys(names, -math.inf)
@@ -531,7 +533,8 @@ def profile_sensitivity(
                for b in a_bits}
         for name in names
     }
-    weight = {name: {b: v / count for b, v in row.items()} for name, row in sens_w.items()}
+    weight = {name: {b: float(v) / count for b, v in zip(w_bits, row.tolist(), strict=True)}
+              for name, row in sens_w.items()}
     settings = {"method": "output-sensitivity", "timesteps": timesteps, "steps": steps, "n": n,
                 "probes": probes, "seed": seed}
     return Sensitivity(model.identity, weight, activation, settings,
@@ -541,7 +544,7 @@ def profile_sensitivity(
 def _probe(
     model: LoadedModel, x: torch.Tensor, t: Any, probes: int, generator: torch.Generator,
     grabber: _InputGrabber, params: Mapping[str, torch.Tensor],
-    deltas: Mapping[str, Mapping[int, torch.Tensor]], sens_w: dict[str, dict[int, float]],
+    deltas: Mapping[str, torch.Tensor], sens_w: dict[str, torch.Tensor],
     grad_x: dict[str, float], lo: dict[str, float], hi: dict[str, float],
 ) -> None:
     """Accumulate `probes` Hutchinson samples at one timestep (see profile_sensitivity)."""
@@ -558,6 +561,6 @@ def _probe(
                                         retain_graph=True)
             for name, g_w, g_x in zip(names, grads[: len(names)], grads[len(names):],
                                       strict=True):
-                for b, delta in deltas[name].items():
-                    sens_w[name][b] += float((g_w * delta).sum()) ** 2
+                projections = (deltas[name] * g_w).flatten(1).sum(1)  # one per bit-width
+                sens_w[name] += projections.double().square()
                 grad_x[name] += float(g_x.square().sum())

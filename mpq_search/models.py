@@ -172,7 +172,6 @@ def sampling_timesteps(model: LoadedModel, steps: int) -> list[int]:
     return [int(t) for t in make_ddim_scheduler(model, steps).timesteps]
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def sample(
     model: LoadedModel,

@@ -116,6 +116,19 @@ def _uniform(model: LoadedModel, specs: list[LayerSpec], w: int, a: int) -> BitM
     return BitMap.uniform(model.identity, [s.name for s in specs], w, a)
 
 
+def _samples_with(engines: tuple[QuantEngine, ...], bitmap: BitMap, *, n: int,
+                  steps: int) -> list[torch.Tensor]:
+    """Samples (same seed) with `bitmap` applied by each engine in turn; each is removed after."""
+    images = []
+    for candidate in engines:
+        candidate.apply(bitmap)
+        try:
+            images.append(sample(candidate.model, n=n, steps=steps, seed=0, batch_size=n))
+        finally:
+            candidate.remove()
+    return images
+
+
 # --- quantizer arithmetic ---------------------------------------------------------------------
 def test_weight_quant_is_per_channel_on_a_grid_and_beats_minmax() -> None:
     torch.manual_seed(0)
@@ -204,14 +217,7 @@ def test_per_timestep_ranges_follow_the_denoiser_timestep(
     shared = QuantEngine(unet, specs, QuantConfig(**{**FAST.__dict__, "act_ranges": "shared"}))
     shared.calibrate()
     assert shared.timesteps == () and shared.bucket_of(first) == 0
-    bitmap = _uniform(unet, specs, 8, 5)
-    images = []
-    for candidate in (engine, shared):
-        candidate.apply(bitmap)
-        try:
-            images.append(sample(unet, n=2, steps=4, seed=0, batch_size=2))
-        finally:
-            candidate.remove()
+    images = _samples_with((engine, shared), _uniform(unet, specs, 8, 5), n=2, steps=4)
     assert not torch.equal(images[0], images[1])
     assert not unet.denoiser._forward_pre_hooks  # remove() takes the timestep hook away too
     with pytest.raises(CalibrationError, match="supported: per-timestep, shared"):
@@ -330,14 +336,8 @@ def test_compiled_and_eager_kernels_give_identical_samples(
     assert engine.config.kernel == "compiled"
     eager = QuantEngine(unet, specs, QuantConfig(**{**FAST.__dict__, "kernel": "eager"}))
     eager.calibrate()
-    bitmap = _uniform(unet, specs, 4, 5)  # low activation bits: every rounding shows
-    images = []
-    for candidate in (engine, eager):
-        candidate.apply(bitmap)
-        try:
-            images.append(sample(unet, n=3, steps=3, seed=0, batch_size=3))
-        finally:
-            candidate.remove()
+    # low activation bits: every rounding shows
+    images = _samples_with((engine, eager), _uniform(unet, specs, 4, 5), n=3, steps=3)
     assert torch.equal(images[0], images[1])
     assert not torch.equal(images[0], sample(unet, n=3, steps=3, seed=0, batch_size=3))
 
