@@ -26,6 +26,7 @@ import numpy as np
 import optuna
 
 from mpq_search.api import report
+from mpq_search.bitmap import BitMap
 from mpq_search.models import sample
 from mpq_search.search import (
     StudyConfig,
@@ -135,6 +136,38 @@ def heldout_only(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
+def precise(args: argparse.Namespace) -> None:
+    """Re-score a few trials of a benchmark study with many samples on fresh noise: is the search's
+    gain over the prior real, or the proxy's selection noise? (separate process)"""
+    from mpq_search.evaluate import SampleSettings, fp_reference_stats
+    from mpq_search.search import load_study
+
+    storage = f"sqlite:///{Path(args.root) / args.precise / 'study.db'}"
+    study = load_study(args.precise, storage)
+    config = StudyConfig(**study.user_attrs["config"]).replace(threads=args.threads)
+    model, specs = load(config)
+    ctx = prepare(config, model, specs, importance=study.user_attrs["importance"])
+    calibrate(ctx)
+    settings = SampleSettings(n=args.precise_n, steps=config.steps, seed=args.precise_seed,
+                              batch_size=config.batch_size)
+    if ctx.net is None:
+        raise RuntimeError("calibrate() did not load the feature net")
+    reference = fp_reference_stats(model, ctx.net, settings)
+    heldout = study.user_attrs.get("heldout", {})
+    rows = {}
+    for number in (int(n) for n in args.precise_trials.split(",")):
+        trial = study.trials[number]
+        score = evaluate_bitmap(ctx, BitMap.from_dict(trial.user_attrs["bitmap"]), settings,
+                                reference).fid_excess
+        ctx.engine.remove()
+        rows[str(number)] = {"tag": trial.user_attrs.get("tag", ""), "proxy": trial.values[0],
+                             "heldout": heldout.get(str(number)), "precise": score}
+        print(number, rows[str(number)], flush=True)
+    Path(args.out).write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "study": args.precise,
+        "settings": settings.key(), "rows": rows}, indent=1))
+
+
 def ilp_baselines(args: argparse.Namespace) -> None:
     """Score the ILP priors (every mode, random importance over several seeds) at the budget on
     the search's proxy and on the held-out setting, outside any study (separate process)."""
@@ -187,8 +220,19 @@ def main() -> None:
     parser.add_argument("--calib-n", type=int, default=None)
     parser.add_argument("--global-share", type=float, default=None,
                         help="guided sampler's share of global proposals (default: config)")
+    parser.add_argument("--front-share", type=float, default=None,
+                        help="guided sampler: share of trials at the tighter prior budgets")
+    parser.add_argument("--parent-estimate", default=None, choices=["observed", "smoothed"])
+    parser.add_argument("--skip-heldout", action="store_true",
+                        help="stop after the studies and the FP timing")
     parser.add_argument("--heldout-only", default=None, metavar="STUDY",
                         help="only confirm an existing study (in --root) on held-out noise")
+    parser.add_argument("--precise", default=None, metavar="STUDY",
+                        help="re-score --precise-trials of a benchmark study on --precise-n "
+                             "samples of noise seed --precise-seed")
+    parser.add_argument("--precise-trials", default="")
+    parser.add_argument("--precise-n", type=int, default=1000)
+    parser.add_argument("--precise-seed", type=int, default=2)
     parser.add_argument("--ilp-baselines", action="store_true",
                         help="only score the ILP priors (all modes) on proxy and held-out")
     parser.add_argument("--random-seeds", type=int, default=3)
@@ -200,14 +244,18 @@ def main() -> None:
     if args.heldout_only:
         heldout_only(args)
         return
+    if args.precise:
+        precise(args)
+        return
     stamp = time.strftime("%H%M%S")
     base = StudyConfig(model=args.model, budget=args.budget, root=args.root,
                        threads=args.threads, study=f"bench-guided-{stamp}")
     base = base.replace(trials=args.trials, n=args.n, steps=args.steps, heldout_n=args.heldout_n,
                         calib_n=args.calib_n, calib_steps=args.steps,
-                        batch_size=args.n, global_share=args.global_share)
+                        batch_size=args.n, global_share=args.global_share,
+                        front_share=args.front_share, parent_estimate=args.parent_estimate)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           "machine": "2-core CPU VM (shared with other jobs)",
+                           "machine": "2-core CPU VM",
                            "config": base.to_dict(), "stages": {}, "runs": {}}
     stages = out["stages"]
 
@@ -243,6 +291,8 @@ def main() -> None:
     out["default_run_wall_s"] = sum(stages.values()) + out["runs"][
         args.samplers.split(",")[0]]["wall_s"]
     Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.skip_heldout:
+        return
     first = optuna.load_study(study_name=ctx.config.study_name, storage=ctx.config.storage_url)
     out["heldout"] = heldout(first, ctx, args.heldout_extra)
     Path(args.out).write_text(json.dumps(out, indent=1))

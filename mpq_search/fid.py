@@ -165,10 +165,43 @@ def stats_of_images(images: torch.Tensor, net: FeatureNet) -> FeatureStats:
     return stats_of_features(net.features(images))
 
 
+class _SqrtmWithDisp:
+    """scipy.linalg as pytorch-fid 0.3 expects it: scipy 1.18 dropped `sqrtm(..., disp=False)`
+    (which returned the root and an error estimate), and pytorch-fid still passes it."""
+
+    def __getattr__(self, name: str) -> Any:
+        from scipy import linalg
+
+        return getattr(linalg, name)
+
+    @staticmethod
+    def sqrtm(matrix: np.ndarray, disp: bool = True) -> Any:
+        from scipy import linalg
+
+        root = linalg.sqrtm(matrix)
+        if disp:
+            return root
+        error = np.linalg.norm(root @ root - matrix, "fro") / np.linalg.norm(matrix, "fro")
+        return root, error
+
+
+def _pytorch_fid_distance() -> Callable[..., float]:
+    """pytorch-fid's `calculate_frechet_distance`, made to work with any scipy >= 1.11."""
+    import inspect
+
+    from pytorch_fid import fid_score
+    from scipy import linalg
+
+    if "disp" not in inspect.signature(linalg.sqrtm).parameters:
+        fid_score.linalg = _SqrtmWithDisp()
+    return fid_score.calculate_frechet_distance
+
+
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """FID between two sets of statistics (pytorch-fid's implementation)."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
     from threadpoolctl import threadpool_limits
+
+    calculate_frechet_distance = _pytorch_fid_distance()
 
     # One BLAS thread: on a busy 2-core machine the threaded sqrtm of a 128x128 matrix took 7 s
     # against 0.04 s single-threaded (measured during the search benchmark).

@@ -8,6 +8,7 @@ import pytest
 from mpq_search.data import mnist_split
 from mpq_search.errors import UnknownFeatureNetError
 from mpq_search.fid import (
+    FeatureStats,
     cached_stats,
     frechet_distance,
     get_feature_net,
@@ -77,3 +78,26 @@ def test_cached_stats_computes_once() -> None:
     second = cached_stats(key, compute)
     assert len(calls) == 1
     np.testing.assert_array_equal(first.mu, second.mu)
+
+
+def test_frechet_distance_works_with_a_scipy_without_sqrtm_disp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """scipy 1.18 removed `sqrtm(..., disp=False)`, which pytorch-fid 0.3 passes: the distance
+    must come out the same through the compatibility wrapper."""
+    from pytorch_fid import fid_score
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 6)), rng.normal(size=(300, 6)) + 0.5
+    a = FeatureStats(x.mean(0), np.cov(x, rowvar=False), 300)
+    b = FeatureStats(y.mean(0), np.cov(y, rowvar=False), 300)
+    expected = frechet_distance(a, b)
+    plain_sqrtm = linalg.sqrtm
+
+    def sqrtm_without_disp(matrix: np.ndarray) -> np.ndarray:
+        return plain_sqrtm(matrix)
+
+    monkeypatch.setattr(linalg, "sqrtm", sqrtm_without_disp)
+    monkeypatch.setattr(fid_score, "linalg", linalg)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)

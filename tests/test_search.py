@@ -152,6 +152,39 @@ def test_guided_global_proposals_fill_the_budget_and_are_seeded(specs: list[Any]
         GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), global_share=2.0)
 
 
+def test_smoothed_parent_discounts_a_lucky_score(specs: list[Any]) -> None:
+    """Two maps: one whose proxy score is slightly better than the other's but far below what the
+    surrogate predicts for it. The observed rule builds on it, the smoothed rule on the map whose
+    score agrees with the fit."""
+    from mpq_search.search._sampler import GuidedSampler
+
+    space = _space(specs)
+    budget = parse_budget("4.5bits", specs)
+    cost = SpaceCost.build(space, budget)
+    surrogate = Surrogate.prior(space)
+    repairer = Repairer(cost)
+    rng = np.random.default_rng(0)
+    maps = [repairer.repair(_random_levels(space, rng), budget, surrogate) for _ in range(2)]
+    predicted = [float(surrogate.predict(space, *m)) for m in maps]
+    good, lucky = (0, 1) if predicted[0] < predicted[1] else (1, 0)
+    gap = predicted[lucky] - predicted[good]
+    assert gap > 0
+    scored = [(maps[good], predicted[good]), (maps[lucky], predicted[good] - 0.1 * gap)]
+
+    class KeepBest:  # the sampler keeps the best-ranked parent when random() < 0.7
+        def random(self) -> float:
+            return 0.0
+
+    def parent(rule: str) -> Any:
+        sampler = GuidedSampler(space=space, cost=cost, prior=surrogate, parent_estimate=rule)
+        return sampler._parent(scored, budget, KeepBest(), surrogate)  # type: ignore[arg-type]
+
+    assert space.key(parent("observed")) == space.key(maps[lucky])
+    assert space.key(parent("smoothed")) == space.key(maps[good])
+    with pytest.raises(StudyError, match="parent_estimate"):
+        GuidedSampler(space=space, cost=cost, prior=surrogate, parent_estimate="median")
+
+
 def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
     model_dir = tiny_pipeline_dir(tmp_path)
     config = tiny_config(model_dir, tmp_path, prior_modes=("sensitivity", "orthogonality"),
@@ -196,6 +229,10 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
         load_config(path, objectives="bops,fid")
     with pytest.raises(StudyError, match="global_share must be in"):
         load_config(path, global_share=1.5)
+    with pytest.raises(StudyError, match="front_share must be in"):
+        load_config(path, front_share=-0.1)
+    with pytest.raises(StudyError, match="supported: observed, smoothed"):
+        load_config(path, parent_estimate="median")
     with pytest.raises(StudyError, match="supported: sensitivity, orthogonality, size"):
         load_config(path, surrogate_prior="oracle")
 

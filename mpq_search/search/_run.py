@@ -257,6 +257,7 @@ def create_study(ctx: SearchContext, attrs: dict[str, Any] | None = None) -> opt
         ctx.config.sampler, space=ctx.space, cost=ctx.cost, seed=ctx.config.seed,
         prior=surrogate_prior(ctx),
         front_budgets=ctx.front_budgets, global_share=ctx.config.global_share,
+        front_share=ctx.config.front_share, parent_estimate=ctx.config.parent_estimate,
     )
     return open_study(ctx.config, sampler=sampler, attrs=attrs or ctx.study_attrs())
 

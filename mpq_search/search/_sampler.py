@@ -6,6 +6,10 @@
   raise the level that a Thompson draw of the fitted surrogate says gains most per unit of budget,
   pay for it by lowering the levels that hurt least, then fill the remaining budget. The surrogate
   is refitted to all finished trials before each draw, so moves learn which layers really matter.
+  Some trials instead re-allocate the whole budget under such a draw (`global_share`). "Best" can
+  be ranked by the observed proxy score or by its mean with the surrogate's prediction
+  (`parent_estimate="smoothed"`), so that one lucky score on the proxy's noise does not become
+  the parent of every later trial.
 * `RepairingSampler` wraps any optuna sampler (NSGA-II, TPE, GP, random): the base sampler
   proposes a full map, which is projected into the budget and filled using the importance prior.
 
@@ -28,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.cost import Budget
 from mpq_search.errors import StudyError
-from mpq_search.search._config import SAMPLERS
+from mpq_search.search._config import PARENT_ESTIMATES, SAMPLERS
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
 
@@ -139,11 +143,16 @@ class GuidedSampler(_MapSampler):
         self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = 0,
         front_budgets: Sequence[Budget] = (), front_share: float = 0.2, sigma: float = 0.5,
         max_moves: int = 3, global_share: float = 0.0, global_sigma: float = 1.0,
+        parent_estimate: str = "observed",
     ) -> None:
         super().__init__(space=space, cost=cost, prior=prior, seed=seed)
         for name, share in (("front_share", front_share), ("global_share", global_share)):
             if not 0.0 <= share <= 1.0:
                 raise StudyError(f"{name} must be in [0, 1], got {share}")
+        if parent_estimate not in PARENT_ESTIMATES:
+            raise StudyError(f"parent_estimate must be one of {', '.join(PARENT_ESTIMATES)}, "
+                             f"got {parent_estimate!r}")
+        self._parent_estimate = parent_estimate
         self._global_share = global_share
         self._global_sigma = global_sigma
         if max_moves < 1:
@@ -160,7 +169,7 @@ class GuidedSampler(_MapSampler):
             budget = self._front[int(rng.integers(len(self._front)))]
         scored = self._history.scored(study)
         surrogate = self._prior.fit(self._space, [m for m, _ in scored], [y for _, y in scored])
-        parent = self._parent(scored, budget, rng)
+        parent = self._parent(scored, budget, rng, surrogate)
         if parent is None or rng.random() < self._global_share:
             # A global proposal: the whole budget re-allocated (greedy knapsack from the lowest
             # bits) under a Thompson draw of the fitted surrogate. It reaches maps that differ
@@ -175,11 +184,20 @@ class GuidedSampler(_MapSampler):
 
     def _parent(
         self, scored: list[tuple[Levels, float]], budget: Budget, rng: np.random.Generator,
+        surrogate: Surrogate,
     ) -> Levels | None:
-        """The best feasible map at `budget` (sometimes the 2nd or 3rd best, to avoid a rut)."""
+        """The best feasible map at `budget` (sometimes the 2nd or 3rd best, to avoid a rut).
+
+        With `parent_estimate="smoothed"`, "best" ranks each map by the mean of its observed
+        score and the fitted surrogate's prediction for it: a map that scored well by the luck of
+        the proxy's noise, against what its neighbours say, is then less often built on.
+        """
         feasible = [(y, m) for m, y in scored if self._cost.violation(*m, budget) <= 0]
         if not feasible:
             return None
+        if self._parent_estimate == "smoothed":
+            feasible = [(0.5 * y + 0.5 * float(surrogate.predict(self._space, *m)), m)
+                        for y, m in feasible]
         feasible.sort(key=lambda item: item[0])
         pick = 0 if rng.random() < 0.7 else int(rng.integers(min(3, len(feasible))))
         return feasible[pick][1]
@@ -223,11 +241,13 @@ class RepairingSampler(_MapSampler):
 def make_sampler(
     name: str, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int,
     front_budgets: Sequence[Budget] = (), population: int = 16, global_share: float = 0.0,
+    front_share: float = 0.2, parent_estimate: str = "observed",
 ) -> BaseSampler:
     """The sampler called `name` ('guided', 'nsga2', 'tpe', 'gp' or 'random'), budget-safe."""
     if name == "guided":
         return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed,
-                             front_budgets=front_budgets, global_share=global_share)
+                             front_budgets=front_budgets, global_share=global_share,
+                             front_share=front_share, parent_estimate=parent_estimate)
     base: BaseSampler
     if name == "nsga2":
         base = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
