@@ -166,8 +166,9 @@ def stats_of_images(images: torch.Tensor, net: FeatureNet) -> FeatureStats:
 
 
 class _SqrtmWithDisp:
-    """scipy.linalg as pytorch-fid 0.3 expects it: scipy 1.18 dropped `sqrtm(..., disp=False)`
-    (which returned the root and an error estimate), and pytorch-fid still passes it."""
+    """scipy.linalg as pytorch-fid 0.3 expects it. pytorch-fid calls `sqrtm(..., disp=False)`
+    (root and error estimate), which scipy 1.16 deprecated and 1.18 removed; this wrapper
+    computes the same root with the current signature on every scipy."""
 
     def __getattr__(self, name: str) -> Any:
         from scipy import linalg
@@ -187,12 +188,9 @@ class _SqrtmWithDisp:
 
 def _pytorch_fid_distance() -> Callable[..., float]:
     """pytorch-fid's `calculate_frechet_distance`, made to work with any scipy >= 1.11."""
-    import inspect
-
     from pytorch_fid import fid_score
-    from scipy import linalg
 
-    if "disp" not in inspect.signature(linalg.sqrtm).parameters:
+    if not isinstance(fid_score.linalg, _SqrtmWithDisp):
         fid_score.linalg = _SqrtmWithDisp()
     return fid_score.calculate_frechet_distance
 

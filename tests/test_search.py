@@ -372,6 +372,26 @@ def test_cli_run_report_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     result = runner.invoke(app, ["export", "--study", "nope", "--best", "--root", str(root)])
     assert result.exit_code == 2 and "no study 'nope'" in result.output
 
+    # confirm: held-out scores are stored on the study, deterministic, and shown in the report
+    def confirm(*extra: str) -> Any:
+        return runner.invoke(app, ["confirm", "--study", "cli", "--root", str(root), "--n", "8",
+                                   "--seed", "3", *extra])
+
+    result = confirm("--trials", "0,2")
+    assert result.exit_code == 0, result.output
+    stored = load_study("cli", f"sqlite:///{root / 'cli' / 'study.db'}")
+    first = stored.user_attrs["heldout"]
+    assert set(first) == {"0", "2"} and all(np.isfinite(v) for v in first.values())
+    assert stored.user_attrs["heldout_settings"] == {"n": 8, "steps": 3, "seed": 3}
+    assert confirm("--trials", "0,2").exit_code == 0
+    again = load_study("cli", f"sqlite:///{root / 'cli' / 'study.db'}").user_attrs["heldout"]
+    assert again == first
+    assert confirm().exit_code == 0  # default: the Pareto points
+    result = confirm("--trials", "99")
+    assert result.exit_code == 2 and "no finished trial 99" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert confirm("--trials", "x").exit_code == 2
+
 
 def _toml(value: Any) -> str:
     if isinstance(value, str):

@@ -1,4 +1,4 @@
-"""Search commands: `run`, `report`, `export`, `dashboard`."""
+"""Search commands: `run`, `report`, `confirm`, `export`, `dashboard`."""
 
 from __future__ import annotations
 
@@ -107,6 +107,45 @@ def report_command(
     console.print(pareto_table(pareto_rows(loaded), title="Pareto front"))
     console.print(f"wrote {files.csv}, {files.html}, {len(files.bitmaps)} bit maps, "
                   f"{len(files.grids)} grids")
+
+
+@app.command("confirm")
+@handles_errors
+def confirm_command(
+    study: StudyOption = None,
+    trials: Annotated[str | None, typer.Option(
+        "--trials", help="Comma-separated trial numbers (default: the Pareto points).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Held-out samples per map.")] = 1000,
+    seed: Annotated[int | None, typer.Option(
+        help="Held-out noise seed (default: the study's heldout_seed).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    storage: StorageOption = None, root: RootOption = Path("studies"), config: ConfigOption = None,
+) -> None:
+    """Re-score trials on held-out noise with many samples; store the scores, rewrite the report.
+
+    The search's proxy ranks near-best maps only roughly: confirm the finalists with N >= 1000.
+    """
+    from mpq_search.api import confirm_trials
+    from mpq_search.report import pareto_rows, pareto_table
+
+    try:
+        numbers = [int(x) for x in trials.split(",") if x.strip()] if trials else None
+    except ValueError:
+        raise fail(f"--trials must be comma-separated trial numbers, got {trials!r}") from None
+    if n < 2:
+        raise fail(f"--n must be at least 2, got {n}")
+    cfg, loaded = _open(study, storage, root, config)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("preparing", total=None)
+
+        def on_trial(number: int, value: float) -> None:
+            bar.update(task, advance=1, description=f"trial {number}: {value:.3f}")
+
+        scores = confirm_trials(loaded, cfg, trials=numbers, n=n, seed=seed, threads=threads,
+                                progress=on_trial)
+    console.print(pareto_table(pareto_rows(loaded), title=f"Pareto front, held-out N = {n}"))
+    console.print(f"confirmed {len(scores)} trials; report in {cfg.study_dir / 'report'}")
 
 
 @app.command("export")

@@ -70,9 +70,9 @@ class StudyConfig:
     """ILP prior modes enqueued at the budget; the first is also enqueued at tighter budgets."""
     global_share: float = 0.2
     """Guided sampler: share of trials that re-allocate the whole budget under a random draw of
-    the fitted surrogate (the rest make 1-3 local exchanges around the best map). Local moves
-    alone gained most on the search's own proxy but held up worst on held-out seeds: some global
-    proposals keep the search from over-fitting the proxy's noise (RESULTS.md section 4)."""
+    the fitted surrogate (the rest make 1-3 local exchanges around the best map). Global
+    proposals reach maps that differ from the best in many layers at once, which local exchanges
+    cannot; most of them score worse, so a small share (RESULTS.md section 4)."""
     front_share: float = 0.1
     """Guided sampler: share of trials that search at one of the tighter prior budgets, to push
     the rest of the Pareto front (the others search at the budget)."""
