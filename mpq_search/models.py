@@ -76,8 +76,8 @@ def keep_freed_memory() -> None:
     By default glibc serves large blocks (from 128 KiB) with their own mmap and unmaps them on
     free, so every denoiser call on CPU page-faults its activations in again. On the embedded
     model (N = 128 x 20 steps, 2 threads) that was 1.0-1.3 million page faults and 2.2-3.2 s of
-    system time per sample run; with blocks kept, 0.2 million, 0.5-0.7 s, and sampling 13-20%
-    faster (benchmarks/RESULTS.md section 4.1). Idempotent; a no-op without glibc.
+    system time per sample run; with blocks kept, 0.15-0.17 million, 0.5 s, and 17-22% less time
+    (benchmarks/bench_allocator.py, RESULTS.md section 4.1). Idempotent; a no-op without glibc.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
