@@ -387,6 +387,10 @@ def test_cli_run_report_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     again = load_study("cli", f"sqlite:///{root / 'cli' / 'study.db'}").user_attrs["heldout"]
     assert again == first
     assert confirm().exit_code == 0  # default: the Pareto points
+    assert runner.invoke(app, ["confirm", "--study", "cli", "--root", str(root), "--n", "9",
+                               "--trials", "2"]).exit_code == 0
+    other = load_study("cli", f"sqlite:///{root / 'cli' / 'study.db'}").user_attrs
+    assert set(other["heldout"]) == {"2"} and other["heldout_settings"]["n"] == 9  # not mixed
     result = confirm("--trials", "99")
     assert result.exit_code == 2 and "no finished trial 99" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -432,7 +432,9 @@ def confirm(
         raise StudyError("the search context is not calibrated; call calibrate(ctx) first")
     reference = fp_reference_stats(ctx.model, ctx.net, settings)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    stored = dict(study.user_attrs.get("heldout", {}))
+    # Scores of one held-out setting only: other N or seed start the table afresh.
+    same = study.user_attrs.get("heldout_settings") == settings.key()
+    stored = dict(study.user_attrs.get("heldout", {})) if same else {}
     out = {}
     for number in numbers:
         try:
