@@ -26,7 +26,6 @@ import numpy as np
 import optuna
 
 from mpq_search.api import report
-from mpq_search.bitmap import BitMap
 from mpq_search.models import sample
 from mpq_search.search import (
     StudyConfig,
@@ -139,33 +138,25 @@ def heldout_only(args: argparse.Namespace) -> None:
 def precise(args: argparse.Namespace) -> None:
     """Re-score a few trials of a benchmark study with many samples on fresh noise: is the search's
     gain over the prior real, or the proxy's selection noise? (separate process)"""
-    from mpq_search.evaluate import SampleSettings, fp_reference_stats
+    from mpq_search.api import confirm_trials
     from mpq_search.search import load_study
 
     storage = f"sqlite:///{Path(args.root) / args.precise / 'study.db'}"
     study = load_study(args.precise, storage)
-    config = StudyConfig(**study.user_attrs["config"]).replace(threads=args.threads)
-    model, specs = load(config)
-    ctx = prepare(config, model, specs, importance=study.user_attrs["importance"])
-    calibrate(ctx)
-    settings = SampleSettings(n=args.precise_n, steps=config.steps, seed=args.precise_seed,
-                              batch_size=config.batch_size)
-    if ctx.net is None:
-        raise RuntimeError("calibrate() did not load the feature net")
-    reference = fp_reference_stats(model, ctx.net, settings)
-    heldout = study.user_attrs.get("heldout", {})
-    rows = {}
-    for number in (int(n) for n in args.precise_trials.split(",")):
-        trial = study.trials[number]
-        score = evaluate_bitmap(ctx, BitMap.from_dict(trial.user_attrs["bitmap"]), settings,
-                                reference).fid_excess
-        ctx.engine.remove()
-        rows[str(number)] = {"tag": trial.user_attrs.get("tag", ""), "proxy": trial.values[0],
-                             "heldout": heldout.get(str(number)), "precise": score}
-        print(number, rows[str(number)], flush=True)
+    heldout = dict(study.user_attrs.get("heldout", {}))  # the earlier (smaller) held-out scores
+    numbers = [int(n) for n in args.precise_trials.split(",")]
+    config = StudyConfig(study=args.precise, storage=storage, root=args.root)
+    scores = confirm_trials(study, config, trials=numbers, n=args.precise_n,
+                            seed=args.precise_seed, threads=args.threads)
+    rows = {str(number): {"tag": study.trials[number].user_attrs.get("tag", ""),
+                          "proxy": study.trials[number].values[0],
+                          "heldout": heldout.get(str(number)), "precise": scores[number]}
+            for number in numbers}
+    for number, row in rows.items():
+        print(number, row, flush=True)
     Path(args.out).write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "study": args.precise,
-        "settings": settings.key(), "rows": rows}, indent=1))
+        "settings": study.user_attrs["heldout_settings"], "rows": rows}, indent=1))
 
 
 def ilp_baselines(args: argparse.Namespace) -> None:
