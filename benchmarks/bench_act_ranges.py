@@ -19,8 +19,8 @@ from typing import Any
 
 from mpq_search.bitmap import BitMap, LayerBits
 from mpq_search.quant import QuantEngine
+from mpq_search.runtime import configure_process
 from mpq_search.search import StudyConfig, calibrate, load, prepare
-from mpq_search.search._run import evaluate_bitmap
 
 
 def main() -> None:
@@ -29,26 +29,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/act_ranges.json")
     args = parser.parse_args()
+    configure_process(args.threads)
     config = StudyConfig(budget=args.budget, threads=args.threads, root="/tmp/mpq-act-ranges")
     model, specs = load(config)
-    ctx = prepare(config, model, specs)
-    calibrate(ctx)
+    plan = prepare(config, model, specs)
+    scorer = calibrate(plan)
     names = [s.name for s in specs]
     no_input_quant = {n: LayerBits(8, 8) for n in names} | {"conv_in": LayerBits(8, 32)}
     maps = {"W8A8": BitMap.uniform(model.identity, names, 8, 8),
             "W4A8": BitMap.uniform(model.identity, names, 4, 8),
             "W8A8, conv_in input in float": BitMap.from_layers(model.identity, no_input_quant),
             "W8, activations in float": BitMap.uniform(model.identity, names, 8, 32)}
-    for seed in ctx.seeds:
-        if seed.role == "prior" and seed.tag.endswith(f"@{ctx.budget}"):
-            maps[seed.tag] = ctx.space.to_bitmap(seed.levels, model.identity)
+    for seed in plan.seeds:
+        if seed.role == "prior" and seed.tag.endswith(f"@{plan.budget}"):
+            maps[seed.tag] = plan.space.to_bitmap(seed.levels, model.identity)
     rows: dict[str, dict[str, Any]] = {}
     for mode in ("shared", "per-timestep"):
-        quant = dataclasses.replace(ctx.engine.config, act_ranges=mode)
-        ctx.engine = QuantEngine(model, specs, quant).calibrate()
+        quant = dataclasses.replace(scorer.engine.config, act_ranges=mode)
+        scorer = dataclasses.replace(scorer, engine=QuantEngine(model, specs, quant).calibrate())
         for tag, bitmap in maps.items():
-            result = evaluate_bitmap(ctx, bitmap)
-            ctx.engine.remove()
+            result = scorer.score(bitmap)
             rows.setdefault(tag, {})[mode] = result.fid_excess
             print(mode, tag, round(result.fid_excess, 3), flush=True)
     Path(args.out).write_text(json.dumps({

@@ -49,20 +49,29 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 def run_one(variant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One study of `variant`, then its held-out confirmation."""
-    from mpq_search.search import StudyConfig, calibrate, confirm, create_study, load, prepare
-    from mpq_search.search._run import optimize
+    from mpq_search.runtime import configure_process
+    from mpq_search.search import (
+        StudyConfig,
+        calibrate,
+        confirm,
+        create_study,
+        load,
+        optimize,
+        prepare,
+    )
 
     settings = dict(variant)
     search_seed = int(settings.pop("search_seed", 0))
     root = tempfile.mkdtemp(prefix="mpq-sweep-")
     config = StudyConfig(threads=args.threads, root=root, study="sweep", trials=args.trials,
                          heldout_n=args.heldout_n, **settings)
+    configure_process(args.threads)
     started = time.perf_counter()
     model, specs = load(config)
-    ctx = prepare(config, model, specs)
-    calibrate(ctx)
-    ctx.config = config.replace(seed=search_seed)
-    study = create_study(ctx)
+    plan = prepare(config, model, specs)
+    scorer = calibrate(plan)
+    plan = plan.with_config(config.replace(seed=search_seed))
+    study = create_study(plan)
     prepared_s = time.perf_counter() - started
     loop_start = time.perf_counter()
 
@@ -73,7 +82,7 @@ def run_one(variant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
             raise _Deadline
 
     try:
-        optimize(study, ctx, stop_at_deadline)
+        optimize(study, plan, scorer, stop_at_deadline)
     except _Deadline:
         pass
     loop_s = time.perf_counter() - loop_start
@@ -84,7 +93,7 @@ def run_one(variant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     prior = next(t for t in done if t.user_attrs.get("tag", "").startswith(
         "prior:orthogonality@") and all(v <= 0 for v in t.constraints.values()))
     top = [t.number for t in search[: args.confirm]]
-    heldout = confirm(study, ctx, [prior.number, *top])
+    heldout = confirm(study, plan.config, scorer, [prior.number, *top])
     best = min(feasible, key=lambda t: t.values[0])
     return {
         "variant": variant, "trials": len(study.trials), "prepare_s": prepared_s,

@@ -34,7 +34,8 @@ def one(kind: str, model_name: str, n: int, k: int, steps: int, estimator: str) 
     torch.set_num_threads(1)
     from mpq_search.importance import profile_orthogonality
     from mpq_search.layers import discover_layers
-    from mpq_search.models import load_model, sample
+    from mpq_search.models import load_model
+    from mpq_search.trajectory import sample
 
     model = load_model(model_name)
     specs = discover_layers(model.denoiser)

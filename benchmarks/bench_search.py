@@ -27,17 +27,21 @@ import optuna
 
 from mpq_search.api import report
 from mpq_search.models import sample
+from mpq_search.runtime import configure_process
 from mpq_search.search import (
+    ImportanceScores,
+    Scorer,
+    SearchPlan,
     StudyConfig,
-    _run,
     calibrate,
     confirm,
     create_study,
+    heldout_settings,
     load,
     optimize,
     prepare,
 )
-from mpq_search.search._run import evaluate_bitmap
+from mpq_search.search._prepare import profile
 
 
 def summarise(study: optuna.Study, wall: float) -> dict[str, Any]:
@@ -76,18 +80,19 @@ def _best_curve(study: optuna.Study) -> list[float]:
     return out
 
 
-def fp_sampling_seconds(ctx: Any, repeats: int = 2) -> float:
+def fp_sampling_seconds(scorer: Scorer, repeats: int = 2) -> float:
     """Wall time of FP sampling of the trial's N x S (best of `repeats`)."""
-    s = ctx.settings
+    s = scorer.settings
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        sample(ctx.model, n=s.n, steps=s.steps, seed=s.seed, batch_size=s.batch_size)
+        sample(scorer.model, n=s.n, steps=s.steps, seed=s.seed, batch_size=s.batch_size)
         times.append(time.perf_counter() - started)
     return min(times)
 
 
-def heldout(study: optuna.Study, ctx: Any, extra: int) -> dict[str, Any]:
+def heldout(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
+            extra: int) -> dict[str, Any]:
     """Confirm Pareto points, tagged trials and `extra` others on held-out noise; Spearman."""
     from scipy.stats import spearmanr
 
@@ -98,7 +103,7 @@ def heldout(study: optuna.Study, ctx: Any, extra: int) -> dict[str, Any]:
     if rest and extra:
         picks = np.linspace(0, len(rest) - 1, min(extra, len(rest))).round().astype(int)
         chosen |= {rest[i].number for i in picks}
-    scores = confirm(study, ctx, sorted(chosen))
+    scores = confirm(study, plan.config, scorer, sorted(chosen))
     proxy = {t.number: t.values[0] for t in done}
     numbers = [n for n in sorted(scores) if np.isfinite(scores[n])]
     rho = spearmanr([proxy[n] for n in numbers], [scores[n] for n in numbers])
@@ -107,8 +112,7 @@ def heldout(study: optuna.Study, ctx: Any, extra: int) -> dict[str, Any]:
             "tags": {str(t.number): t.user_attrs.get("tag", "") for t in done
                      if t.number in scores},
             "spearman": float(rho.statistic), "n_trials": len(numbers),
-            "settings": {"n": ctx.config.heldout_n, "seed": ctx.config.heldout_seed,
-                         "steps": ctx.config.steps}}
+            "settings": heldout_settings(plan.config).key()}
 
 
 def _printer(sampler: str) -> Any:
@@ -128,9 +132,9 @@ def heldout_only(args: argparse.Namespace) -> None:
     config = StudyConfig(**study.user_attrs["config"]).replace(
         heldout_n=args.heldout_n, threads=args.threads)
     model, specs = load(config)
-    ctx = prepare(config, model, specs, importance=study.user_attrs["importance"])
-    calibrate(ctx)
-    result = heldout(study, ctx, args.heldout_extra)
+    plan = prepare(config, model, specs,
+                   importance=ImportanceScores.from_dict(study.user_attrs["importance"]))
+    result = heldout(study, plan, calibrate(plan), args.heldout_extra)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
@@ -163,37 +167,30 @@ def ilp_baselines(args: argparse.Namespace) -> None:
     """Score the ILP priors (every mode, random importance over several seeds) at the budget on
     the search's proxy and on the held-out setting, outside any study (separate process)."""
     from mpq_search.allocate import allocate
-    from mpq_search.evaluate import SampleSettings, fp_reference_stats
 
     config = StudyConfig(budget=args.budget, root=args.root, threads=args.threads,
                          heldout_n=args.heldout_n or 256)
     model, specs = load(config)
-    profile, sensitivity = _run._profile(config, model, specs)
-    ctx = prepare(config, model, specs, importance={"weight": dict(profile.weight),
-                                                    "activation": dict(profile.activation)})
-    calibrate(ctx)
-    heldout_settings = SampleSettings(n=config.heldout_n, steps=config.steps,
-                                      seed=config.heldout_seed, batch_size=config.batch_size)
-    if ctx.net is None:
-        raise RuntimeError("calibrate() did not load the feature net")
-    heldout_ref = fp_reference_stats(model, ctx.net, heldout_settings)
+    orthogonality, sensitivity = profile(config, model, specs)
+    plan = prepare(config, model, specs, importance=ImportanceScores.of(orthogonality, None))
+    scorer = calibrate(plan)
+    held_settings = heldout_settings(config)
+    heldout_ref = scorer.reference_for(held_settings)
     rows = {}
     wanted = [("orthogonality", 0), ("sensitivity", 0), ("size", 0)]
     wanted += [("random", seed) for seed in range(args.random_seeds)]
     for mode, seed in wanted:
-        bitmap = allocate(specs, ctx.budget, profile, w_bits=config.w_bits, a_bits=config.a_bits,
-                          ties=config.tie_layers, mode=mode, seed=seed,  # type: ignore[arg-type]
+        bitmap = allocate(specs, plan.budget, orthogonality, w_bits=config.w_bits,
+                          a_bits=config.a_bits, ties=config.tie_layers, mode=mode, seed=seed,
                           model=model.identity, sensitivity=sensitivity)
-        proxy = evaluate_bitmap(ctx, bitmap).fid_excess
-        ctx.engine.remove()
-        held = evaluate_bitmap(ctx, bitmap, heldout_settings, heldout_ref).fid_excess
-        ctx.engine.remove()
+        proxy = scorer.score(bitmap).fid_excess
+        held = scorer.score(bitmap, held_settings, heldout_ref).fid_excess
         rows[f"{mode}:{seed}"] = {"proxy": proxy, "heldout": held}
         print(mode, seed, rows[f"{mode}:{seed}"], flush=True)
     Path(args.out).write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "budget": args.budget,
         "proxy": {"n": config.n, "steps": config.steps, "seed": config.sample_seed},
-        "heldout": heldout_settings.key(), "rows": rows}, indent=1))
+        "heldout": held_settings.key(), "rows": rows}, indent=1))
 
 
 def main() -> None:
@@ -229,6 +226,7 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/search_raw.json")
     args = parser.parse_args()
+    configure_process(args.threads)
     if args.ilp_baselines:
         ilp_baselines(args)
         return
@@ -258,17 +256,17 @@ def main() -> None:
         return result
 
     model, specs = timed("load", load, base)
-    ctx = timed("importance+priors", prepare, base, model, specs)
-    timed("calibrate+reference", calibrate, ctx)
+    plan = timed("importance+priors", prepare, base, model, specs)
+    scorer = timed("calibrate+reference", calibrate, plan)
     out["model"] = {"name": model.identity.name, "weights_hash": model.identity.weights_hash,
                     "source": str(model.source), "layers": len(specs),
-                    "units": len(ctx.space.units)}
+                    "units": len(plan.space.units)}
     for sampler in args.samplers.split(","):
         cfg = base.replace(sampler=sampler, study=f"bench-{sampler}-{stamp}")
-        ctx.config = cfg
+        plan = plan.with_config(cfg)
         started = time.perf_counter()
-        study = create_study(ctx)
-        optimize(study, ctx, _printer(sampler))
+        study = create_study(plan)
+        optimize(study, plan, scorer, _printer(sampler))
         wall = time.perf_counter() - started
         if sampler == args.samplers.split(",")[0]:
             timed("report", report, study, cfg)
@@ -276,16 +274,17 @@ def main() -> None:
         print(json.dumps({k: v for k, v in out["runs"][sampler].items()
                           if k not in ("best_so_far",)}, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
-    ctx.config = base.replace(sampler=args.samplers.split(",")[0],
-                              study=f"bench-{args.samplers.split(',')[0]}-{stamp}")
-    out["fp_sampling_s"] = fp_sampling_seconds(ctx)
+    plan = plan.with_config(base.replace(sampler=args.samplers.split(",")[0],
+                                         study=f"bench-{args.samplers.split(',')[0]}-{stamp}"))
+    out["fp_sampling_s"] = fp_sampling_seconds(scorer)
     out["default_run_wall_s"] = sum(stages.values()) + out["runs"][
         args.samplers.split(",")[0]]["wall_s"]
     Path(args.out).write_text(json.dumps(out, indent=1))
     if args.skip_heldout:
         return
-    first = optuna.load_study(study_name=ctx.config.study_name, storage=ctx.config.storage_url)
-    out["heldout"] = heldout(first, ctx, args.heldout_extra)
+    first = optuna.load_study(study_name=plan.config.study_name,
+                              storage=plan.config.storage_url)
+    out["heldout"] = heldout(first, plan, scorer, args.heldout_extra)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out["heldout"], indent=1))
 

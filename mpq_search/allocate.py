@@ -21,7 +21,7 @@ equal importance (mode "size") to be the strongest prior (15x better than unifor
 always available as a baseline, with "random" (the same scores, shuffled) and "inverted"
 (reciprocal).
 
-Importance s = exp(-beta * gamma) (see importance.py) is normalised to mean 1 per kind, so modes
+Importance s = exp(-beta * gamma) (importance._cka) is normalised to mean 1 per kind, so modes
 are comparable and beta alone sets how far orthogonality departs from equal importance.
 
 Tied layers (`tied_groups`): q/k/v of one attention read the same input, so one activation
@@ -43,7 +43,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from mpq_search.bitmap import BitMap, LayerBits
+from mpq_search.bitmap import DEFAULT_A_BITS as DEFAULT_A_BITS  # re-exported: defined in bitmap
+from mpq_search.bitmap import DEFAULT_W_BITS as DEFAULT_W_BITS
+from mpq_search.bitmap import BitMap, LayerBits, ModelIdentity
 from mpq_search.cost import (
     Budget,
     check_feasible,
@@ -53,15 +55,12 @@ from mpq_search.cost import (
 )
 from mpq_search.errors import BudgetError, MPQSearchError
 from mpq_search.layers import LayerSpec
-from mpq_search.models import ModelIdentity
 
 if TYPE_CHECKING:
     from mpq_search.importance import Importance, Sensitivity
 
 AllocationMode = Literal["sensitivity", "orthogonality", "size", "random", "inverted"]
 ALLOCATION_MODES: tuple[str, ...] = get_args(AllocationMode)
-DEFAULT_W_BITS = (2, 3, 4, 5, 6, 7, 8)
-DEFAULT_A_BITS = (4, 5, 6, 7, 8)
 UNBOUND = ModelIdentity(name="unbound", weights_hash="-")
 """Identity of a map allocated without a model (pass `model=` to bind it)."""
 
@@ -110,7 +109,8 @@ def _normalised(scores: Mapping[str, float], names: Sequence[str]) -> np.ndarray
     if np.isnan(values).any() or (values <= 0).any():
         missing = [n for n, v in zip(names, values, strict=True) if not v > 0][:3]
         raise AllocationError(f"importance lacks a positive score for layers {missing}")
-    return values / values.mean()
+    normalised: np.ndarray = values / values.mean()
+    return normalised
 
 
 def layer_scores(
@@ -260,9 +260,10 @@ def allocate(
     Mode "sensitivity" minimises the measured output perturbation instead
     (`importance.profile_sensitivity`: per layer and bit-width, weights and activations).
 
-    Raises InfeasibleBudgetError when no candidate configuration meets the budget. The returned
-    map always meets it (recomputed with `cost_of`); its meta records budget, cost, mode and
-    settings.
+    Raises InfeasibleBudgetError when no candidate configuration meets the budget: it checks
+    feasibility itself (`cost.check_feasible`) because it is public and callers outside the search
+    must get that error, not an opaque solver failure. The returned map always meets it
+    (recomputed with `cost_of`); its meta records budget, cost, mode and settings.
     """
     w_list, a_list = sorted(set(w_bits)), sorted(set(a_bits))
     check_feasible(budget, specs, w_list, a_list)

@@ -1,7 +1,10 @@
-"""The pipeline: `run(config)` calls the stages in order and returns the optuna study.
+"""The Python API that the CLI calls. `run(config)` calls the stages in order:
 
-load model and layers -> importance and ILP priors (new studies) -> calibrate the quantizer and the
-FP reference -> create or resume the study, enqueue priors and baselines -> trials -> report.
+load the model and its layers -> prepare the plan (budget, space, importance profiles and ILP
+priors; a resumed study reuses its stored importance) -> calibrate the quantizer and the FP
+reference -> create or resume the study, enqueue priors and baselines -> trials -> report.
+Every other command's work is a function here too (`mpq_search.api_commands`), with a typed
+result the CLI prints.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import optuna
 
 from mpq_search.errors import StudyError
 from mpq_search.report import ReportFiles, write_report
+from mpq_search.runtime import torch_threads
 from mpq_search.search import (
+    ImportanceScores,
     StudyConfig,
     TrialEvent,
     calibrate,
     confirm,
     create_study,
+    find_study,
     load,
-    load_study,
     optimize,
     prepare,
 )
@@ -31,17 +36,18 @@ def run(
 ) -> optuna.Study:
     """Run (or resume) the search `config` describes; outputs go to `<root>/<study>/report/`."""
     say = stage or (lambda _: None)
-    say("loading model")
-    model, specs = load(config)
-    say("profiling importance and allocating priors")
-    ctx = prepare(config, model, specs, importance=_stored_importance(config))
-    say("calibrating quantizer and FP reference")
-    calibrate(ctx)
-    study = create_study(ctx)
-    say(f"searching ({config.sampler}, {config.trials} trials)")
-    optimize(study, ctx, progress)
-    say("writing report")
-    report(study, config)
+    with torch_threads(config.threads):
+        say("loading model")
+        model, specs = load(config)
+        say("profiling importance and allocating priors")
+        plan = prepare(config, model, specs, importance=stored_importance(config))
+        say("calibrating quantizer and FP reference")
+        scorer = calibrate(plan)
+        study = create_study(plan)
+        say(f"searching ({config.sampler}, {config.trials} trials)")
+        optimize(study, plan, scorer, progress)
+        say("writing report")
+        report(study, config)
     return study
 
 
@@ -74,23 +80,26 @@ def confirm_trials(
     missing = [str(number) for number in numbers if number not in done]
     if missing:
         raise StudyError(f"no finished trial {', '.join(missing)} in study {study.study_name!r}")
-    model, specs = load(settings)
-    expected = study.user_attrs.get("model", {}).get("weights_hash")
-    if expected and expected != model.identity.weights_hash:
-        raise StudyError(f"model {settings.model!r} has other weights "
-                         f"({model.identity.weights_hash}) than the study's ({expected})")
-    ctx = prepare(settings, model, specs, importance=study.user_attrs.get("importance"))
-    calibrate(ctx)
-    scores = confirm(study, ctx, numbers, progress)
+    with torch_threads(settings.threads):
+        model, specs = load(settings)
+        expected = study.user_attrs.get("model", {}).get("weights_hash")
+        if expected and expected != model.identity.weights_hash:
+            raise StudyError(f"model {settings.model!r} has other weights "
+                             f"({model.identity.weights_hash}) than the study's ({expected})")
+        importance = ImportanceScores.from_dict(study.user_attrs.get("importance"))
+        plan = prepare(settings, model, specs, importance=importance)
+        scores = confirm(study, settings, calibrate(plan), numbers, progress)
     report(study, settings)
     return scores
 
 
-def _stored_importance(config: StudyConfig) -> dict[str, dict[str, float]] | None:
-    """A resumed study reuses the importance it was seeded with (profiling is not repeated)."""
-    try:
-        study = load_study(config.study_name, config.storage_url)
-    except Exception:  # no such study yet, or no storage yet
+def stored_importance(config: StudyConfig) -> ImportanceScores | None:
+    """The importance a resumed study was seeded with (profiling is not repeated); None for a
+    new study. A storage that cannot be opened raises: it must not turn into a re-profile."""
+    study = find_study(config.study_name, config.storage_url)
+    if study is None or "importance" not in study.user_attrs:
         return None
-    stored = study.user_attrs.get("importance")
-    return stored if isinstance(stored, dict) else None
+    return ImportanceScores.from_dict(study.user_attrs["importance"])
+
+
+from mpq_search.api_commands import *  # noqa: E402, F403

@@ -18,18 +18,35 @@ JSON on disk::
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpq_search.errors import BitMapError
-from mpq_search.models import ModelIdentity
 
 SCHEMA = "mpq-search/bitmap/v1"
 QUANT_BITS = frozenset(range(2, 9))
 FLOAT_BITS = frozenset({16, 32})
 VALID_BITS = QUANT_BITS | FLOAT_BITS
+DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+"""Candidate weight bit-widths when none are given (the one definition; others read it)."""
+DEFAULT_A_BITS: tuple[int, ...] = (4, 5, 6, 7, 8)
+"""Candidate activation bit-widths when none are given (the one definition; others read it)."""
+
+_SETTING = re.compile(r"\s*W(\d+)\s*A(\d+)\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a bit map or a cached statistic is tied to: a model name and a hash of its weights.
+
+    It lives here, not in `models`, so that bit maps and costs can be used without torch.
+    """
+
+    name: str
+    weights_hash: str
 
 
 def is_float(bits: int) -> bool:
@@ -49,11 +66,38 @@ class LayerBits:
             if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
                 raise BitMapError(f"{kind} bits must be one of 2..8, 16 or 32, got {bits!r}")
 
+    @classmethod
+    def parse(cls, text: str) -> LayerBits:
+        """Parse a uniform setting such as "W4A8" (case and spaces ignored; 16/32 = float).
+
+        The one parser of this notation: the CLI, the study config and `bops<=W4A8` budgets all
+        call it, so they accept and refuse the same texts.
+        """
+        match = _SETTING.fullmatch(text)
+        if match is None:
+            raise BitMapError(f"a uniform setting looks like W4A8, got {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
     def __str__(self) -> str:
         return f"W{self.w}A{self.a}"
 
 
 FLOAT = LayerBits(32, 32)
+
+
+def parse_bit_list(text: str, option: str) -> tuple[int, ...]:
+    """Candidate bit-widths from "2,3,4": sorted, unique, each in 2..8.
+
+    The one parser of bit lists (CLI options and config strings); `option` names the setting in
+    the error message.
+    """
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError as e:
+        raise BitMapError(f"{option} must be comma-separated integers, got {text!r}") from e
+    if not values or any(b not in QUANT_BITS for b in values):
+        raise BitMapError(f"{option} must list bit-widths between 2 and 8, got {text!r}")
+    return values
 
 
 @dataclass(frozen=True)

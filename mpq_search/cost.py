@@ -25,7 +25,8 @@ Budget strings (clauses joined by commas, case-insensitive)::
     bops<=1.2G     BOPs (per denoiser call, per sample) at most 1.2e9; units K, M, G, T
     size<=1.5MB    weight memory at most 1.5e6 bytes; units B, KB, MB, GB (1000-based), KiB, MiB
 
-``str(budget)`` prints the canonical form, which parses back to an equal Budget.
+``str(budget)`` prints the canonical form, which parses back to an equal Budget;
+``canonical_budget(text)`` gives the same form without layer specs (a budget's identity).
 """
 
 from __future__ import annotations
@@ -34,16 +35,23 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
-from mpq_search.bitmap import FLOAT, BitMap, LayerBits, is_float
+from mpq_search.bitmap import FLOAT, BitMap, LayerBits, ModelIdentity, is_float
 from mpq_search.errors import BitMapError, BudgetError, InfeasibleBudgetError
-from mpq_search.layers import LayerSpec
+
+if TYPE_CHECKING:  # annotations only: layers.py imports torch, costing needs none
+    import numpy as np
+
+    from mpq_search.layers import LayerSpec
 
 DEFAULT_ACT_BITS = 8.0
 """Average activation bits a budget allows when it limits only weight bits ("4.5bits")."""
 
 REL_TOL = 1e-9
 """Relative slack in budget checks, so a map exactly at its budget is not refused by rounding."""
+
+_Value = TypeVar("_Value", float, "np.ndarray")
 
 SCALE_BYTES = 4
 BIAS_BYTES = 4
@@ -121,8 +129,6 @@ def cost_of(specs: Sequence[LayerSpec], bitmap: BitMap) -> Cost:
 
 def uniform_cost(specs: Sequence[LayerSpec], w: int, a: int) -> Cost:
     """Cost of every layer at (w, a), computed without a model identity."""
-    from mpq_search.models import ModelIdentity
-
     names = [s.name for s in specs]
     return cost_of(specs, BitMap.uniform(ModelIdentity("-", "-"), names, w, a))
 
@@ -145,9 +151,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "bops", "weight_bytes"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise BudgetError(f"budget limit {name} must be a positive number, got {value}")
+            _check_limit(name, getattr(self, name))
         if self.bops is not None and self.bops_text is None:
             object.__setattr__(self, "bops_text", _num(self.bops))
         if self.weight_bytes is not None and self.size_text is None:
@@ -168,37 +172,71 @@ class Budget:
                  "bops": self.bops, "weight_bytes": self.weight_bytes}
         return {k: v for k, v in pairs.items() if v is not None}
 
+    def excess(self, values: Mapping[str, _Value]) -> dict[str, _Value]:
+        """{limited Cost field: (value - limit) / limit - REL_TOL}: all <= 0 is feasible.
+
+        The one budget-check formula: `violations`, the search's vectorised `SpaceCost` and
+        repair all call it, so they agree to the last bit. `values` maps Cost field names to
+        floats or to numpy arrays (a batch of maps); it may hold fields the budget does not limit.
+        """
+        return {k: (values[k] - v) / v - REL_TOL for k, v in self.limits().items()}
+
     def violations(self, cost: Cost) -> dict[str, float]:
         """Relative excess (cost - limit) / limit per limit, minus REL_TOL: all <= 0 is feasible.
 
-        Shaped for optuna's `trial.set_constraint`.
+        Shaped for optuna's `trial.set_constraint`; computed by `excess`.
         """
-        return {k: (getattr(cost, k) - v) / v - REL_TOL for k, v in self.limits().items()}
+        return self.excess(vars(cost))
+
+    def scaled(self, factor: float) -> Budget:
+        """Every limit but activation bits times `factor`, rounded to 4 significant digits.
+
+        Tighter budgets for the prior front. The result is a finished record (absolute BOPs and
+        bytes, canonical text), so no caller formats it and parses it again.
+        """
+
+        def scale(value: float | None) -> float | None:
+            return None if value is None else float(f"{value * factor:.4g}")
+
+        return Budget(w_bits=scale(self.w_bits), a_bits=self.a_bits, bops=scale(self.bops),
+                      weight_bytes=scale(self.weight_bytes))
 
     def is_met(self, cost: Cost) -> bool:
         """True when the cost is within every limit."""
         return all(v <= 0 for v in self.violations(cost).values())
 
     def __str__(self) -> str:
-        parts = []
-        if self.w_bits is not None and self.a_bits is not None:
-            parts.append(f"w{_num(self.w_bits)}a{_num(self.a_bits)}")
-        elif self.w_bits is not None:
-            parts.append(f"{_num(self.w_bits)}bits")
-        elif self.a_bits is not None:
-            parts.append(f"a{_num(self.a_bits)}")
-        if self.bops_text is not None:
-            parts.append(f"bops<={self.bops_text}")
-        if self.size_text is not None:
-            parts.append(f"size<={self.size_text}")
-        return ",".join(parts)
+        return _canonical(self.w_bits, self.a_bits, self.bops_text, self.size_text)
+
+
+def _check_limit(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise BudgetError(f"budget limit {name} must be a positive number, got {value}")
+
+
+def _canonical(
+    w_bits: float | None, a_bits: float | None, bops_text: str | None, size_text: str | None
+) -> str:
+    """The canonical budget text (`str(Budget)` and `canonical_budget`)."""
+    parts = []
+    if w_bits is not None and a_bits is not None:
+        parts.append(f"w{_num(w_bits)}a{_num(a_bits)}")
+    elif w_bits is not None:
+        parts.append(f"{_num(w_bits)}bits")
+    elif a_bits is not None:
+        parts.append(f"a{_num(a_bits)}")
+    if bops_text is not None:
+        parts.append(f"bops<={bops_text}")
+    if size_text is not None:
+        parts.append(f"size<={size_text}")
+    return ",".join(parts)
 
 
 _NUM = r"(\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"
 _BITS = re.compile(rf"(?P<w>{_NUM})bits")
 _WA = re.compile(rf"w(?P<w>{_NUM})(?:a(?P<a>{_NUM}))?")
 _A = re.compile(rf"a(?P<a>{_NUM})")
-_BOPS_REF = re.compile(r"bops<=w(?P<w>\d+)a(?P<a>\d+)")
+_BOPS_REF = re.compile(r"bops<=(?P<ref>w\d+a\d+)")
 _BOPS_ABS = re.compile(rf"bops<=(?P<v>{_NUM})(?P<u>[kmgt]?)")
 _SIZE = re.compile(rf"size<=(?P<v>{_NUM})(?P<u>[kmg]?i?b)")
 
@@ -218,51 +256,125 @@ def _positive(text: str, clause: str) -> float:
     return value
 
 
-def _parse_clause(clause: str, specs: Sequence[LayerSpec]) -> dict[str, float | str]:
-    """One clause -> the Budget fields it sets."""
+@dataclass(frozen=True)
+class _ParsedBudget:
+    """Budget text parsed but not resolved: a relative BOPs limit ("W4A8") is still a setting.
+
+    Parsing needs no layer specs, so `canonical_budget` can check and print a budget without a
+    model; `resolve` turns it into a Budget once the specs are known.
+    """
+
+    w_bits: float | None = None
+    a_bits: float | None = None
+    bops: float | LayerBits | None = None
+    bops_text: str | None = None
+    weight_bytes: float | None = None
+    size_text: str | None = None
+
+    def __post_init__(self) -> None:
+        bops = None if isinstance(self.bops, LayerBits) else self.bops
+        for name, value in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("bops", bops),
+                            ("weight_bytes", self.weight_bytes)):
+            _check_limit(name, value)  # as Budget does, so canonical_budget refuses the same
+
+    @property
+    def limited(self) -> list[str]:
+        """Names of the Budget limits this text sets."""
+        pairs = {"w_bits": self.w_bits, "a_bits": self.a_bits, "bops": self.bops,
+                 "weight_bytes": self.weight_bytes}
+        return [k for k, v in pairs.items() if v is not None]
+
+    def merged(self, other: _ParsedBudget) -> _ParsedBudget:
+        """Both sets of limits (the caller has checked that they do not overlap)."""
+        return _ParsedBudget(
+            w_bits=_first(self.w_bits, other.w_bits), a_bits=_first(self.a_bits, other.a_bits),
+            bops=self.bops if self.bops is not None else other.bops,  # _first joins to object
+            bops_text=_first(self.bops_text, other.bops_text),
+            weight_bytes=_first(self.weight_bytes, other.weight_bytes),
+            size_text=_first(self.size_text, other.size_text),
+        )
+
+    def resolve(self, specs: Sequence[LayerSpec]) -> Budget:
+        """The Budget, with a relative BOPs limit priced on `specs`."""
+        bops = self.bops
+        if isinstance(bops, LayerBits):
+            bops = uniform_cost(specs, bops.w, bops.a).bops
+        return Budget(w_bits=self.w_bits, a_bits=self.a_bits, bops=bops,
+                      weight_bytes=self.weight_bytes, bops_text=self.bops_text,
+                      size_text=self.size_text)
+
+    def __str__(self) -> str:
+        return _canonical(self.w_bits, self.a_bits, self.bops_text, self.size_text)
+
+
+_T = TypeVar("_T")
+
+
+def _first(a: _T | None, b: _T | None) -> _T | None:
+    return a if a is not None else b
+
+
+def _parse_clause(clause: str) -> _ParsedBudget:
+    """One clause -> the limits it sets; needs no layer specs."""
     if m := _BITS.fullmatch(clause):
-        return {"w_bits": _positive(m["w"], clause)}
+        return _ParsedBudget(w_bits=_positive(m["w"], clause))
     if m := _WA.fullmatch(clause):
-        out: dict[str, float | str] = {"w_bits": _positive(m["w"], clause)}
-        if m["a"] is not None:
-            out["a_bits"] = _positive(m["a"], clause)
-        return out
+        a_bits = None if m["a"] is None else _positive(m["a"], clause)
+        return _ParsedBudget(w_bits=_positive(m["w"], clause), a_bits=a_bits)
     if m := _A.fullmatch(clause):
-        return {"a_bits": _positive(m["a"], clause)}
+        return _ParsedBudget(a_bits=_positive(m["a"], clause))
     if m := _BOPS_REF.fullmatch(clause):
         try:
-            bits = LayerBits(int(m["w"]), int(m["a"]))
+            bits = LayerBits.parse(m["ref"])
         except BitMapError as e:
             raise BudgetError(f"budget clause {clause!r}: {e}") from e
-        return {"bops": uniform_cost(specs, bits.w, bits.a).bops, "bops_text": str(bits)}
+        return _ParsedBudget(bops=bits, bops_text=str(bits))
     if m := _BOPS_ABS.fullmatch(clause):
         value = _positive(m["v"], clause)
-        return {"bops": value * BOPS_UNITS[m["u"]],
-                "bops_text": _num(value) + _UNIT_CASE[m["u"]]}
+        return _ParsedBudget(bops=value * BOPS_UNITS[m["u"]],
+                             bops_text=_num(value) + _UNIT_CASE[m["u"]])
     if m := _SIZE.fullmatch(clause):
         if m["u"] not in SIZE_UNITS:
             raise BudgetError(f"budget clause {clause!r}: unknown size unit; use "
                               "B, KB, MB, GB, KiB, MiB or GiB")
         value = _positive(m["v"], clause)
-        return {"weight_bytes": value * SIZE_UNITS[m["u"]],
-                "size_text": _num(value) + _UNIT_CASE[m["u"]]}
+        return _ParsedBudget(weight_bytes=value * SIZE_UNITS[m["u"]],
+                             size_text=_num(value) + _UNIT_CASE[m["u"]])
     raise BudgetError(f"cannot parse budget clause {clause!r}; supported forms: {BUDGET_FORMS}")
 
 
-def parse_budget(text: str, specs: Sequence[LayerSpec]) -> Budget:
-    """Parse a budget string (module docstring); `specs` resolve relative limits like W4A8."""
+def _parse(text: str) -> _ParsedBudget:
+    """Budget text -> its limits, every syntax error raised; relative BOPs left unresolved."""
     clauses = [c.strip().lower().replace(" ", "") for c in text.split(",")]
     if not text.strip() or any(not c for c in clauses):
         raise BudgetError(f"empty budget or empty clause in {text!r}; supported forms: "
                           f"{BUDGET_FORMS}")
-    fields: dict[str, float | str] = {}
+    parsed = _ParsedBudget()
     for clause in clauses:
-        new = _parse_clause(clause, specs)
-        twice = sorted(k for k in new if k in fields and not k.endswith("_text"))
+        new = _parse_clause(clause)
+        twice = sorted(k for k in new.limited if k in parsed.limited)
         if twice:
             raise BudgetError(f"budget {text!r} limits {twice[0]} twice")
-        fields.update(new)
-    return Budget(**fields)  # type: ignore[arg-type]
+        parsed = parsed.merged(new)
+    return parsed
+
+
+def parse_budget(text: str, specs: Sequence[LayerSpec]) -> Budget:
+    """Parse a budget string (module docstring); `specs` resolve relative limits like W4A8.
+
+    Parsing and resolving are separate steps, so `canonical_budget` shares the parser.
+    """
+    return _parse(text).resolve(specs)
+
+
+def canonical_budget(text: str) -> str:
+    """The canonical form of a budget text, e.g. "4.50bits" -> "4.5bits", "W4.5A6" -> "w4.5a6".
+
+    Equal to `str(parse_budget(text, specs))` for any specs, but needs none (a relative limit
+    stays relative: "bops<=w4a8" -> "bops<=W4A8"), so it can serve as a budget's identity, e.g.
+    of a study. Malformed text raises BudgetError exactly as `parse_budget` does.
+    """
+    return str(_parse(text))
 
 
 def cheapest_cost(

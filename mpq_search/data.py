@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mpq_search.errors import MPQSearchError
+
 SPLIT_SEED = 20261125
 HELD_OUT_PER_CLASS = 100
 IMAGE_SIZE = 28
@@ -30,7 +32,7 @@ def mnist_split(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images in [0, 1] with shape (n, 1, 28, 28), labels) for one side of the fixed
     split."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise MPQSearchError(f"split must be 'train' or 'heldout', got {split!r}")
     pixels, labels = _load_raw()
     rng = np.random.default_rng(SPLIT_SEED)
     held_out = np.zeros(len(labels), dtype=bool)

@@ -42,3 +42,7 @@ class NonFiniteSamplesError(MPQSearchError):
 
 class StudyError(MPQSearchError):
     """A study is missing, or its stored settings disagree with the request."""
+
+
+class StudyNotFoundError(StudyError):
+    """The storage holds no study of the requested name (the storage itself was reachable)."""

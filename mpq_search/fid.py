@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -57,10 +58,12 @@ class LeNet(nn.Module):
         x = (images - 0.1307) / 0.3081
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc1(x.flatten(1))
+        features: torch.Tensor = self.fc1(x.flatten(1))
+        return features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(F.relu(self.embed(images))))
+        logits: torch.Tensor = self.fc2(self.dropout(F.relu(self.embed(images))))
+        return logits
 
 
 def _to_grey28(images: torch.Tensor) -> torch.Tensor:
@@ -80,7 +83,7 @@ class LeNetFeatures:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-        out = [self.net.embed(_to_grey28(b)) for b in images.split(batch_size)]
+        out = [self.net.embed(_to_grey28(b)) for b in torch.split(images, batch_size)]
         return torch.cat(out).double().numpy()
 
 
@@ -95,7 +98,7 @@ class InceptionFeatures:
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 50) -> np.ndarray:
         out = []
-        for batch in images.split(batch_size):
+        for batch in torch.split(images, batch_size):
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)
             pixels = (batch.clamp(0, 1) * 255).round()
@@ -138,7 +141,8 @@ def get_feature_net(name: str) -> FeatureNet:
         if name == "lenet":
             _NETS[name] = LeNetFeatures(load_lenet())
         else:
-            _NETS[name] = InceptionFeatures(torch.jit.load(str(_inception_path())).eval())
+            load_script: Any = torch.jit.load  # untyped in torch
+            _NETS[name] = InceptionFeatures(load_script(str(_inception_path())).eval())
     return _NETS[name]
 
 
@@ -186,25 +190,28 @@ class _SqrtmWithDisp:
         return root, error
 
 
-def _pytorch_fid_distance() -> Callable[..., float]:
-    """pytorch-fid's `calculate_frechet_distance`, made to work with any scipy >= 1.11."""
+@contextmanager
+def _pytorch_fid_with_current_scipy() -> Iterator[Callable[..., float]]:
+    """pytorch-fid's `calculate_frechet_distance`, with its `linalg` swapped for the shim only
+    while we call it (other users of pytorch-fid in the process see it unchanged)."""
     from pytorch_fid import fid_score
 
-    if not isinstance(fid_score.linalg, _SqrtmWithDisp):
-        fid_score.linalg = _SqrtmWithDisp()
-    return fid_score.calculate_frechet_distance
+    original = fid_score.linalg
+    fid_score.linalg = _SqrtmWithDisp()
+    try:
+        yield fid_score.calculate_frechet_distance
+    finally:
+        fid_score.linalg = original
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     """FID between two sets of statistics (pytorch-fid's implementation)."""
     from threadpoolctl import threadpool_limits
 
-    calculate_frechet_distance = _pytorch_fid_distance()
-
     # One BLAS thread: on a busy 2-core machine the threaded sqrtm of a 128x128 matrix took 7 s
     # against 0.04 s single-threaded (measured during the search benchmark).
-    with threadpool_limits(limits=1):
-        return float(calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    with threadpool_limits(limits=1), _pytorch_fid_with_current_scipy() as distance:
+        return float(distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
 def cache_dir() -> Path:

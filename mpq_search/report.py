@@ -12,6 +12,7 @@ rows), `bitmaps/trial_<n>.json` and `grids/trial_<n>.png` per Pareto point.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from mpq_search.bitmap import BitMap
 from mpq_search.errors import StudyError
 
 REPORT_SCHEMA = "mpq-search/report/v1"
+log = logging.getLogger("mpq_search")
 
 
 @dataclass(frozen=True)
@@ -165,12 +167,15 @@ def _grids(study: optuna.Study, trials: dict[int, FrozenTrial], front: Sequence[
     if artifact_dir is None or not Path(artifact_dir).is_dir():
         return []
     from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from mpq_search.search._storage import storage_of
 
     store = FileSystemArtifactStore(str(artifact_dir))
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for row in front:
-        metas = get_all_artifact_meta(trials[row.trial], storage=study._storage)
+        metas = get_all_artifact_meta(trials[row.trial], storage=storage_of(study))
         artifact = next((m.artifact_id for m in metas if m.mimetype == "image/png"), None)
         target = folder / f"trial_{row.trial:04d}.png"
         if artifact is None:
@@ -178,7 +183,8 @@ def _grids(study: optuna.Study, trials: dict[int, FrozenTrial], front: Sequence[
         target.unlink(missing_ok=True)  # download_artifact refuses to overwrite
         try:
             download_artifact(artifact_store=store, file_path=str(target), artifact_id=artifact)
-        except Exception:  # a missing artifact file must not stop the report
+        except (OSError, ArtifactNotFound) as e:  # a lost grid must not stop the report
+            log.warning("no grid for trial %d: %s", row.trial, e)
             continue
         out.append(target)
     return out
@@ -186,10 +192,15 @@ def _grids(study: optuna.Study, trials: dict[int, FrozenTrial], front: Sequence[
 
 def write_html(study: optuna.Study, all_rows: Sequence[Row], path: Path) -> Path:
     """Plotly scatter: FID-excess vs the second objective; front, priors and baselines marked."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as plotly_go
+
+    go: Any = plotly_go  # plotly's constructors are untyped
 
     second = (study.metric_names or ["fid_excess", "bops"])[1]
-    x_of = (lambda r: r.bops) if second == "bops" else (lambda r: r.weight_bytes)
+
+    def x_of(row: Row) -> float:
+        return row.bops if second == "bops" else row.weight_bytes
+
     figure = go.Figure()
     groups: list[tuple[str, list[Row], dict[str, Any]]] = [
         ("search trials", [r for r in all_rows if r.role == "search" and not r.pareto],
@@ -251,7 +262,7 @@ def dashboard_command(storage: str, artifact_dir: str | Path | None, *, host: st
     exe = str(sibling) if sibling.exists() else shutil.which("optuna-dashboard")
     if exe is None:
         raise StudyError("optuna-dashboard is not installed: pip install optuna-dashboard")
-    from mpq_search.search._study import normalise_url
+    from mpq_search.search._storage import normalise_url
 
     target = storage.removeprefix("journal:") if storage.startswith("journal:") else storage
     target = normalise_url(target)

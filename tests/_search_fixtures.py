@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,26 @@ def tiny_config(model_dir: Path, root: Path, **changes: Any) -> Any:
     return StudyConfig(**base)
 
 
-def uniform_importance(model_dir: Path) -> dict[str, dict[str, float]]:
-    """Equal importance for every layer (keeps the tests independent of importance.py)."""
+def uniform_importance(model_dir: Path) -> Any:
+    """Equal importance for every layer (keeps the tests independent of the importance stage)."""
     from mpq_search.layers import discover_layers
     from mpq_search.models import load_model
+    from mpq_search.search import ImportanceScores
 
     names = [s.name for s in discover_layers(load_model(model_dir).denoiser)]
-    return {"weight": dict.fromkeys(names, 1.0), "activation": dict.fromkeys(names, 1.0)}
+    return ImportanceScores(dict.fromkeys(names, 1.0), dict.fromkeys(names, 1.0))
 
 
-def build_study(root: Path, **changes: Any) -> tuple[Any, Any, Any]:
-    """(config, context, study) after running the tiny search; importance is uniform."""
+@dataclass(frozen=True)
+class Searched:
+    """What a search ran with: its plan and its calibrated scorer."""
+
+    plan: Any
+    scorer: Any
+
+
+def build_study(root: Path, **changes: Any) -> tuple[Any, Searched, Any]:
+    """(config, plan and scorer, study) after running the tiny search; importance is uniform."""
     from mpq_search.search import calibrate, create_study, load, optimize, prepare
 
     model_dir = root / "tiny-ddpm"
@@ -56,11 +66,11 @@ def build_study(root: Path, **changes: Any) -> tuple[Any, Any, Any]:
         tiny_pipeline_dir(root)
     config = tiny_config(model_dir, root, **changes)
     model, specs = load(config)
-    ctx = prepare(config, model, specs, importance=uniform_importance(model_dir))
-    calibrate(ctx)
-    study = create_study(ctx)
-    optimize(study, ctx)
-    return config, ctx, study
+    plan = prepare(config, model, specs, importance=uniform_importance(model_dir))
+    scorer = calibrate(plan)
+    study = create_study(plan)
+    optimize(study, plan, scorer)
+    return config, Searched(plan, scorer), study
 
 
 def free_port() -> int:

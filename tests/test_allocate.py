@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from mpq_search.allocate import (
+    DEFAULT_A_BITS,
+    DEFAULT_W_BITS,
     AllocationError,
     allocate,
     prior_front,
@@ -210,8 +212,8 @@ def test_cli_budget_profile_allocate(tiny_pipeline_dir: Path, tmp_path: Path) ->
     assert bitmap.meta["budget"] == "4.5bits" and bitmap.meta["mode"] == "orthogonality"
     assert bitmap.meta["cost"]["avg_w_bits"] <= 4.5
     result = runner.invoke(app, ["allocate", "--model", model, "--budget", "w4a6", "-o",
-                                 str(out), "--steps", "3", "--timesteps", "2", "--n", "4",
-                                 "--mode", "sensitivity"])
+                                 str(out), "--steps", "3", "--timesteps", "2",
+                                 "--sensitivity-n", "4", "--mode", "sensitivity"])
     assert result.exit_code == 0, result.output
     bitmap = BitMap.load(out)
     assert bitmap.meta["mode"] == "sensitivity"
@@ -261,3 +263,18 @@ def test_sensitivity_mode_minimises_the_measured_perturbation() -> None:
     with pytest.raises(AllocationError, match="weight sensitivity lacks layer 'y'"):
         allocate(specs, parse_budget("5bits", specs), mode="sensitivity", w_bits=w_bits,
                  a_bits=a_bits, sensitivity=partial)
+
+
+def test_allocate_checks_feasibility_itself() -> None:
+    # allocate() is public: an impossible budget is InfeasibleBudgetError before the ILP runs,
+    # with the same message as cost.check_feasible.
+    from mpq_search.cost import check_feasible
+
+    specs = [conv("a", 8, 4, 6), conv("b", 16, 8, 3)]
+    budget = parse_budget("bops<=W2A2", specs)
+    with pytest.raises(InfeasibleBudgetError) as from_check:
+        check_feasible(budget, specs, DEFAULT_W_BITS, DEFAULT_A_BITS)
+    with pytest.raises(InfeasibleBudgetError) as from_allocate:
+        allocate(specs, budget, mode="size")
+    assert str(from_allocate.value) == str(from_check.value)
+    assert "BOPs per call can be no lower than" in str(from_allocate.value)

@@ -8,7 +8,17 @@ from typing import Any
 
 import pytest
 
-from mpq_search.bitmap import FLOAT, SCHEMA, BitMap, LayerBits, TimestepGroup
+from mpq_search import bitmap as bitmap_module
+from mpq_search.bitmap import (
+    DEFAULT_A_BITS,
+    DEFAULT_W_BITS,
+    FLOAT,
+    SCHEMA,
+    BitMap,
+    LayerBits,
+    TimestepGroup,
+    parse_bit_list,
+)
 from mpq_search.errors import BitMapError
 from mpq_search.models import ModelIdentity
 
@@ -153,3 +163,64 @@ def test_files_that_are_missing_or_not_json(tmp_path: Path) -> None:
     bad.write_text("{'single': quotes}")
     with pytest.raises(BitMapError, match="is not valid JSON"):
         BitMap.load(bad)
+
+
+# --- one parser per notation, one home per default -------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "bits"),
+    [("W4A8", LayerBits(4, 8)), ("w4a8", LayerBits(4, 8)), ("  W2 A4 ", LayerBits(2, 4)),
+     ("W16A32", LayerBits(16, 32)), ("w8A8\n", LayerBits(8, 8))],
+)
+def test_layer_bits_parse(text: str, bits: LayerBits) -> None:
+    assert LayerBits.parse(text) == bits
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("4bit", "looks like W4A8, got '4bit'"), ("W4", "looks like W4A8"), ("", "looks like"),
+     ("W4A8x", "looks like W4A8"), ("W9A8", "weight bits must be one of 2..8, 16 or 32, got 9"),
+     ("W4A1", "activation bits must be one of")],
+)
+def test_layer_bits_parse_refuses(text: str, message: str) -> None:
+    with pytest.raises(BitMapError, match=message):
+        LayerBits.parse(text)
+
+
+def test_parse_setting_is_an_alias_of_layer_bits_parse() -> None:
+    from mpq_search.quant import parse_setting
+
+    assert parse_setting(" w3a5 ") == LayerBits.parse("W3A5") == LayerBits(3, 5)
+    with pytest.raises(BitMapError, match="looks like W4A8"):
+        parse_setting("4bit")
+
+
+@pytest.mark.parametrize(
+    ("text", "bits"),
+    [("2,3,4", (2, 3, 4)), ("8, 4,4,2", (2, 4, 8)), ("5", (5,)), ("2,3,", (2, 3))],
+)
+def test_parse_bit_list(text: str, bits: tuple[int, ...]) -> None:
+    assert parse_bit_list(text, "--w-bits") == bits
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("2,x", "--a-bits must be comma-separated integers, got '2,x'"),
+     ("", "--a-bits must list bit-widths between 2 and 8, got ''"),
+     ("4,9", "--a-bits must list bit-widths between 2 and 8"), ("1", "between 2 and 8"),
+     ("16", "between 2 and 8")],
+)
+def test_parse_bit_list_refuses(text: str, message: str) -> None:
+    with pytest.raises(BitMapError, match=message):
+        parse_bit_list(text, "--a-bits")
+
+
+def test_defaults_and_model_identity_have_one_home() -> None:
+    from mpq_search import allocate, models
+    from mpq_search.quant import QuantConfig
+
+    assert DEFAULT_W_BITS == (2, 3, 4, 5, 6, 7, 8) and DEFAULT_A_BITS == (4, 5, 6, 7, 8)
+    assert allocate.DEFAULT_W_BITS is DEFAULT_W_BITS
+    assert allocate.DEFAULT_A_BITS is DEFAULT_A_BITS
+    config = QuantConfig()
+    assert config.w_bits is DEFAULT_W_BITS and config.a_bits is DEFAULT_A_BITS
+    assert models.ModelIdentity is bitmap_module.ModelIdentity is ModelIdentity

@@ -22,6 +22,7 @@ from mpq_search.importance import (
 )
 from mpq_search.layers import discover_layers
 from mpq_search.models import LoadedModel, ModelIdentity
+from mpq_search.trajectory import initial_noise, trajectory_for
 
 ESTIMATORS = ["biased", "debiased"]
 
@@ -126,16 +127,10 @@ def test_profile_tiny_unet(tiny_model: LoadedModel, tmp_path: Path) -> None:
     assert imp.heatmap().data[0].z.shape == (len(specs), 3)
 
 
-def _ddim_timesteps(model: LoadedModel, steps: int) -> list[int]:
-    from mpq_search.models import sampling_timesteps
-
-    return sampling_timesteps(model, steps)
-
-
 def test_profile_timesteps_are_the_sampled_schedule(tiny_model: LoadedModel) -> None:
     specs = discover_layers(tiny_model.denoiser)
     imp = profile_orthogonality(tiny_model, specs, timesteps=3, steps=6, n=8)
-    schedule = _ddim_timesteps(tiny_model, 6)
+    schedule = trajectory_for(tiny_model, 6).timesteps()
     assert imp.timesteps == (schedule[0], schedule[2], schedule[5])
     with pytest.raises(MPQSearchError, match="n >= 4"):
         profile_orthogonality(tiny_model, specs, n=2)
@@ -194,15 +189,15 @@ def test_output_sensitivity_falls_with_bits_and_is_deterministic(tiny_model: Loa
 def test_output_sensitivity_matches_the_measured_output_error(tiny_model: LoadedModel) -> None:
     """The first-order estimate agrees with the real output change of quantizing one layer."""
     from mpq_search.importance import profile_sensitivity
-    from mpq_search.models import initial_noise, make_ddim_scheduler
     from mpq_search.quant._quantizers import quantize_weight
 
     specs = [s for s in discover_layers(tiny_model.denoiser) if s.name == "conv_out"]
     sens = profile_sensitivity(tiny_model, specs, w_bits=(6,), a_bits=(8,), timesteps=1,
                                steps=1, n=4, probes=64, seed=0)
-    x = initial_noise(tiny_model, 4, 0)
-    t = make_ddim_scheduler(tiny_model, 1).timesteps[0]
-    layer = tiny_model.denoiser.conv_out
+    call = next(iter(trajectory_for(tiny_model, 1).run(initial_noise(tiny_model, 4, 0))))
+    x, t = call.sample, call.t
+    layer = tiny_model.denoiser.get_submodule("conv_out")
+    assert isinstance(layer, torch.nn.Conv2d)
     original = layer.weight.data
     with torch.no_grad():
         reference = tiny_model.denoiser(x, t).sample

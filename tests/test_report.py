@@ -49,7 +49,8 @@ def test_report_files(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
 
 
 def test_export_round_trips(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
-    _config, ctx, study = searched
+    _config, built, study = searched
+    space = built.plan.space
     best = best_trial(study)
     path = export(study, tmp_path / "best.json", best=True)
     loaded = BitMap.load(path)
@@ -57,11 +58,11 @@ def test_export_round_trips(searched: tuple[Any, Any, Any], tmp_path: Path) -> N
     assert loaded.meta["trial"] == best.number
     assert loaded.meta["fid_excess"] == pytest.approx(best.values[0])
     # the exported map decodes to exactly the trial's params, and to itself through JSON
-    assert ctx.space.to_params(ctx.space.from_bitmap(loaded)) == best.params
+    assert space.to_params(space.from_bitmap(loaded)) == best.params
     again = export(study, tmp_path / "t.json", trial=best.number)
     assert BitMap.load(again) == loaded
-    ctx.engine.apply(loaded)  # the quantizer accepts it
-    ctx.engine.remove()
+    built.scorer.engine.apply(loaded)  # the quantizer accepts it
+    built.scorer.engine.remove()
 
 
 def test_export_errors(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:

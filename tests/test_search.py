@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from _search_fixtures import build_study, tiny_config, tiny_pipeline_dir, uniform_importance
+from _search_fixtures import build_study, tiny_config, tiny_pipeline_dir
 from optuna.trial import TrialState
 
 from mpq_search.bitmap import BitMap
@@ -24,7 +24,6 @@ from mpq_search.search import (
     SpaceCost,
     StudyConfig,
     Surrogate,
-    _run,
     create_study,
     load,
     load_config,
@@ -190,20 +189,24 @@ def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
     config = tiny_config(model_dir, tmp_path, prior_modes=("sensitivity", "orthogonality"),
                          sensitivity_n=4, sensitivity_probes=2, surrogate_prior="sensitivity")
     model, specs = load(config)
-    ctx = prepare(config, model, specs)
-    tags = [seed.tag for seed in ctx.seeds]
+    plan = prepare(config, model, specs)
+    tags = [seed.tag for seed in plan.seeds]
     assert {"prior:sensitivity@5bits", "prior:orthogonality@5bits"} <= set(tags)
     assert "prior:sensitivity@4.5bits" in tags  # the first mode also seeds the tighter budgets
-    assert {"sensitivity_weight", "sensitivity_activation"} <= set(ctx.importance)
+    assert plan.importance.sensitivity_weight is not None
+    assert {"sensitivity_weight", "sensitivity_activation"} <= set(plan.importance.to_dict())
     by_source = {}
     for source in ("sensitivity", "orthogonality", "size"):
-        ctx.config = config.replace(surrogate_prior=source)
-        by_source[source] = _run.surrogate_prior(ctx).cw
+        by_source[source] = plan.with_config(
+            config.replace(surrogate_prior=source)).surrogate_prior().cw
     assert not np.allclose(by_source["sensitivity"], by_source["orthogonality"])
-    assert np.allclose(by_source["size"], [[len(unit) for unit in ctx.space.units]])
+    assert np.allclose(by_source["size"], [[len(unit) for unit in plan.space.units]])
     # without a sensitivity prior or surrogate, the (slower) sensitivity profile is skipped
     plain = config.replace(prior_modes=("orthogonality",), surrogate_prior="orthogonality")
-    assert "sensitivity_weight" not in prepare(plain, model, specs).importance
+    plain_plan = prepare(plain, model, specs)
+    assert plain_plan.importance.sensitivity_weight is None
+    with pytest.raises(StudyError, match="sensitivity profile"):
+        plain_plan.with_config(plain.replace(surrogate_prior="sensitivity")).surrogate_prior()
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -239,18 +242,18 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
 
 # --- studies -------------------------------------------------------------------------------------
 def test_pareto_maps_meet_budget_and_seeds_are_tagged(tmp_path: Path) -> None:
-    config, ctx, study = build_study(tmp_path, trials=8, prior_modes=("size", "random"))
+    config, built, study = build_study(tmp_path, trials=8, prior_modes=("size", "random"))
+    space = built.plan.space
     tags = [t.user_attrs["tag"] for t in study.trials]
     assert tags[:2] == ["uniform:W4A8", "uniform:W8A8"]
     assert "prior:size@5bits" in tags and "prior:random@5bits" in tags
     assert any(t.startswith("prior:size@4.5bits") for t in tags)
     assert len(study.trials) == 2 + 8
-    _recomputed_feasible(study, ctx.specs, config.budget)
+    _recomputed_feasible(study, built.plan.specs, config.budget)
     # every trial's params are exactly the map it evaluated
     for trial in study.trials:
         bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
-        assert ctx.space.key(ctx.space.from_bitmap(bitmap)) == ctx.space.key(
-            ctx.space.from_params(trial.params))
+        assert space.key(space.from_bitmap(bitmap)) == space.key(space.from_params(trial.params))
     # search trials fill their target budget (the study's, or a tighter prior budget)
     targets = np.array([5.0, 4.5, 4.0, 3.5])
     for trial in (t for t in study.trials if t.user_attrs["role"] == "search"):
@@ -259,13 +262,14 @@ def test_pareto_maps_meet_budget_and_seeds_are_tagged(tmp_path: Path) -> None:
 
 
 def test_resume_adds_trials_without_repeating(tmp_path: Path) -> None:
-    _config, ctx, study = build_study(tmp_path, trials=5, study="resume")
+    _config, built, study = build_study(tmp_path, trials=5, study="resume")
     first = len(study.trials)
-    again = create_study(ctx)
-    optimize(again, ctx)
+    again = create_study(built.plan)
+    optimize(again, built.plan, built.scorer)
     trials = again.trials
     assert len(trials) == first + 5
-    keys = [ctx.space.key(ctx.space.from_params(t.params)) for t in trials
+    space = built.plan.space
+    keys = [space.key(space.from_params(t.params)) for t in trials
             if t.user_attrs["role"] != "baseline"]
     assert len(keys) == len(set(keys))
     tags = [t.user_attrs["tag"] for t in trials if t.user_attrs["tag"]]
@@ -273,17 +277,24 @@ def test_resume_adds_trials_without_repeating(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
-    config, ctx, _study = build_study(tmp_path, trials=0, study="strict")
+    config, built, _study = build_study(tmp_path, trials=0, study="strict")
     model, specs = load(config)
-    other = prepare(config.replace(n=16), model, specs, importance=ctx.importance)
+    other = prepare(config.replace(n=16), model, specs, importance=built.plan.importance)
     with pytest.raises(StudyError, match="n=8"):
         create_study(other)
+    # the same budget written another way is the same study
+    same = prepare(config.replace(budget="5.00bits"), model, specs,
+                   importance=built.plan.importance)
+    assert same.config.study_name == config.study_name
+    assert create_study(same).study_name == config.study_name
 
 
 def test_nan_trial_recorded_failed_and_study_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = _run.evaluate_current
+    from mpq_search.search import _scorer
+
+    real = _scorer.evaluate_current
     calls = {"n": 0}
 
     def poisoned(model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -297,8 +308,8 @@ def test_nan_trial_recorded_failed_and_study_goes_on(
         finally:
             hook.remove()
 
-    monkeypatch.setattr(_run, "evaluate_current", poisoned)
-    _config, ctx, study = build_study(tmp_path, trials=5)
+    monkeypatch.setattr(_scorer, "evaluate_current", poisoned)
+    _config, built, study = build_study(tmp_path, trials=5)
     states = [t.state for t in study.trials]
     assert states[3] == TrialState.FAIL
     assert "NaN" in study.trials[3].user_attrs["fail_reason"]
@@ -306,27 +317,28 @@ def test_nan_trial_recorded_failed_and_study_goes_on(
     with pytest.raises(NonFiniteSamplesError):
         poisoned_calls = calls["n"]
         calls["n"] = 3
-        _run.evaluate_bitmap(ctx, BitMap.from_dict(study.trials[3].user_attrs["bitmap"]))
-    ctx.engine.remove()
+        built.scorer.score(BitMap.from_dict(study.trials[3].user_attrs["bitmap"]))
+    assert built.scorer.engine.bitmap is None  # back in FP even after the failure
     assert poisoned_calls == 7
 
 
 def test_timestep_groups(tmp_path: Path) -> None:
-    config, ctx, study = build_study(tmp_path, trials=6, timestep_groups=2, baselines=())
+    config, built, study = build_study(tmp_path, trials=6, timestep_groups=2, baselines=())
     search = [t for t in study.trials if t.user_attrs["role"] == "search"]
     assert search and all(len(t.user_attrs["bitmap"]["groups"]) == 2 for t in search)
     assert all(k.startswith(("t0/", "t1/")) for k in search[0].params)
-    _recomputed_feasible(study, ctx.specs, config.budget)
+    _recomputed_feasible(study, built.plan.specs, config.budget)
 
 
 @pytest.mark.parametrize("sampler", ["nsga2", "tpe", "gp", "random"])
 def test_optuna_samplers_stay_in_budget(tmp_path: Path, sampler: str) -> None:
-    config, ctx, study = build_study(tmp_path, trials=6, sampler=sampler, baselines=())
+    config, built, study = build_study(tmp_path, trials=6, sampler=sampler, baselines=())
     search = [t for t in study.trials if t.user_attrs["role"] == "search"]
     assert len(search) == 2  # 4 priors (5, 4.5, 4, 3.5 bits) + 2
-    budget = parse_budget(config.budget, ctx.specs)
+    specs = built.plan.specs
+    budget = parse_budget(config.budget, specs)
     for trial in study.trials:
-        assert budget.is_met(cost_of(ctx.specs, BitMap.from_dict(trial.user_attrs["bitmap"])))
+        assert budget.is_met(cost_of(specs, BitMap.from_dict(trial.user_attrs["bitmap"])))
 
 
 def test_postgresql_storage(tmp_path: Path) -> None:
@@ -345,22 +357,30 @@ def test_postgresql_storage(tmp_path: Path) -> None:
 
 
 # --- CLI and pipeline ------------------------------------------------------------------------
-def test_cli_run_report_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_run_report_export(tmp_path: Path) -> None:
+    """`mpq-search run` on a fresh study, nothing patched: profiles, priors, trials, report."""
     from typer.testing import CliRunner
 
     from mpq_search.cli import app
 
     model_dir = tiny_pipeline_dir(tmp_path)
-    monkeypatch.setattr("mpq_search.api._stored_importance",
-                        lambda config: uniform_importance(model_dir))
     toml = tmp_path / "tiny.toml"
-    config = tiny_config(model_dir, tmp_path)
+    config = tiny_config(model_dir, tmp_path, prior_modes=("orthogonality", "sensitivity", "size"),
+                         sensitivity_n=4, sensitivity_probes=2)
     lines = [f"{k} = {_toml(v)}" for k, v in config.to_dict().items() if v is not None]
     toml.write_text("\n".join(lines) + "\n")
     runner = CliRunner()
-    result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "3", "--study", "cli"])
+    result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "2", "--study", "cli"])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output
+    made = load_study("cli", f"sqlite:///{tmp_path / 'studies' / 'cli' / 'study.db'}")
+    tags = {t.user_attrs["tag"] for t in made.trials}
+    assert {"prior:orthogonality@5bits", "prior:sensitivity@5bits", "uniform:W4A8"} <= tags
+    assert len(made.trials) == 2 + 2  # the two uniform references, then the 2 trials asked for
+    stored = made.user_attrs["importance"]
+    assert set(stored) == {"weight", "activation", "sensitivity_weight",
+                           "sensitivity_activation"}
+    assert all(v > 0 for v in stored["weight"].values())
     root = tmp_path / "studies"
     result = runner.invoke(app, ["export", "--study", "cli", "--best", "--root", str(root),
                                  "--out", str(tmp_path / "best.json")])

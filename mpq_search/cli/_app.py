@@ -1,15 +1,22 @@
-"""The typer app and the one place where library errors become one-line messages and exit codes."""
+"""The typer app, the one place where library errors become one-line messages and exit codes, and
+the two ways a command prints its result: rich output, or one JSON object (`--json`)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, Protocol, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mpq_search.errors import MPQSearchError
+
+if TYPE_CHECKING:
+    from mpq_search.api_commands import Phases
 
 app = typer.Typer(
     name="mpq-search",
@@ -29,6 +36,16 @@ R = TypeVar("R")
 
 EXIT_USAGE = 2
 
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object to stdout instead of tables.")
+]
+
+
+class Record(Protocol):
+    """An API result record."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 def fail(message: str) -> typer.Exit:
     """Print a one-line error and return the Exit to raise (exit code 2)."""
@@ -37,13 +54,43 @@ def fail(message: str) -> typer.Exit:
 
 
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn MPQSearchError into a one-line message and exit code 2, never a traceback."""
+    """Run a command under the CLI's process settings (`runtime.configure_process`: glibc keeps
+    freed buffers, single-threaded BLAS), and turn MPQSearchError into a one-line message and
+    exit code 2, never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from mpq_search.runtime import configure_process
+
+        configure_process()
         try:
             return func(*args, **kwargs)
         except MPQSearchError as e:
             raise fail(str(e)) from None
 
     return wrapper
+
+
+def print_json(record: Record) -> None:
+    """The record as one line of strict JSON on stdout."""
+    typer.echo(json.dumps(record.to_dict(), allow_nan=False))
+
+
+@contextmanager
+def progress_bars(*, json_out: bool = False) -> Iterator[Phases]:
+    """Transient rich progress bars, one per phase; on stderr in --json mode (stdout is JSON)."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console if json_out else console,
+        transient=True,
+    )
+
+    def phase(label: str, total: int) -> Callable[[int], None]:
+        task = bar.add_task(label, total=total)
+        return lambda k: bar.advance(task, k)
+
+    with bar:
+        yield phase

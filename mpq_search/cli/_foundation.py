@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mpq_search.cli._app import app, console, handles_errors, zoo_app
+from mpq_search.cli._app import (
+    JsonOption,
+    app,
+    console,
+    handles_errors,
+    print_json,
+    progress_bars,
+    zoo_app,
+)
+from mpq_search.evaluate import SampleSettings
+from mpq_search.search import StudyConfig
+
+STUDY = StudyConfig()
+"""The record that owns the study defaults (steps, seeds, N, ...): options read it."""
+BATCH_SIZE = SampleSettings().batch_size
+FEATURE_NET = "lenet"
+"""Feature net of `fid` and `quantize` (the cheap MNIST proxy; `run` picks by channel count)."""
 
 ModelOption = Annotated[
     str,
@@ -22,22 +34,8 @@ SeedOption = Annotated[
     int, typer.Option(help="Seed of the initial noise (same seed, same images).")
 ]
 StepsOption = Annotated[int, typer.Option(help="DDIM sampling steps.", min=1)]
-
-
-@contextmanager
-def sampling_progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
-    """Show a rich progress bar of `total` items; yields the callback that advances it."""
-    bar = Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-    with bar:
-        task = bar.add_task(label, total=total)
-        yield lambda k: bar.advance(task, k)
+BatchOption = Annotated[int, typer.Option(help="Images per denoiser batch.", min=1)]
+FeaturesOption = Annotated[str, typer.Option(help="Feature net: lenet or inception.")]
 
 
 @app.command("models")
@@ -57,69 +55,57 @@ def models_command() -> None:
 @app.command("sample")
 @handles_errors
 def sample_command(
-    model: ModelOption = "mnist-ddpm",
+    model: ModelOption = STUDY.model,
     n: Annotated[int, typer.Option(help="Number of images.", min=1)] = 64,
     steps: StepsOption = 50,
-    seed: SeedOption = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per denoiser batch.", min=1)] = 250,
+    seed: SeedOption = STUDY.sample_seed,
+    batch_size: BatchOption = BATCH_SIZE,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write.")] = Path(
         "grid.png"
     ),
 ) -> None:
     """Sample the full-precision model with DDIM and write a grid of images."""
-    from mpq_search.images import save_grid
-    from mpq_search.models import load_model, sample
+    from mpq_search.api_commands import sample_grid
 
-    loaded = load_model(model)
-    started = time.perf_counter()
-    with sampling_progress(n, "sampling") as advance:
-        images = sample(
-            loaded,
-            n=n,
-            steps=steps,
-            seed=seed,
-            batch_size=batch_size,
-            progress=advance,
-        )
-    elapsed = time.perf_counter() - started
-    save_grid(images, out)
+    with progress_bars() as phases:
+        result = sample_grid(model, n=n, steps=steps, seed=seed, batch_size=batch_size, path=out,
+                             progress=phases)
     console.print(
-        f"wrote {n} samples of {loaded.identity.name} to {out} "
-        f"({elapsed:.1f}s, {1000 * elapsed / (n * steps):.2f} ms per image-step)"
+        f"wrote {result.n} samples of {result.model} to {result.path} "
+        f"({result.seconds:.1f}s, {result.ms_per_image_step:.2f} ms per image-step)"
     )
 
 
 @app.command("fid")
 @handles_errors
 def fid_command(
-    model: ModelOption = "mnist-ddpm",
-    features: Annotated[str, typer.Option(help="Feature net: lenet or inception.")] = "lenet",
-    n: Annotated[int, typer.Option(help="Number of generated images.", min=2)] = 1000,
-    steps: StepsOption = 20,
-    seed: SeedOption = 0,
+    model: ModelOption = STUDY.model,
+    features: FeaturesOption = FEATURE_NET,
+    n: Annotated[int, typer.Option(help="Number of generated images.", min=2)] = STUDY.heldout_n,
+    steps: StepsOption = STUDY.steps,
+    seed: SeedOption = STUDY.sample_seed,
+    json_out: JsonOption = False,
 ) -> None:
     """FID of the full-precision model against the held-out MNIST split, beside the data floor."""
-    from mpq_search.evaluate import fp_fid_report
+    from mpq_search.api_commands import fid_summary
 
-    with sampling_progress(n, "sampling") as advance:
-        report = fp_fid_report(
-            model,
-            feature_net=features,
-            n=n,
-            steps=steps,
-            seed=seed,
-            progress=advance,
-        )
+    with progress_bars(json_out=json_out) as phases:
+        result = fid_summary(model, feature_net=features, n=n, steps=steps, seed=seed,
+                             progress=phases)
+    if json_out:
+        print_json(result)
+        return
     table = Table(
-        title=f"FID against the held-out split ({features}, N={report.n} vs {report.n_reference})"
+        title=f"FID against the held-out split ({features}, N={result.n} vs {result.n_reference})"
     )
     table.add_column("set")
     table.add_column("FID", justify="right")
     table.add_row(
-        f"{report.model} (FP, {steps} DDIM steps, seed {seed})", f"{report.model_fid:.2f}"
+        f"{result.model} (FP, {result.steps} DDIM steps, seed {result.seed})",
+        f"{result.model_fid:.2f}",
     )
-    table.add_row("floor: train split vs held-out", f"{report.floor_fid:.2f}")
-    table.add_row("ratio", f"{report.model_fid / report.floor_fid:.2f}x")
+    table.add_row("floor: train split vs held-out", f"{result.floor_fid:.2f}")
+    table.add_row("ratio", f"{result.ratio:.2f}x")
     console.print(table)
 
 
@@ -133,8 +119,8 @@ def zoo_train_command(
 ) -> None:
     """Retrain an embedded model from scratch, seeded, logging the loss (mnist-ddpm: about 1 h)."""
     from mpq_search.errors import ModelNotFoundError
+    from mpq_search.training import train_lenet, train_mnist_ddpm
     from mpq_search.zoo import EMBEDDED_MODELS, LENET_WEIGHTS
-    from mpq_search.zoo.train import train_lenet, train_mnist_ddpm
 
     if name == "mnist-ddpm":
         train_mnist_ddpm(

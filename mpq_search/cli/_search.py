@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -15,7 +15,21 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mpq_search.cli._app import app, console, fail, handles_errors
+from mpq_search.cli._app import (
+    JsonOption,
+    app,
+    console,
+    err_console,
+    fail,
+    handles_errors,
+    print_json,
+)
+from mpq_search.cli._foundation import STUDY
+
+if TYPE_CHECKING:
+    import optuna
+
+    from mpq_search.search import StudyConfig
 
 StudyOption = Annotated[str | None, typer.Option("--study", help="Study name.")]
 StorageOption = Annotated[
@@ -28,7 +42,7 @@ ConfigOption = Annotated[
 ]
 
 
-def _config(config: Path | None, **flags: Any) -> Any:
+def _config(config: Path | None, **flags: Any) -> StudyConfig:
     from mpq_search.search import load_config
 
     return load_config(config, **flags)
@@ -82,29 +96,34 @@ def run_command(
                   f"{cfg.study_dir / 'report'}")
 
 
-def _open(study: str | None, storage: str | None, root: Path, config: Path | None) -> Any:
-    from mpq_search.search import load_study
+def _open(
+    study: str | None, storage: str | None, root: Path, config: Path | None,
+) -> tuple[StudyConfig, optuna.Study]:
+    from mpq_search.api_commands import open_study
 
-    cfg = _config(config, study=study, storage=storage, root=str(root))
-    if cfg.study is None and config is None:
+    if study is None and config is None:
         raise fail("give --study NAME (or --config)")
-    return cfg, load_study(cfg.study_name, cfg.storage_url)
+    return open_study(config, study=study, storage=storage, root=root)
 
 
 @app.command("report")
 @handles_errors
 def report_command(
     study: StudyOption = None, storage: StorageOption = None,
-    root: RootOption = Path("studies"), config: ConfigOption = None,
+    root: RootOption = Path(STUDY.root), config: ConfigOption = None, json_out: JsonOption = False,
 ) -> None:
     """Print the Pareto table and write pareto.csv, pareto.html, bit maps and grids."""
-    from mpq_search.api import report
-    from mpq_search.report import pareto_rows, pareto_table, reference_rows
+    from mpq_search.api_commands import study_report
+    from mpq_search.report import pareto_table
 
     cfg, loaded = _open(study, storage, root, config)
-    files = report(loaded, cfg)
-    console.print(pareto_table(reference_rows(loaded), title="Baselines and priors"))
-    console.print(pareto_table(pareto_rows(loaded), title="Pareto front"))
+    result = study_report(loaded, cfg)
+    if json_out:
+        print_json(result)
+        return
+    console.print(pareto_table(result.references, title="Baselines and priors"))
+    console.print(pareto_table(result.pareto, title="Pareto front"))
+    files = result.files
     console.print(f"wrote {files.csv}, {files.html}, {len(files.bitmaps)} bit maps, "
                   f"{len(files.grids)} grids")
 
@@ -115,18 +134,20 @@ def confirm_command(
     study: StudyOption = None,
     trials: Annotated[str | None, typer.Option(
         "--trials", help="Comma-separated trial numbers (default: the Pareto points).")] = None,
-    n: Annotated[int, typer.Option("--n", help="Held-out samples per map.")] = 1000,
+    n: Annotated[int, typer.Option("--n", help="Held-out samples per map.")] = STUDY.heldout_n,
     seed: Annotated[int | None, typer.Option(
         help="Held-out noise seed (default: the study's heldout_seed).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
-    storage: StorageOption = None, root: RootOption = Path("studies"), config: ConfigOption = None,
+    storage: StorageOption = None, root: RootOption = Path(STUDY.root),
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
 ) -> None:
     """Re-score trials on held-out noise with many samples; store the scores, rewrite the report.
 
     The search's proxy ranks near-best maps only roughly: confirm the finalists with N >= 1000.
     """
-    from mpq_search.api import confirm_trials
-    from mpq_search.report import pareto_rows, pareto_table
+    from mpq_search.api_commands import confirm_study
+    from mpq_search.report import pareto_table
 
     try:
         numbers = [int(x) for x in trials.split(",") if x.strip()] if trials else None
@@ -136,16 +157,20 @@ def confirm_command(
         raise fail(f"--n must be at least 2, got {n}")
     cfg, loaded = _open(study, storage, root, config)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), console=err_console if json_out else console,
+                  transient=True) as bar:
         task = bar.add_task("preparing", total=None)
 
         def on_trial(number: int, value: float) -> None:
             bar.update(task, advance=1, description=f"trial {number}: {value:.3f}")
 
-        scores = confirm_trials(loaded, cfg, trials=numbers, n=n, seed=seed, threads=threads,
-                                progress=on_trial)
-    console.print(pareto_table(pareto_rows(loaded), title=f"Pareto front, held-out N = {n}"))
-    console.print(f"confirmed {len(scores)} trials; report in {cfg.study_dir / 'report'}")
+        result = confirm_study(loaded, cfg, trials=numbers, n=n, seed=seed, threads=threads,
+                               progress=on_trial)
+    if json_out:
+        print_json(result)
+        return
+    console.print(pareto_table(result.pareto, title=f"Pareto front, held-out N = {n}"))
+    console.print(f"confirmed {len(result.scores)} trials; report in {result.report_dir}")
 
 
 @app.command("export")
@@ -155,7 +180,8 @@ def export_command(
     trial: Annotated[int | None, typer.Option("--trial", help="Trial number.")] = None,
     best: Annotated[bool, typer.Option("--best", help="The best trial within budget.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write.")] = None,
-    storage: StorageOption = None, root: RootOption = Path("studies"), config: ConfigOption = None,
+    storage: StorageOption = None, root: RootOption = Path(STUDY.root),
+    config: ConfigOption = None,
 ) -> None:
     """Write one trial's bit map (or the best one within budget) as JSON."""
     from mpq_search.report import export
@@ -172,7 +198,7 @@ def export_command(
 @handles_errors
 def dashboard_command(
     study: StudyOption = None, storage: StorageOption = None,
-    root: RootOption = Path("studies"), config: ConfigOption = None,
+    root: RootOption = Path(STUDY.root), config: ConfigOption = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
 ) -> None:
     """Start optuna-dashboard on the study's storage (127.0.0.1) with its artifacts."""

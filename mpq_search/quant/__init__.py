@@ -14,11 +14,12 @@ Everything a candidate bit-width needs is computed once in `QuantEngine.calibrat
 hundreds of maps. `QuantEngine.remove()` restores the FP model bit-exactly.
 """
 
-from mpq_search.quant._config import ActCalibration, QuantConfig, parse_setting
+from mpq_search.quant._config import ACT_CALIBRATIONS, ActCalibration, QuantConfig, parse_setting
 from mpq_search.quant._engine import QuantEngine, apply
 from mpq_search.quant._quantizers import fake_quantize, round_ste
 
 __all__ = [
+    "ACT_CALIBRATIONS",
     "ActCalibration",
     "QuantConfig",
     "QuantEngine",

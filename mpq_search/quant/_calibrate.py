@@ -1,8 +1,9 @@
 """Timestep-aware activation calibration (Q-Diffusion) and shortcut-split detection.
 
-Calibration runs the FP model along real DDIM trajectories and records every quantizable layer's
-input at uniformly spaced sampling steps: exact min/max, plus a seeded random subset of the values
-for the MSE and percentile searches (all inputs of all steps would not fit in memory).
+Calibration runs the FP model along real sampling trajectories (`mpq_search.trajectory`) and
+records every quantizable layer's input at uniformly spaced sampling steps: exact min/max, plus a
+seeded random subset of the values for the MSE and percentile searches (all inputs of all steps
+would not fit in memory).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from mpq_search.layers import example_inputs
-from mpq_search.models import LoadedModel, sample
+from mpq_search.models import LoadedModel
+from mpq_search.trajectory import sample
 
 Segments = tuple[int, ...]
 """Channel counts of the parts of a layer input that get separate activation ranges."""
@@ -114,7 +116,7 @@ class _Recorder:
 
     def _record(self, name: str, timestep: int, x: torch.Tensor) -> None:
         segments = self.splits.get(name)
-        parts = x.split(list(segments), dim=1) if segments else (x,)
+        parts = torch.split(x, list(segments), dim=1) if segments else (x,)
         records = self.records[name].setdefault(timestep, [SegmentRecord() for _ in parts])
         for part, rec in zip(parts, records, strict=True):
             flat = part.reshape(-1).float()

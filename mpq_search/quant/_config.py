@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from mpq_search.bitmap import QUANT_BITS, BitMap, LayerBits, is_float
-from mpq_search.errors import BitMapError, CalibrationError
+from mpq_search.bitmap import (
+    DEFAULT_A_BITS,
+    DEFAULT_W_BITS,
+    QUANT_BITS,
+    BitMap,
+    LayerBits,
+    is_float,
+)
+from mpq_search.errors import CalibrationError
 
 ActCalibration = Literal["mse", "minmax", "percentile"]
 ACT_CALIBRATIONS: tuple[str, ...] = get_args(ActCalibration)
@@ -27,8 +33,8 @@ class QuantConfig:
     see the test noise.
     """
 
-    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    a_bits: tuple[int, ...] = (4, 5, 6, 7, 8)
+    w_bits: tuple[int, ...] = DEFAULT_W_BITS
+    a_bits: tuple[int, ...] = DEFAULT_A_BITS
     act_calibration: ActCalibration = "mse"
     split_skip: bool = True
     calib_n: int = 64
@@ -96,12 +102,9 @@ class QuantConfig:
         return sorted({round(i * (steps - 1) / max(1, k - 1)) for i in range(k)})
 
 
-_SETTING = re.compile(r"^\s*W(\d+)\s*A(\d+)\s*$", re.IGNORECASE)
-
-
 def parse_setting(text: str) -> LayerBits:
-    """Parse a uniform setting such as "W4A8" (weight bits, activation bits; 16/32 = float)."""
-    match = _SETTING.match(text)
-    if match is None:
-        raise BitMapError(f"a uniform setting looks like W4A8, got {text!r}")
-    return LayerBits(int(match.group(1)), int(match.group(2)))
+    """Parse a uniform setting such as "W4A8" (weight bits, activation bits; 16/32 = float).
+
+    An alias of `LayerBits.parse`, kept for existing callers: the notation has one parser.
+    """
+    return LayerBits.parse(text)

@@ -23,7 +23,7 @@ from torch import nn
 from mpq_search.bitmap import FLOAT, BitMap, LayerBits, is_float
 from mpq_search.errors import BitMapError, CalibrationError, MPQSearchError
 from mpq_search.layers import LayerSpec, discover_layers, quantizable_modules
-from mpq_search.models import LoadedModel, sample, sampling_timesteps
+from mpq_search.models import LoadedModel
 from mpq_search.quant._calibrate import (
     SegmentRecord,
     Segments,
@@ -38,10 +38,12 @@ from mpq_search.quant._quantizers import (
     act_range_minmax,
     act_range_mse,
     act_range_percentile,
+    compiling_every_layout,
     fake_quant_act,
     fused_fake_quant_act,
     quantize_weight,
 )
+from mpq_search.trajectory import sample, sampling_timesteps
 
 _ENGINE_ATTR = "_mpq_search_engine"
 
@@ -212,7 +214,8 @@ class QuantEngine:
         top = LayerBits(max(self.config.w_bits), max(self.config.a_bits))
         self.apply(BitMap.from_layers(self.model.identity, dict.fromkeys(self.layer_names, top)))
         try:
-            sample(self.model, n=2, steps=1, seed=self.config.seed, batch_size=2)
+            with compiling_every_layout():
+                sample(self.model, n=2, steps=1, seed=self.config.seed, batch_size=2)
         finally:
             self.remove()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def _factor_chunks(numel: int) -> list[torch.Tensor]:
     """Shrink factors in chunks small enough that chunk * numel stays under _CHUNK_ELEMENTS."""
     size = max(1, _CHUNK_ELEMENTS // max(1, numel))
     factors = torch.tensor(SHRINK_FACTORS)
-    return list(factors.split(size))
+    return list(torch.split(factors, size))
 
 
 @torch.no_grad()
@@ -191,11 +192,6 @@ class FusedFakeQuant:
             # A CUDA build of torch on a CPU-only machine warns "No CUDA runtime is found" when
             # inductor looks for a compiler: noise for a CPU kernel.
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            # One graph per input layout (rank, strides, size-1 dims, views): about a dozen on
-            # a UNet, more than dynamo's default limit of 8 per function. Raising the limit only
-            # lets code compile that would otherwise fall back to eager.
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
             self._compiled = torch.compile(_fake_quant_expr, dynamic=True)
         try:
             return self._compiled(x, inv_scale, lo, hi, scale)
@@ -208,6 +204,23 @@ class FusedFakeQuant:
 
 fused_fake_quant_act = FusedFakeQuant()
 """The process-wide compiled quantizer (compiled once, on first use)."""
+
+
+@contextmanager
+def compiling_every_layout() -> Iterator[None]:
+    """Let dynamo compile up to RECOMPILE_LIMIT graphs of the fused quantizer in this block.
+
+    There is one graph per input layout (rank, strides, size-1 dims, views): about a dozen on a
+    UNet, more than dynamo's default limit of 8 per function. The engine's warm-up runs a
+    denoiser call with every layer quantized inside this block, so each layout compiles once;
+    outside it the process keeps dynamo's own limit (a layout first met later runs eagerly: the
+    same numbers, a little slower). Scoped rather than set for the process: the setting is
+    dynamo's, and other code in the user's process may rely on it.
+    """
+    with torch._dynamo.config.patch(
+        recompile_limit=max(int(torch._dynamo.config.recompile_limit), RECOMPILE_LIMIT)
+    ):
+        yield
 
 
 def act_range_minmax(x_min: float, x_max: float, bits: int) -> ActRange:
@@ -235,9 +248,8 @@ def act_range_mse(samples: torch.Tensor, x_min: float, x_max: float, bits: int) 
     inv = (1.0 / scale.double()).to(samples.dtype)[:, None]
     lo, hi = -zero[:, None], (qmax(bits) - zero)[:, None]
     errors = []
-    for rows in torch.arange(len(factors)).split(
-        max(1, _CHUNK_ELEMENTS // max(1, samples.numel()))
-    ):
+    for rows in torch.split(torch.arange(len(factors)),
+                            max(1, _CHUNK_ELEMENTS // max(1, samples.numel()))):
         deq = fake_quant_act(samples[None, :], inv[rows], lo[rows], hi[rows], scale[rows, None])
         errors.append((deq - samples).square().sum(1))
     best = int(torch.cat(errors).argmin())  # first minimum: the widest range

@@ -1,39 +1,43 @@
 """Stage (search): an Optuna study over per-layer bit maps, seeded with priors, inside a budget.
 
+One trial, in module order: `_config` (the `StudyConfig` record that owns every default) ->
+`_prepare` (model, layers, the budget parsed once, the space, importance profiles, ILP priors:
+a `SearchPlan`) -> `_scorer` (`calibrate` the quantizer and the FP reference once: a `Scorer`) ->
+`_loop` (`optimize`: the sampler in `_sampler` proposes a map inside the budget with `_space` and
+`_repair`, `_storage` stores it, the scorer scores it, the study is told; `_artifacts` keeps its
+grid and bit map) -> `_confirm` (held-out re-scoring). `_storage` is the only module that touches
+Optuna's private API; `_study` holds the study's self-description and its seeds.
+
 Public API (implementation in private modules):
 
 * `StudyConfig`, `load_config` - every option of a run; TOML under `studies/`, CLI overrides;
 * `load`, `prepare`, `calibrate`, `create_study`, `optimize`, `confirm` - the stages of a run,
   called in order by `mpq_search.api.run`;
+* `SearchPlan`, `ImportanceScores`, `Scorer`, `TrialEvent` - the records between them;
 * `SearchSpace`, `SpaceCost`, `Repairer`, `Surrogate` - the space, its vectorised cost, budget
   repair;
 * `GuidedSampler`, `RepairingSampler`, `make_sampler` - budget-safe samplers;
-* `load_study`, `make_storage` - storage helpers.
+* `load_study`, `find_study`, `make_storage` - storage helpers.
 """
 
 from mpq_search.search._config import SAMPLERS, StudyConfig, load_config
+from mpq_search.search._confirm import confirm, heldout_settings
+from mpq_search.search._loop import TrialEvent, create_study, optimize
+from mpq_search.search._prepare import ImportanceScores, SearchPlan, load, prepare
 from mpq_search.search._repair import Repairer, Surrogate
-from mpq_search.search._run import (
-    SearchContext,
-    TrialEvent,
-    calibrate,
-    confirm,
-    create_study,
-    evaluate_bitmap,
-    load,
-    optimize,
-    prepare,
-)
 from mpq_search.search._sampler import GuidedSampler, RepairingSampler, make_sampler
+from mpq_search.search._scorer import Scorer, calibrate
 from mpq_search.search._space import SearchSpace, SpaceCost
-from mpq_search.search._study import load_study, make_storage
+from mpq_search.search._storage import find_study, load_study, make_storage
 
 __all__ = [
     "SAMPLERS",
     "GuidedSampler",
+    "ImportanceScores",
     "Repairer",
     "RepairingSampler",
-    "SearchContext",
+    "Scorer",
+    "SearchPlan",
     "SearchSpace",
     "SpaceCost",
     "StudyConfig",
@@ -42,7 +46,8 @@ __all__ = [
     "calibrate",
     "confirm",
     "create_study",
-    "evaluate_bitmap",
+    "find_study",
+    "heldout_settings",
     "load",
     "load_config",
     "load_study",

@@ -17,7 +17,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from mpq_search.allocate import ALLOCATION_MODES, AllocationMode
+from mpq_search.bitmap import DEFAULT_A_BITS, DEFAULT_W_BITS, parse_bit_list
+from mpq_search.cost import canonical_budget
 from mpq_search.errors import StudyError
+from mpq_search.fid import FEATURE_NETS, FeatureNetName
+from mpq_search.quant import ACT_CALIBRATIONS, ActCalibration
 
 SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
 ObjectiveName = Literal["fid", "bops", "size"]
@@ -31,7 +36,7 @@ SECOND_OBJECTIVES: tuple[str, ...] = ("bops", "size")
 # Fields that change what a trial's numbers mean: a resumed study must agree on them.
 IDENTITY_FIELDS: tuple[str, ...] = (
     "budget", "objectives", "timestep_groups", "w_bits", "a_bits", "n", "steps", "sample_seed",
-    "feature_net", "act_calibration", "calib_n", "calib_steps", "tie_layers",
+    "feature_net", "act_calibration", "calib_n", "calib_steps", "calib_timesteps", "tie_layers",
 )
 
 
@@ -40,6 +45,8 @@ class StudyConfig:
     """Every option of a search run. Defaults finish in about 10 minutes on a 2-core CPU."""
 
     budget: str = "4.5bits"
+    """Budget text; stored in canonical form (`cost.canonical_budget`: "4.50bits" is "4.5bits"),
+    which is the study's identity. Parsed into a `Budget` once, when the run is prepared."""
     model: str = "mnist-ddpm"
     study: str | None = None
     """Study name; default `<model>-<budget>` (plus `-g<G>` for timestep groups)."""
@@ -50,12 +57,12 @@ class StudyConfig:
     trials: int = 44
     """Search trials to run now (priors included; the uniform reference trials are extra)."""
     sampler: SamplerName = "guided"
-    objectives: tuple[str, ...] = ("fid", "bops")
+    objectives: tuple[ObjectiveName, ...] = ("fid", "bops")
     timestep_groups: int = 1
     seed: int = 0
     """Seed of every random choice of the search (sampler, moves, random priors)."""
-    w_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    a_bits: tuple[int, ...] = (4, 5, 6, 7, 8)
+    w_bits: tuple[int, ...] = DEFAULT_W_BITS
+    a_bits: tuple[int, ...] = DEFAULT_A_BITS
     tie_layers: bool = True
     n: int = 128
     """Samples per trial (FID proxy)."""
@@ -64,9 +71,9 @@ class StudyConfig:
     sample_seed: int = 0
     """Noise seed shared by every trial and the FP reference (common random numbers)."""
     batch_size: int = 128
-    feature_net: str | None = None
+    feature_net: FeatureNetName | None = None
     """'lenet' or 'inception'; default lenet for 1-channel models, inception for RGB."""
-    prior_modes: tuple[str, ...] = ("orthogonality", "sensitivity", "size")
+    prior_modes: tuple[AllocationMode, ...] = ("orthogonality", "sensitivity", "size")
     """ILP prior modes enqueued at the budget; the first is also enqueued at tighter budgets."""
     global_share: float = 0.2
     """Guided sampler: share of trials that re-allocate the whole budget under a random draw of
@@ -91,10 +98,15 @@ class StudyConfig:
     sensitivity_n: int = 16
     """Samples for the output-sensitivity profile (each of its probes is one backward pass)."""
     sensitivity_probes: int = 8
-    act_calibration: str = "mse"
+    act_calibration: ActCalibration = "mse"
     calib_n: int = 32
     calib_steps: int = 20
-    heldout_n: int = 512
+    calib_timesteps: int = 10
+    """Timesteps of each calibration trajectory whose layer inputs set the activation ranges,
+    uniformly spaced (Q-Diffusion); at most `calib_steps` are used."""
+    heldout_n: int = 1000
+    """Samples per map in `confirm`: N >= 1000 ranks near-best maps, N = 256 could not
+    (benchmarks/RESULTS.md section 4.1)."""
     heldout_seed: int = 1
     grid_n: int = 64
     threads: int | None = None
@@ -105,6 +117,8 @@ class StudyConfig:
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         _check(self)
+        # One text per budget: "4.50bits" and "4.5bits" are one study (BudgetError if bad).
+        object.__setattr__(self, "budget", canonical_budget(self.budget))
 
     @property
     def study_name(self) -> str:
@@ -169,7 +183,7 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
         ):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
         elif key in {"w_bits", "a_bits"} and isinstance(value, str):
-            value = tuple(int(v) for v in value.split(",") if v.strip())
+            value = parse_bit_list(value, key)
         elif isinstance(value, list):
             value = tuple(value)
         out[key] = value
@@ -203,10 +217,20 @@ def _check(config: StudyConfig) -> None:
     if config.surrogate_prior not in SURROGATE_PRIORS:
         raise StudyError(f"unknown surrogate_prior {config.surrogate_prior!r}; supported: "
                          f"{', '.join(SURROGATE_PRIORS)}")
-    if config.feature_net not in (None, "lenet", "inception"):
-        raise StudyError(
-            f"unknown feature net {config.feature_net!r}; supported: lenet, inception"
-        )
+    if config.feature_net is not None and config.feature_net not in FEATURE_NETS:
+        raise StudyError(f"unknown feature net {config.feature_net!r}; supported: "
+                         f"{', '.join(FEATURE_NETS)}")
+    if config.act_calibration not in ACT_CALIBRATIONS:
+        raise StudyError(f"unknown act_calibration {config.act_calibration!r}; supported: "
+                         f"{', '.join(ACT_CALIBRATIONS)}")
+    unknown = [m for m in config.prior_modes if m not in ALLOCATION_MODES]
+    if unknown:
+        raise StudyError(f"unknown prior mode {unknown[0]!r}; supported: "
+                         f"{', '.join(ALLOCATION_MODES)}")
+    if isinstance(config.calib_timesteps, bool) or not isinstance(config.calib_timesteps, int) \
+            or config.calib_timesteps < 1:
+        raise StudyError(f"calib_timesteps must be an integer >= 1, got "
+                         f"{config.calib_timesteps!r}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpq_search.cost import REL_TOL, Budget
+from mpq_search.cost import Budget
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
 
 RIDGE = 0.3
@@ -65,7 +65,8 @@ class Surrogate:
 
     def predict(self, space: SearchSpace, w: np.ndarray, a: np.ndarray) -> np.ndarray:
         """Predicted FID-excess of one map or a batch (..., groups, units)."""
-        return self.features(space, w, a) @ self.coefficients() + self.intercept
+        predicted: np.ndarray = self.features(space, w, a) @ self.coefficients() + self.intercept
+        return predicted
 
     def fit(
         self, space: SearchSpace, maps: Sequence[Levels], scores: Sequence[float]
@@ -132,9 +133,11 @@ class Repairer:
         self.top = (len(self.space.w_bits) - 1, len(self.space.a_bits) - 1)
 
     def excess(self, w: np.ndarray, a: np.ndarray, budget: Budget) -> np.ndarray:
-        """Per-limit relative excess (cost - limit) / limit, shape (limits, ...)."""
-        values = self.cost.fields(w, a)
-        return np.stack([(values[k] - v) / v - REL_TOL for k, v in budget.limits().items()])
+        """Per-limit relative excess (cost - limit) / limit, shape (limits, ...).
+
+        Uses `Budget.excess`, the one formula, so repair and the feasibility check agree.
+        """
+        return np.stack(list(budget.excess(self.cost.fields(w, a)).values()))
 
     def neighbours(
         self, levels: Levels, delta: int, frozen: set[Move]

@@ -32,25 +32,36 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.cost import Budget
 from mpq_search.errors import StudyError
-from mpq_search.search._config import PARENT_ESTIMATES, SAMPLERS
+from mpq_search.search._config import PARENT_ESTIMATES, SAMPLERS, StudyConfig
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
 
+_DEFAULTS = StudyConfig()
+UNIQUE_ATTEMPTS = 16
+"""Tries to turn a proposal already evaluated into a new map (each a wider random exchange)
+before giving up and evaluating a repeat: with 100+ units a fresh map is found in one or two."""
+PARENT_GREEDY = 0.7
+"""Share of local moves that build on the best map; the rest build on one of the
+`PARENT_POOL` best, so that the search does not stay in one rut."""
+PARENT_POOL = 3
+
 
 class _History:
-    """Level arrays of a study's trials, decoded once per trial."""
+    """Level arrays of a study's trials, decoded once per trial (keyed by trial number)."""
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
-        self._cache: dict[int, Levels | None] = {}
+        self._names = set(space.distributions())
+        self._cache: dict[int, Levels] = {}
 
     def levels(self, trial: FrozenTrial) -> Levels | None:
-        if trial._trial_id not in self._cache:
-            try:
-                self._cache[trial._trial_id] = self.space.from_params(trial.params)
-            except StudyError:
-                return None  # still being suggested (running) or foreign params
-        return self._cache[trial._trial_id]
+        """The trial's map; None while its params are not (all) written yet: a reserved or
+        running trial, or one from another search space."""
+        if trial.number not in self._cache:
+            if set(trial.params) != self._names:
+                return None
+            self._cache[trial.number] = self.space.from_params(trial.params)
+        return self._cache[trial.number]
 
     def seen(self, study: Study) -> set[bytes]:
         keys = set()
@@ -69,7 +80,7 @@ class _History:
         return out
 
 
-class _MapSampler(BaseSampler):
+class MapSampler(BaseSampler):
     """Shared plumbing: the whole space is 'relative'; enqueued trials are left alone."""
 
     def __init__(
@@ -104,7 +115,7 @@ class _MapSampler(BaseSampler):
     ) -> Levels:
         """The child, or if it was evaluated before, a random exchange away from it."""
         seen = self._history.seen(study)
-        for attempt in range(16):
+        for attempt in range(UNIQUE_ATTEMPTS):
             if self._space.key(child) not in seen:
                 return child
             noisy = self._prior.perturbed(rng, 1.0 + attempt)
@@ -136,14 +147,14 @@ def _placeholder(number: int) -> FrozenTrial:
                        system_attrs={}, intermediate_values={}, trial_id=-1)
 
 
-class GuidedSampler(_MapSampler):
+class GuidedSampler(MapSampler):
     """Importance- and cost-guided local search around the best maps (module docstring)."""
 
     def __init__(
-        self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = 0,
-        front_budgets: Sequence[Budget] = (), front_share: float = 0.2, sigma: float = 0.5,
-        max_moves: int = 3, global_share: float = 0.0, global_sigma: float = 1.0,
-        parent_estimate: str = "observed",
+        self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = _DEFAULTS.seed,
+        front_budgets: Sequence[Budget] = (), front_share: float = _DEFAULTS.front_share,
+        sigma: float = 0.5, max_moves: int = 3, global_share: float = _DEFAULTS.global_share,
+        global_sigma: float = 1.0, parent_estimate: str = _DEFAULTS.parent_estimate,
     ) -> None:
         super().__init__(space=space, cost=cost, prior=prior, seed=seed)
         for name, share in (("front_share", front_share), ("global_share", global_share)):
@@ -199,16 +210,17 @@ class GuidedSampler(_MapSampler):
             feasible = [(0.5 * y + 0.5 * float(surrogate.predict(self._space, *m)), m)
                         for y, m in feasible]
         feasible.sort(key=lambda item: item[0])
-        pick = 0 if rng.random() < 0.7 else int(rng.integers(min(3, len(feasible))))
+        greedy = rng.random() < PARENT_GREEDY
+        pick = 0 if greedy else int(rng.integers(min(PARENT_POOL, len(feasible))))
         return feasible[pick][1]
 
 
-class RepairingSampler(_MapSampler):
+class RepairingSampler(MapSampler):
     """Any optuna sampler, with each proposal projected into the budget and filled."""
 
     def __init__(
         self, base: BaseSampler, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate,
-        seed: int = 0,
+        seed: int = _DEFAULTS.seed,
     ) -> None:
         super().__init__(space=space, cost=cost, prior=prior, seed=seed)
         self._base = base
@@ -239,15 +251,17 @@ class RepairingSampler(_MapSampler):
 
 
 def make_sampler(
-    name: str, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int,
-    front_budgets: Sequence[Budget] = (), population: int = 16, global_share: float = 0.0,
-    front_share: float = 0.2, parent_estimate: str = "observed",
+    config: StudyConfig, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate,
+    front_budgets: Sequence[Budget] = (), population: int = 16,
 ) -> BaseSampler:
-    """The sampler called `name` ('guided', 'nsga2', 'tpe', 'gp' or 'random'), budget-safe."""
+    """The sampler `config.sampler` names ('guided', 'nsga2', 'tpe', 'gp' or 'random'), made
+    budget-safe, with the config's seed and guided-search settings."""
+    name, seed = config.sampler, config.seed
     if name == "guided":
         return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed,
-                             front_budgets=front_budgets, global_share=global_share,
-                             front_share=front_share, parent_estimate=parent_estimate)
+                             front_budgets=front_budgets, global_share=config.global_share,
+                             front_share=config.front_share,
+                             parent_estimate=config.parent_estimate)
     base: BaseSampler
     if name == "nsga2":
         base = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)

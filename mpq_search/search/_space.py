@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from mpq_search.bitmap import BitMap, LayerBits, TimestepGroup
-from mpq_search.cost import BIAS_BYTES, REL_TOL, SCALE_BYTES, Budget, Cost, weight_elements
+from mpq_search.bitmap import BitMap, LayerBits, ModelIdentity, TimestepGroup
+from mpq_search.cost import BIAS_BYTES, SCALE_BYTES, Budget, Cost, weight_elements
 from mpq_search.errors import BitMapError, StudyError
 from mpq_search.layers import LayerSpec
-from mpq_search.models import ModelIdentity
 
 Levels = tuple[np.ndarray, np.ndarray]
 """(weight levels, activation levels), each an int array of shape (groups, units)."""
@@ -224,8 +223,10 @@ class SpaceCost:
         return Cost(**{k: float(v) for k, v in values.items()})
 
     def violation(self, w: np.ndarray, a: np.ndarray, budget: Budget | None = None) -> np.ndarray:
-        """Largest relative excess over the budget's limits (<= 0 feasible), per map in a batch."""
-        limits = (budget or self.budget).limits()
-        values = self.fields(w, a)
-        excess = [(values[k] - v) / v - REL_TOL for k, v in limits.items()]
-        return np.max(np.stack(excess), axis=0)
+        """Largest relative excess over the budget's limits (<= 0 feasible), per map in a batch.
+
+        Uses `Budget.excess`, the one formula, so it agrees with `cost.check_feasible` exactly.
+        """
+        excess = (budget or self.budget).excess(self.fields(w, a))
+        largest: np.ndarray = np.max(np.stack(list(excess.values())), axis=0)
+        return largest

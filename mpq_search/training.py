@@ -1,4 +1,6 @@
-"""Seeded, logged training of the embedded models (`mpq-search zoo train ...`).
+"""Seeded, logged training of the embedded models (`mpq-search zoo train ...`), kept out of the
+zoo: the zoo is a registry of shipped files, and training imports the FID features, which read the
+zoo.
 
 The diffusion model is a small DDPM UNet with the parts real ones have: attention blocks (one
 down/up
@@ -87,7 +89,7 @@ def train_mnist_ddpm(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(xt, t).sample, noise)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
@@ -145,7 +147,7 @@ def train_lenet(
             batch = _jitter(images[idx], generator)
             loss = F.cross_entropy(net(batch), labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
             total += loss.item() * len(idx)
         scheduler.step()

@@ -1,0 +1,83 @@
+"""Process-wide settings, opt-in: the CLI applies them at start-up, library calls never do.
+
+A library that a user imports must not change their process behind their back (a thread count, the
+C allocator's thresholds). These settings make mpq-search faster on a CPU, so the CLI and the
+benchmarks turn them on explicitly with `configure_process`; a Python user may call it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_MALLOC_TUNED = False
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+"""glibc's largest allowed mmap threshold on 64-bit."""
+TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed activation buffers instead of returning them to the OS.
+
+    By default glibc serves large blocks (from 128 KiB) with their own mmap and unmaps them on
+    free, so every denoiser call on CPU page-faults its activations in again. On the embedded
+    model (N = 128 x 20 steps, 2 threads) that was 1.0-1.3 million page faults and 2.2-3.2 s of
+    system time per sample run; with blocks kept, 0.15-0.17 million, 0.5 s, and 17-22% less time
+    (benchmarks/bench_allocator.py, RESULTS.md section 4.1). Idempotent; returns whether the
+    thresholds are set (False without glibc).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:  # not glibc (musl, macOS)
+        return False
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    _MALLOC_TUNED = True
+    return True
+
+
+def limit_blas_threads() -> None:
+    """Run numpy/scipy BLAS single-threaded. The FID's 128x128 matrix square root took 7 s with
+    OpenBLAS threads on a busy 2-core machine and 0.05 s with one thread; torch keeps its own."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def configure_process(threads: int | None = None) -> None:
+    """The settings the CLI runs under: torch threads (when given), single-threaded BLAS, and
+    glibc keeping freed buffers. Call once at start-up. The benchmarks call it too, so that their
+    numbers are made under the settings a user's run has."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    limit_blas_threads()
+    keep_freed_memory()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with `threads` torch threads (None: leave torch's choice), then restore."""
+    import torch
+
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

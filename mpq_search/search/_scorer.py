@@ -1,0 +1,85 @@
+"""Calibrate once, then score bit maps: the quantizer, the feature net and the FP reference.
+
+`calibrate(plan)` returns a `Scorer`; every trial (and every held-out confirmation) scores its
+map with `Scorer.score`, which applies the map, samples with the proxy's noise seed, measures the
+FID-excess over the FP model's samples from the same noise, and restores the FP model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mpq_search.bitmap import BitMap
+from mpq_search.cost import Cost
+from mpq_search.evaluate import SampleSettings, TrialResult, evaluate_current, fp_reference_stats
+from mpq_search.fid import FeatureNet, FeatureStats, get_feature_net
+from mpq_search.models import LoadedModel
+from mpq_search.quant import QuantConfig, QuantEngine
+from mpq_search.search._config import StudyConfig
+from mpq_search.search._prepare import SearchPlan
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A calibrated quantizer plus what the FID proxy compares against."""
+
+    engine: QuantEngine
+    net: FeatureNet
+    settings: SampleSettings
+    reference: FeatureStats
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model the engine quantizes."""
+        return self.engine.model
+
+    def score(self, bitmap: BitMap, settings: SampleSettings | None = None,
+              reference: FeatureStats | None = None) -> TrialResult:
+        """FID-excess of `bitmap` (default: the proxy's settings and FP reference); the model is
+        back in FP afterwards, whatever happens."""
+        settings = settings or self.settings
+        reference = reference or self.reference
+        self.engine.apply(bitmap, steps=settings.steps)
+        try:
+            return evaluate_current(self.model, self.net, settings, reference,
+                                    step_hook=self.engine.step_hook)
+        finally:
+            self.engine.remove()
+
+    def reference_for(self, settings: SampleSettings) -> FeatureStats:
+        """The FP reference statistics of other sample settings (cached on disk)."""
+        return fp_reference_stats(self.model, self.net, settings)
+
+
+def quant_config(config: StudyConfig) -> QuantConfig:
+    """The quantizer's calibration as the study config says."""
+    return QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits,
+                       act_calibration=config.act_calibration, calib_n=config.calib_n,
+                       calib_steps=config.calib_steps,
+                       calib_timesteps=min(config.calib_timesteps, config.calib_steps))
+
+
+def proxy_settings(config: StudyConfig) -> SampleSettings:
+    """The sample settings every trial and the FP reference share (common random numbers)."""
+    return SampleSettings(n=config.n, steps=config.steps, seed=config.sample_seed,
+                          batch_size=config.batch_size)
+
+
+def calibrate(plan: SearchPlan, progress: Callable[[int], None] | None = None) -> Scorer:
+    """Calibrate the quantization engine, load the feature net and the FP reference."""
+    config = plan.config
+    engine = QuantEngine(plan.model, list(plan.specs), quant_config(config)).calibrate(progress)
+    net = get_feature_net(config.feature_net or default_feature_net(plan.model))
+    settings = proxy_settings(config)
+    return Scorer(engine, net, settings, fp_reference_stats(plan.model, net, settings))
+
+
+def default_feature_net(model: LoadedModel) -> str:
+    """lenet for 1-channel (MNIST-like) models, Inception otherwise."""
+    return "lenet" if model.sample_shape[0] == 1 else "inception"
+
+
+def second_objective(config: StudyConfig, cost: Cost) -> float:
+    """BOPs per denoiser call per sample, or weight bytes."""
+    return cost.bops if config.objectives[1] == "bops" else cost.weight_bytes

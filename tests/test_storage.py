@@ -1,0 +1,87 @@
+"""The Optuna adapter (`search/_storage.py`): every private-API use works on the installed Optuna.
+
+If an Optuna upgrade renames `Study._storage`, `Study._study_id` or `Trial._trial_id`, or changes
+where constraints live, these tests fail here, loudly, not in the middle of a study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from mpq_search.errors import StudyError, StudyNotFoundError
+from mpq_search.search import find_study, load_study
+from mpq_search.search._storage import (
+    create_or_load,
+    handle_of,
+    reserve_trial,
+    set_trial_user_attr,
+    storage_of,
+    stored_trial,
+    write_proposal,
+)
+
+DISTRIBUTIONS = {"w:conv": CategoricalDistribution([2, 4, 8]),
+                 "a:conv": CategoricalDistribution([4, 8])}
+
+
+def _study(tmp_path: Path, name: str = "s") -> optuna.Study:
+    study, _created = create_or_load(name, f"sqlite:///{tmp_path / 'db.sqlite'}", sampler=None,
+                                    metric_names=["fid_excess", "bops"])
+    return study
+
+
+def test_private_attributes_exist(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    assert isinstance(storage_of(study), optuna.storages.BaseStorage)
+    assert isinstance(study._study_id, int)
+    trial = study.ask()
+    assert handle_of(trial).number == trial.number
+    assert stored_trial(study, handle_of(trial)).number == trial.number
+
+
+def test_reserve_write_tell_round_trip(tmp_path: Path) -> None:
+    study = _study(tmp_path)
+    handle = reserve_trial(study)
+    assert handle.number == 0
+    reserved = stored_trial(study, handle)
+    assert reserved.state == TrialState.RUNNING and reserved.params == {}
+    write_proposal(study, handle, {"w:conv": 4, "a:conv": 8}, DISTRIBUTIONS,
+                   {"role": "search", "cost": {"bops": 1.0}}, {"avg_w_bits": 0.25})
+    set_trial_user_attr(study, handle, "note", "x")
+    study.tell(handle.number, [1.5, 2.0])
+    done = study.trials[0]
+    assert done.params == {"w:conv": 4, "a:conv": 8}
+    assert done.distributions == DISTRIBUTIONS
+    assert done.user_attrs == {"role": "search", "cost": {"bops": 1.0}, "note": "x"}
+    # constraints are where optuna reads them: an infeasible trial is not on the Pareto front
+    assert done.constraints == {"avg_w_bits": 0.25}
+    assert study.best_trials == []
+    feasible = reserve_trial(study)
+    write_proposal(study, feasible, {"w:conv": 2, "a:conv": 4}, DISTRIBUTIONS, {},
+                   {"avg_w_bits": -0.1})
+    study.tell(feasible.number, [3.0, 1.0])
+    assert [t.number for t in study.best_trials] == [1]
+
+
+def test_parallel_workers_get_distinct_numbers(tmp_path: Path) -> None:
+    """Two processes' views of one study: reservations never share a number (the seed)."""
+    first = _study(tmp_path, "shared")
+    second = _study(tmp_path, "shared")
+    numbers = [reserve_trial(s).number for s in (first, second, second, first)]
+    assert sorted(numbers) == [0, 1, 2, 3]
+
+
+def test_missing_study_and_bad_storage(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    _study(tmp_path, "here")
+    assert find_study("absent", url) is None
+    with pytest.raises(StudyNotFoundError, match="studies there: here"):
+        load_study("absent", url)
+    # a storage that cannot be opened is an error, never "no study yet"
+    with pytest.raises(StudyError, match="cannot open storage"):
+        find_study("here", "postgresql://nobody@127.0.0.1:1/none")
