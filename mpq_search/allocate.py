@@ -50,6 +50,7 @@ from mpq_search.cost import (
     Budget,
     check_feasible,
     cost_of,
+    float_bops,
     layer_weight_bytes,
     weight_elements,
 )
@@ -157,10 +158,12 @@ def _choice_costs(spec: LayerSpec, w: int, a: int) -> dict[str, float]:
 
 
 def _limits_as_sums(specs: Sequence[LayerSpec], budget: Budget) -> dict[str, float]:
-    """Budget limits rewritten as limits on the additive numerators of `_choice_costs`."""
+    """Budget limits rewritten as limits on the additive numerators of `_choice_costs` (the BOPs
+    of the float matmuls, the same for every choice, come off the BOPs limit)."""
     totals = {"avg_w_bits": float(sum(weight_elements(s) for s in specs)),
               "avg_a_bits": float(sum(s.macs for s in specs)), "bops": 1.0, "weight_bytes": 1.0}
-    return {k: v * totals[k] for k, v in budget.limits().items()}
+    offsets = {"bops": float_bops(specs)}
+    return {k: v * totals[k] - offsets.get(k, 0.0) for k, v in budget.limits().items()}
 
 
 def _build(

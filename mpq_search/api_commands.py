@@ -27,7 +27,13 @@ import numpy as np
 from mpq_search.bitmap import BitMap, LayerBits
 from mpq_search.cost import Cost, check_feasible, cost_of, parse_budget, uniform_cost
 from mpq_search.data import HELD_OUT_PER_CLASS
-from mpq_search.evaluate import SampleSettings, evaluate_current, fp_fid_report, fp_reference_stats
+from mpq_search.evaluate import (
+    DEFAULT_BATCH_SIZE,
+    SampleSettings,
+    evaluate_current,
+    fp_fid_report,
+    fp_reference_stats,
+)
 from mpq_search.fid import dataset_stats, frechet_distance, get_feature_net, stats_of_images
 from mpq_search.images import save_grid
 from mpq_search.layers import LayerSpec, discover_layers
@@ -76,7 +82,6 @@ callback that advances it by k items."""
 
 _STUDY = StudyConfig()
 _QUANT = QuantConfig()
-_BATCH_SIZE = SampleSettings().batch_size
 _HELDOUT_SPLIT = 10 * HELD_OUT_PER_CLASS
 """The whole held-out split (100 digits of each of the 10 classes): the FID reference side."""
 
@@ -152,7 +157,7 @@ class SampleResult:
 
 def sample_grid(
     model: str, *, n: int, steps: int, path: Path, seed: int = _STUDY.sample_seed,
-    batch_size: int = _BATCH_SIZE, progress: Phases | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE, progress: Phases | None = None,
 ) -> SampleResult:
     """Sample the FP model with DDIM and write the images as a PNG grid."""
     loaded = load_model(model)
@@ -218,7 +223,8 @@ class UniformScore(_JsonRecord):
 
 def quantize_uniform(
     model: str, *, setting: str, feature_net: str, n: int = _STUDY.heldout_n,
-    steps: int = _STUDY.steps, seed: int = _STUDY.sample_seed, batch_size: int = _BATCH_SIZE,
+    steps: int = _STUDY.steps, seed: int = _STUDY.sample_seed,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
     split_skip: bool = _QUANT.split_skip, progress: Phases | None = None,
 ) -> UniformScore:
@@ -269,7 +275,7 @@ class ApplyResult(_JsonRecord):
 
 def apply_bitmap(
     bitmap_path: Path, *, model: str, path: Path, n: int, steps: int = _STUDY.steps,
-    seed: int = _STUDY.sample_seed, batch_size: int = _BATCH_SIZE,
+    seed: int = _STUDY.sample_seed, batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
     progress: Phases | None = None,
 ) -> ApplyResult:

@@ -5,10 +5,16 @@ Cost of one layer at (w, a) bits (per denoiser call, per sample):
 * weight bits, averaged over layers weighted by their weight-element count (bias excluded: biases
   stay in float, as in Q-Diffusion and HAWQ-V3);
 * activation bits, averaged weighted by MACs (the input activation feeds every MAC);
-* BOPs = MACs x w x a (DESIGN.md); a full sampling run costs ``steps`` times that;
-* weight bytes = weights at w bits + biases in fp32 + one fp32 scale per output channel.
+* BOPs = MACs x w x a (DESIGN.md), plus the matmuls that run in float whatever the map
+  (attention's QK^T and AV, `LayerSpec.float_macs`) at 32 x 32 bits; a full sampling run costs
+  ``steps`` times that;
+* weight bytes = what a deployed model stores: the weight codes at w bits, and per output channel
+  an fp32 scale and a one-byte integer zero point (the affine grid of `quant._quantizers`), plus
+  the biases in fp32.
 
-Float layers (16/32 bits, or missing from the map) count at their float width and carry no scale.
+Float layers (16/32 bits, or missing from the map) count at their float width (weights and bias)
+and carry no scale or zero point. Average weight bits count weight elements only: biases stay in
+float and are not in the average.
 
 Grouped maps (one plan per timestep group) aggregate as follows; every stage relies on this.
 Bits and BOPs are *step-weighted averages* over the groups (a group covering 30% of the steps
@@ -54,7 +60,12 @@ REL_TOL = 1e-9
 _Value = TypeVar("_Value", float, "np.ndarray")
 
 SCALE_BYTES = 4
+"""One fp32 scale per output channel of a quantized layer."""
+ZERO_POINT_BYTES = 1
+"""One integer zero point per output channel: codes have 2..8 bits, so a byte holds it."""
 BIAS_BYTES = 4
+FLOAT_MATMUL_BITS = 32
+"""Operand width of the matmuls no map quantizes (attention scores and values run in float)."""
 
 BOPS_UNITS: dict[str, float] = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 SIZE_UNITS: dict[str, float] = {
@@ -88,12 +99,23 @@ def weight_elements(spec: LayerSpec) -> int:
     return math.prod(spec.weight_shape)
 
 
-def layer_weight_bytes(spec: LayerSpec, w_bits: int) -> float:
-    """Bytes to store one layer's weights at `w_bits` (+ fp32 bias, + fp32 per-channel scales)."""
+def quantized_overhead_bytes(spec: LayerSpec) -> float:
+    """Bytes a quantized layer stores beside its weight codes, whatever the bits: the fp32 bias,
+    and per output channel an fp32 scale and an integer zero point."""
     bias = spec.params - weight_elements(spec)
+    return bias * BIAS_BYTES + spec.out_channels * (SCALE_BYTES + ZERO_POINT_BYTES)
+
+
+def layer_weight_bytes(spec: LayerSpec, w_bits: int) -> float:
+    """Bytes to store one layer at `w_bits` (float widths: weights and bias at that width)."""
     if is_float(w_bits):
         return spec.params * w_bits / 8
-    return weight_elements(spec) * w_bits / 8 + bias * BIAS_BYTES + spec.out_channels * SCALE_BYTES
+    return weight_elements(spec) * w_bits / 8 + quantized_overhead_bytes(spec)
+
+
+def float_bops(specs: Sequence[LayerSpec]) -> float:
+    """BOPs of the matmuls that run in float whatever the map (per call, per sample)."""
+    return float(sum(s.float_macs for s in specs)) * FLOAT_MATMUL_BITS * FLOAT_MATMUL_BITS
 
 
 def _plan_cost(specs: Sequence[LayerSpec], plan: Mapping[str, LayerBits]) -> tuple[float, ...]:
@@ -123,8 +145,8 @@ def cost_of(specs: Sequence[LayerSpec], bitmap: BitMap) -> Cost:
     for spec in specs:
         copies = {g.layers.get(spec.name, FLOAT).w for g in bitmap.groups}
         size += sum(layer_weight_bytes(spec, w) for w in copies)
-    return Cost(avg_w_bits=w_sum / total_w, avg_a_bits=a_sum / total_macs, bops=bops,
-                weight_bytes=size)
+    return Cost(avg_w_bits=w_sum / total_w, avg_a_bits=a_sum / total_macs,
+                bops=bops + float_bops(specs), weight_bytes=size)
 
 
 def uniform_cost(specs: Sequence[LayerSpec], w: int, a: int) -> Cost:

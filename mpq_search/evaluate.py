@@ -30,15 +30,19 @@ from mpq_search.fid import (
 )
 from mpq_search.models import LoadedModel, StepHook, sample
 
+DEFAULT_BATCH_SIZE = 250
+"""Images per denoiser batch unless a caller says otherwise: throughput only, never the images."""
+
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """What determines a set of samples: count, DDIM steps, noise seed and batch size."""
+    """What determines a set of samples: count, sampling steps and noise seed (the callers own
+    their defaults: `StudyConfig` for the search), plus the batch size."""
 
-    n: int = 250
-    steps: int = 20
-    seed: int = 0
-    batch_size: int = 250
+    n: int
+    steps: int
+    seed: int
+    batch_size: int = DEFAULT_BATCH_SIZE
 
     def key(self) -> dict[str, int]:
         """Cache-key fields (batch size does not change the samples)."""

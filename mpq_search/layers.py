@@ -9,10 +9,13 @@ transformer denoisers. The dotted module name is the key used everywhere else in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LayerKind = Literal["conv2d", "linear"]
@@ -29,6 +32,10 @@ class LayerSpec:
     weight_shape: tuple[int, ...]
     params: int
     macs: int
+    float_macs: int = 0
+    """MACs of the matmuls that no map quantizes and that ran right after this layer in the same
+    call (attention's QK^T and AV after the value projection), per sample: they run in float,
+    and the cost model counts them at float width so that BOPs cover the whole call."""
 
     @property
     def out_channels(self) -> int:
@@ -82,12 +89,38 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
     raise TypeError(f"not a Conv2d or Linear: {type(module).__name__}")
 
 
+def _attention_macs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int:
+    """Per-sample MACs of softmax(Q K^T) V for (batch, heads, length, dim) operands."""
+    heads_q_len = math.prod(query.shape[1:-1])
+    return heads_q_len * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+
+
+@contextmanager
+def _counting_attention(on_call: Callable[[int], None]) -> Iterator[None]:
+    """Patch `F.scaled_dot_product_attention` (where diffusers' attention runs its matmuls) for
+    one forward pass, reporting each call's per-sample MACs."""
+    original = F.scaled_dot_product_attention
+
+    def counted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        on_call(_attention_macs(query, key, value))
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 @torch.no_grad()
 def discover_layers(denoiser: nn.Module) -> list[LayerSpec]:
     """Run one forward pass (batch 1) and return a LayerSpec per Conv2d/Linear, in network
-    order."""
+    order; attention matmuls are counted on the layer that ran just before them."""
     modules = quantizable_modules(denoiser)
     seen: dict[str, tuple[torch.Size, torch.Size, int]] = {}
+    float_macs: dict[str, int] = {}
+    last: list[str] = []
     handles = []
     for name, module in modules.items():
 
@@ -96,10 +129,17 @@ def discover_layers(denoiser: nn.Module) -> list[LayerSpec]:
         ) -> None:
             if name not in seen:
                 seen[name] = (args[0].shape, out.shape, _macs(mod, out))
+            last[:] = [name]
 
         handles.append(module.register_forward_hook(record))
+
+    def attention(macs: int) -> None:
+        if last:
+            float_macs[last[0]] = float_macs.get(last[0], 0) + macs
+
     try:
-        denoiser(**example_inputs(denoiser))
+        with _counting_attention(attention):
+            denoiser(**example_inputs(denoiser))
     finally:
         for handle in handles:
             handle.remove()
@@ -119,6 +159,7 @@ def discover_layers(denoiser: nn.Module) -> list[LayerSpec]:
                 weight_shape=tuple(weight.shape),
                 params=int(params),
                 macs=int(macs),
+                float_macs=float_macs.get(name, 0),
             )
         )
     return specs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
 
 from mpq_search.bitmap import BitMap
 from mpq_search.errors import StudyError
@@ -234,10 +236,8 @@ def write_html(study: optuna.Study, all_rows: Sequence[Row], path: Path) -> Path
     return path
 
 
-def pareto_table(selected: Sequence[Row], title: str = "Pareto front") -> Any:
+def pareto_table(selected: Sequence[Row], title: str = "Pareto front") -> Table:
     """A rich Table of rows."""
-    from rich.table import Table
-
     from mpq_search.cost import format_bops, format_bytes
 
     table = Table(title=title)
@@ -274,10 +274,8 @@ def dashboard_command(storage: str, artifact_dir: str | Path | None, *, host: st
 
 
 def start_dashboard(storage: str, artifact_dir: str | Path | None, *, host: str = "127.0.0.1",
-                    port: int = 8080, quiet: bool = False) -> Any:
+                    port: int = 8080, quiet: bool = False) -> subprocess.Popen[bytes]:
     """Start optuna-dashboard as a child process (the caller waits on or terminates it)."""
-    import subprocess
-
     out = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(dashboard_command(storage, artifact_dir, host=host, port=port),
                             stdout=out, stderr=out)

@@ -205,3 +205,30 @@ def test_output_sensitivity_matches_the_measured_output_error(tiny_model: Loaded
         measured = float((tiny_model.denoiser(x, t).sample - reference).square().sum())
         layer.weight.data = original
     assert sens.weight["conv_out"][6] == pytest.approx(measured, rel=0.5)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_cka_matches_a_float64_reference(estimator: Any) -> None:
+    """Features with a large shared offset (as activations after a bias have): centring cancels
+    most of the Gram, so the product must be taken in float64 (float32 was off by ~1e-5)."""
+    generator = torch.Generator().manual_seed(7)
+    x = (torch.randn(32, 4096, generator=generator) + 30.0).float()
+    y = (x[:, :2048].repeat(1, 2) * 0.5 + torch.randn(32, 4096, generator=generator)).float()
+
+    def reference_centred(features: torch.Tensor) -> np.ndarray:
+        flat = features.double().numpy()
+        k = flat @ flat.T
+        n = len(k)
+        if estimator == "biased":
+            h = np.eye(n) - np.ones((n, n)) / n
+            return np.asarray(h @ k @ h)
+        np.fill_diagonal(k, 0.0)
+        u = (k - k.sum(1, keepdims=True) / (n - 2) - k.sum(0, keepdims=True) / (n - 2)
+             + k.sum() / ((n - 1) * (n - 2)))
+        np.fill_diagonal(u, 0.0)
+        return np.asarray(u)
+
+    kx, ky = reference_centred(x), reference_centred(y)
+    expected = float((kx * ky).sum() / np.sqrt((kx * kx).sum() * (ky * ky).sum()))
+    assert 0.05 < expected < 0.999  # neither trivially 0 nor 1
+    assert linear_cka(x, y, estimator) == pytest.approx(expected, abs=1e-9)

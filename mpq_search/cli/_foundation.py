@@ -17,12 +17,12 @@ from mpq_search.cli._app import (
     progress_bars,
     zoo_app,
 )
-from mpq_search.evaluate import SampleSettings
+from mpq_search.evaluate import DEFAULT_BATCH_SIZE
 from mpq_search.search import StudyConfig
 
 STUDY = StudyConfig()
 """The record that owns the study defaults (steps, seeds, N, ...): options read it."""
-BATCH_SIZE = SampleSettings().batch_size
+BATCH_SIZE = DEFAULT_BATCH_SIZE
 FEATURE_NET = "lenet"
 """Feature net of `fid` and `quantize` (the cheap MNIST proxy; `run` picks by channel count)."""
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
 from mpq_search.bitmap import BitMap
@@ -17,17 +17,15 @@ from mpq_search.search._config import StudyConfig
 from mpq_search.search._storage import storage_of
 
 
-def artifact_store(config: StudyConfig) -> Any:
+def artifact_store(config: StudyConfig) -> FileSystemArtifactStore:
     """The study's FileSystemArtifactStore (`<root>/<study>/artifacts`)."""
-    from optuna.artifacts import FileSystemArtifactStore
-
     folder = config.study_dir / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(folder))
 
 
-def upload_trial_artifacts(store: Any, study: optuna.Study, trial: FrozenTrial, bitmap: BitMap,
-                           images: torch.Tensor) -> None:
+def upload_trial_artifacts(store: FileSystemArtifactStore, study: optuna.Study,
+                           trial: FrozenTrial, bitmap: BitMap, images: torch.Tensor) -> None:
     """Upload the trial's sample grid (PNG) and bit map (JSON) to the artifact store."""
     from optuna.artifacts import upload_artifact
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from mpq_search.bitmap import BitMap
@@ -153,7 +154,7 @@ def _ask(study: optuna.Study, plan: SearchPlan) -> _Started:
 
 
 def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer: Scorer,
-              store: Any) -> float | None:
+              store: FileSystemArtifactStore) -> float | None:
     """Score a stored trial and tell the study; its FID-excess, or None when it failed."""
     frozen = stored_trial(study, handle)
     bitmap = BitMap.from_dict(frozen.user_attrs["bitmap"])

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mpq_search.bitmap import BitMap, LayerBits, ModelIdentity, TimestepGroup
-from mpq_search.cost import BIAS_BYTES, SCALE_BYTES, Budget, Cost, weight_elements
+from mpq_search.cost import Budget, Cost, float_bops, quantized_overhead_bytes, weight_elements
 from mpq_search.errors import BitMapError, StudyError
 from mpq_search.layers import LayerSpec
 
@@ -186,6 +186,8 @@ class SpaceCost:
     welem: np.ndarray = field(repr=False)
     macs: np.ndarray = field(repr=False)
     fixed_bytes: np.ndarray = field(repr=False)
+    float_bops: float = 0.0
+    """BOPs of the matmuls that run in float in every map (`cost.float_bops`)."""
 
     @classmethod
     def build(cls, space: SearchSpace, budget: Budget) -> SpaceCost:
@@ -196,10 +198,9 @@ class SpaceCost:
             specs = [by_name[n] for n in unit]
             welem.append(sum(weight_elements(s) for s in specs))
             macs.append(sum(s.macs for s in specs))
-            fixed.append(sum((s.params - weight_elements(s)) * BIAS_BYTES
-                             + s.out_channels * SCALE_BYTES for s in specs))
+            fixed.append(sum(quantized_overhead_bytes(s) for s in specs))
         return cls(space, budget, np.array(welem, float), np.array(macs, float),
-                   np.array(fixed, float))
+                   np.array(fixed, float), float_bops(space.specs))
 
     def fields(self, w: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
         """Cost fields of level arrays shaped (..., groups, units) -> arrays shaped (...)."""
@@ -209,7 +210,7 @@ class SpaceCost:
         out = {
             "avg_w_bits": (share * wb * self.welem).sum((-2, -1)) / self.welem.sum(),
             "avg_a_bits": (share * ab * self.macs).sum((-2, -1)) / self.macs.sum(),
-            "bops": (share * wb * ab * self.macs).sum((-2, -1)),
+            "bops": (share * wb * ab * self.macs).sum((-2, -1)) + self.float_bops,
         }
         ordered = np.sort(wb, axis=-2)
         first = np.ones_like(ordered, dtype=bool)
