@@ -15,6 +15,11 @@ class InvalidModelError(MPQSearchError):
     """A directory exists but is not a loadable diffusers pipeline (or its weights are corrupt)."""
 
 
+class UnsupportedPipelineError(MPQSearchError):
+    """A loadable pipeline of a class that no trajectory family samples (the message lists the
+    supported ones)."""
+
+
 class UnknownFeatureNetError(MPQSearchError):
     """A feature-extractor name is not one of the supported ones."""
 

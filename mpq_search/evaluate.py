@@ -95,6 +95,7 @@ def fp_reference_stats(
         "model": model.identity.weights_hash,
         "net": net.name,
         **settings.key(),
+        **model.sampling_key(),  # decoder, guidance, prompts; empty for pixel-space models
         "v": 1,
     }
     return cached_stats(key, compute)

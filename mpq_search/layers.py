@@ -2,8 +2,9 @@
 
 Nothing is hard-coded: layers come from `named_modules()` and their shapes and MACs from one real
 forward pass at the model's sample size, so the same code serves UNet2DModel,
-UNet2DConditionModel and
-transformer denoisers. The dotted module name is the key used everywhere else in the tool.
+UNet2DConditionModel and transformer denoisers (DiT: patch embedding, every block's attention
+projections, feed-forward and adaptive-norm Linear layers). The dotted module name is the key
+used everywhere else in the tool.
 """
 
 from __future__ import annotations
@@ -57,26 +58,38 @@ def quantizable_modules(denoiser: nn.Module) -> dict[str, QuantizableModule]:
 
 
 def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
-    """Keyword inputs for one denoiser call at the configured sample size (random, seeded)."""
+    """Keyword inputs for one denoiser call at the configured sample size (random, seeded).
+
+    The sample goes under the name of the denoiser's first input (`sample`, or DiT's
+    `hidden_states`), the timestep is one per row (DiT's embedding needs a 1-D tensor; UNets
+    take it too), and the conditions the denoiser takes are added: class labels (UNet
+    `num_class_embeds`, DiT `num_embeds_ada_norm`) and a text context of CLIP's 77 tokens at the
+    cross-attention width (what Stable Diffusion pipelines always pad prompts to, so that the
+    attention MACs counted from this call are those of real sampling).
+    """
     config: Any = denoiser.config
+    params = _forward_params(denoiser)
     generator = torch.Generator().manual_seed(0)
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     sample = torch.randn((batch_size, config.in_channels, height, width), generator=generator)
-    inputs: dict[str, Any] = {"sample": sample, "timestep": torch.tensor(500)}
+    inputs: dict[str, Any] = {params[0]: sample,
+                              "timestep": torch.full((batch_size,), 500, dtype=torch.long)}
     cross_dim = getattr(config, "cross_attention_dim", None)
-    if cross_dim is not None and "encoder_hidden_states" in _forward_params(denoiser):
+    if cross_dim is not None and "encoder_hidden_states" in params:
         dim = cross_dim if isinstance(cross_dim, int) else cross_dim[0]
-        inputs["encoder_hidden_states"] = torch.randn((batch_size, 8, dim), generator=generator)
-    if getattr(config, "num_class_embeds", None):
+        inputs["encoder_hidden_states"] = torch.randn((batch_size, 77, dim), generator=generator)
+    classes = getattr(config, "num_class_embeds", None) or getattr(
+        config, "num_embeds_ada_norm", None)
+    if classes and "class_labels" in params:
         inputs["class_labels"] = torch.zeros(batch_size, dtype=torch.long)
     return inputs
 
 
-def _forward_params(module: nn.Module) -> set[str]:
+def _forward_params(module: nn.Module) -> list[str]:
     import inspect
 
-    return set(inspect.signature(module.forward).parameters)
+    return list(inspect.signature(module.forward).parameters)
 
 
 def _macs(module: nn.Module, output: torch.Tensor) -> int:

@@ -4,13 +4,19 @@ A spec is the name of an embedded model, a local diffusers pipeline directory, o
 Loading has no process-wide side effects (allocator and thread settings are opt-in:
 `mpq_search.runtime`). Sampling walks the trajectory seam (`mpq_search.trajectory`); `sample`,
 `initial_noise` and `sampling_timesteps` are re-exported here for the public API.
+
+Only the denoiser is quantized (as in MPQ-Diff and Q-Diffusion); the autoencoder and the text
+encoder stay in float, and `LoadedModel.components` reports their size beside the denoiser's. A
+pipeline class that no trajectory family samples is refused at load time, before its weights
+are read where the folder's `model_index.json` names the class.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,27 @@ import torch
 
 from mpq_search.bitmap import ModelIdentity as ModelIdentity
 from mpq_search.errors import InvalidModelError, ModelNotFoundError
+from mpq_search.trajectory import (
+    SamplingOptions,
+    StepHook,
+    family_for,
+    initial_noise,
+    sample,
+    sampling_timesteps,
+    trajectory_for,
+)
 from mpq_search.zoo import EMBEDDED_MODELS
+
+
+@dataclass(frozen=True)
+class Component:
+    """One network of a pipeline: its size, and whether bit maps quantize it."""
+
+    name: str
+    class_name: str
+    params: int
+    param_bytes: int
+    quantized: bool
 
 
 @dataclass
@@ -29,14 +55,50 @@ class LoadedModel:
     pipeline: Any
     denoiser: torch.nn.Module
     source: str
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    """Guidance scale and prompts of conditional families (family defaults when unset)."""
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Values computed once per loaded model (prompt embeddings, float components' hashes)."""
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(channels, height, width) of one sample, read from the denoiser config."""
+        """(channels, height, width) of one denoiser input (latents for latent families), read
+        from the denoiser config."""
         config: Any = self.denoiser.config
         size = config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return int(config.in_channels), int(height), int(width)
+
+    @property
+    def decoder(self) -> torch.nn.Module | None:
+        """The autoencoder that decodes latents to images (None for pixel-space models)."""
+        found = getattr(self.pipeline, "vae", None) or getattr(self.pipeline, "vqvae", None)
+        return found if isinstance(found, torch.nn.Module) else None
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the decoded images (1 for MNIST-like models, 3 for RGB)."""
+        decoder: Any = self.decoder
+        return self.sample_shape[0] if decoder is None else int(decoder.config.out_channels)
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """Every network of the pipeline, the denoiser first; only the denoiser is quantized."""
+        modules = {"denoiser": self.denoiser}
+        for name, value in _pipeline_components(self.pipeline).items():
+            if isinstance(value, torch.nn.Module) and value is not self.denoiser:
+                modules[name] = value
+        return tuple(
+            Component(name=name, class_name=type(module).__name__,
+                      params=sum(p.numel() for p in module.parameters()),
+                      param_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
+                      quantized=module is self.denoiser)
+            for name, module in modules.items())
+
+    def sampling_key(self) -> dict[str, Any]:
+        """What decides FP samples besides the denoiser weights and the sample settings (empty
+        for pixel-space models): for caches of FP sample statistics."""
+        return trajectory_for(self, 1).key()
 
 
 def list_models() -> list[tuple[str, str, str]]:
@@ -53,10 +115,22 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_model(spec: str | Path) -> LoadedModel:
+def load_model(
+    spec: str | Path, *, guidance_scale: float | None = None,
+    prompts: Sequence[str] | None = None,
+) -> LoadedModel:
     """Load an embedded model name, a local pipeline directory or a hub id (the latter needs
-    network)."""
-    spec_text = str(spec)
+    network). `guidance_scale` and `prompts` set how conditional families sample (default: the
+    family's guidance scale, the built-in prompts); they are checked against the family here."""
+    sampling = SamplingOptions(guidance_scale=guidance_scale,
+                               prompts=None if prompts is None else tuple(prompts))
+    model = _load(str(spec))
+    model.sampling = sampling
+    trajectory_for(model, 1)  # refuses options the family does not take, now rather than later
+    return model
+
+
+def _load(spec_text: str) -> LoadedModel:
     if spec_text in EMBEDDED_MODELS:
         entry = EMBEDDED_MODELS[spec_text]
         if not (entry.path / "model_index.json").is_file():
@@ -92,9 +166,12 @@ def _load_directory(path: Path, *, name: str) -> LoadedModel:
             f"{path} is not a diffusers pipeline directory (no model_index.json)"
         )
     try:
-        json.loads(index.read_text())
+        described = json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidModelError(f"{index} is not valid JSON: {e}") from e
+    class_name = described.get("_class_name") if isinstance(described, dict) else None
+    if isinstance(class_name, str):
+        family_for(class_name)  # UnsupportedPipelineError before any weights are read
     return _from_pretrained(str(path), name=name, local_files_only=True)
 
 
@@ -130,20 +207,21 @@ def _from_pretrained(source: str, *, name: str, local_files_only: bool) -> Loade
     denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
     if denoiser is None:
         raise InvalidModelError(f"pipeline at {source} has no unet or transformer")
-    denoiser.eval().requires_grad_(False)
+    for module in [denoiser, *_pipeline_components(pipeline).values()]:
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
     identity = ModelIdentity(name=name, weights_hash=weights_hash(denoiser))
-    return LoadedModel(identity=identity, pipeline=pipeline, denoiser=denoiser, source=source)
+    model = LoadedModel(identity=identity, pipeline=pipeline, denoiser=denoiser, source=source)
+    trajectory_for(model, 1)  # a hub pipeline's class is known only now
+    return model
 
 
-# Re-exported: sampling lives on the trajectory seam (imported last: it types against this module).
-from mpq_search.trajectory import (  # noqa: E402
-    StepHook,
-    initial_noise,
-    sample,
-    sampling_timesteps,
-)
+def _pipeline_components(pipeline: Any) -> dict[str, Any]:
+    components = getattr(pipeline, "components", None)
+    return dict(components) if isinstance(components, dict) else {}
 
 __all__ = [
+    "Component",
     "LoadedModel",
     "ModelIdentity",
     "StepHook",

@@ -8,12 +8,28 @@ probes of its own on the same inputs, or ask for the output (`call.output()` run
 while its hooks are armed); the run then steps the scheduler with that output.
 
 Why a seam: the denoiser call, the scheduler step and the decoding are what differ between
-pipeline families. Today there is one family, `PixelDDIM` (an unconditional pixel-space
-`UNet2DModel`, called as `denoiser(x, t)`, sampled with deterministic DDIM). The next families
-(latent with a VAE or VQ decoder, class- or text-conditional, classifier-free guided, transformer
-denoisers) are new `Trajectory` implementations: they draw their conditions, build the batched
-denoiser input (conditional and unconditional halves in one call), combine the guided output, and
-decode. Every consumer above keeps working unchanged, because it only sees `DenoiserCall`s.
+pipeline families. Each family is one `Trajectory` implementation, chosen from the pipeline's
+class (`trajectory_for`, `FAMILIES`):
+
+- `PixelDDIM` (DDPMPipeline, DDIMPipeline): `unet(x, t)`, images are x in [-1, 1];
+- `LatentDDIM` (LDMPipeline): `unet(z, t)`, images `vqvae.decode(z / scale)`;
+- `ClassConditionalDDIM` (DiTPipeline): `transformer(z, t, class_labels=y)`, guided, images
+  `vae.decode(z / scale)`;
+- `TextConditionalDDIM` (StableDiffusionPipeline): `unet(z, t, encoder_hidden_states=e)`, guided,
+  decoded as DiT;
+
+with `scale` the autoencoder's `scaling_factor` where its config has one.
+
+Every family samples with a `DDIMScheduler` built from the pipeline's scheduler config, eta = 0,
+so a run is a deterministic function of its noise and conditions. Conditions (class labels,
+prompts) are drawn per sample by `Trajectory.conditions(n, seed)` on the CPU, so they are part of
+the common random numbers: the FP reference and every trial see the same noise, labels and
+prompts, whatever the batch size. Guided families run the conditional and the unconditional
+halves in ONE batched denoiser call, as diffusers does: `DenoiserCall.sample` is the doubled
+batch, `DenoiserCall.conditions` its doubled condition inputs, and `call.output()` the raw output
+of that call; the trajectory combines the guidance (on the eps channels: a learned-sigma output
+is split first) and steps only the n samples. Every consumer keeps working unchanged, because it
+only sees `DenoiserCall`s.
 
 Grad mode is the caller's: a run executes in whatever mode the consumer iterates it under
 (sampling uses inference mode, sensitivity probes enable grad around their own calls).
@@ -21,26 +37,57 @@ Grad mode is the caller's: a run executes in whatever mode the consumer iterates
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from mpq_search.errors import MPQSearchError
+from mpq_search.errors import MPQSearchError, UnsupportedPipelineError
 
 if TYPE_CHECKING:
     from mpq_search.models import LoadedModel
+
+SampleConditions = Mapping[str, torch.Tensor]
+"""Per-sample conditions of a run, each a tensor whose first dimension is the samples (DiT:
+"class_labels"; text: "prompt", an index into the prompts). Empty for unconditional families."""
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a photograph of a cat",
+    "a red car parked on a street",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+    "a portrait of an old man",
+    "a city skyline at night",
+    "a small boat on the sea",
+    "a bird sitting on a branch",
+)
+"""Prompts of text-conditional families when none are given (cycled over the samples)."""
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a conditional family samples: the guidance scale (None: the family's default; <= 1
+    turns guidance off, as in diffusers) and the prompts of text families (None: the built-in
+    `DEFAULT_PROMPTS`)."""
+
+    guidance_scale: float | None = None
+    prompts: tuple[str, ...] | None = None
 
 
 @dataclass
 class DenoiserCall:
     """One denoiser call of a sampling run, handed to the consumer before it runs.
 
-    `sample` is the denoiser's input x_t (the whole batch it sees), `timestep` the scheduler's
-    timestep as an int and `t` as the scheduler gives it (what the denoiser receives),
-    `conditions` any further keyword inputs (none for unconditional families).
+    `sample` is the denoiser's input x_t (the whole batch it sees: doubled under guidance),
+    `timestep` the scheduler's timestep as an int and `t` what the denoiser receives (a scalar
+    tensor, or one per row for DiT), `conditions` the further keyword inputs of the batched call
+    (`class_labels`, `encoder_hidden_states`; none for unconditional families). `channels` is the
+    number of leading output channels the sampler uses (None: all; a learned-sigma output has
+    twice as many). `sample_key` is the name of the denoiser's first input.
     """
 
     step: int
@@ -48,19 +95,31 @@ class DenoiserCall:
     t: Any
     sample: torch.Tensor
     conditions: Mapping[str, Any] = field(default_factory=dict)
+    channels: int | None = None
+    sample_key: str = "sample"
     _denoiser: Any = field(default=None, repr=False)
     _output: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def inputs(self) -> dict[str, Any]:
         """Keyword inputs of the denoiser call (sample, timestep and conditions)."""
-        return {"sample": self.sample, "timestep": self.t, **self.conditions}
+        return {self.sample_key: self.sample, "timestep": self.t, **self.conditions}
 
     def output(self) -> torch.Tensor:
-        """The denoiser's output for this call; runs the call now unless it has run already."""
+        """The denoiser's raw output for this call; runs the call now unless it has run already."""
         if self._output is None:
-            self._output = self._denoiser(self.sample, self.t, **self.conditions).sample
+            self._output = self.forward()
         return self._output
+
+    def forward(self, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the denoiser on this call's inputs now, not cached (probes that need their own
+        graph, or the output of a perturbed model); `sample` replaces x_t when given."""
+        x = self.sample if sample is None else sample
+        return self._denoiser(x, self.t, **self.conditions).sample  # type: ignore[no-any-return]
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The part of a denoiser output that the sampler uses (learned-sigma channels dropped)."""
+        return output if self.channels is None else output[:, : self.channels]
 
 
 class TrajectoryRun:
@@ -88,38 +147,68 @@ class TrajectoryRun:
 
 
 class Trajectory(ABC):
-    """How one pipeline family samples: the calls of a run, and decoding to images.
+    """How one pipeline family samples: its conditions, the calls of a run, and decoding.
 
-    Implementations must make the same noise give the same calls on every run (common random
-    numbers: the FP reference and every trial see the same inputs), and must not change the grad
-    mode they are iterated under.
+    Implementations must make the same noise and conditions give the same calls on every run
+    (common random numbers: the FP reference and every trial see the same inputs), and must not
+    change the grad mode they are iterated under.
     """
+
+    family: ClassVar[str]
+    """What the family is, for messages."""
+    guided: bool = False
+    """Whether a run's denoiser calls carry the conditional and unconditional halves."""
+    takes_prompts: ClassVar[bool] = False
+    takes_guidance: ClassVar[bool] = False
 
     def __init__(self, model: LoadedModel, steps: int) -> None:
         if steps < 1:
             raise MPQSearchError(f"steps must be >= 1, got {steps}")
         self.model = model
         self.steps = steps
+        options = model.sampling
+        if options.prompts is not None and not self.takes_prompts:
+            raise MPQSearchError(f"prompts apply to text-conditional pipelines only; this is "
+                                 f"a {self.family} pipeline")
+        if options.guidance_scale is not None and not self.takes_guidance:
+            raise MPQSearchError(f"a guidance scale applies to guided (class- or "
+                                 f"text-conditional) pipelines only; this is a {self.family} "
+                                 "pipeline")
+
+    def conditions(self, n: int, seed: int) -> SampleConditions:
+        """The conditions of n samples drawn with `seed` (none for unconditional families)."""
+        return {}
+
+    def run(self, noise: torch.Tensor,
+            conditions: SampleConditions | None = None) -> TrajectoryRun:
+        """The calls of one run from `noise` (a batch of initial samples) and the matching rows
+        of `conditions` (default: `self.conditions(len(noise), seed=0)`)."""
+        drawn = self.conditions(len(noise), 0) if conditions is None else conditions
+        holder: list[torch.Tensor] = []
+        return TrajectoryRun(self._calls(noise, drawn, holder), holder)
+
+    def key(self) -> dict[str, Any]:
+        """What decides the images besides the denoiser weights, the noise and the conditions'
+        seed (decoder weights, guidance, prompts): part of the FP reference's cache key."""
+        return {}
 
     @abstractmethod
     def timesteps(self) -> list[int]:
         """The denoiser timesteps of a run, in sampling order (one per call)."""
 
     @abstractmethod
-    def run(self, noise: torch.Tensor) -> TrajectoryRun:
-        """The calls of one run starting from `noise` (a batch of initial samples)."""
+    def _calls(self, x: torch.Tensor, conditions: SampleConditions,
+               holder: list[torch.Tensor]) -> Iterator[DenoiserCall]:
+        """Yield each call before it runs, step with its output, put the final sample in
+        `holder`."""
 
     @abstractmethod
     def decode(self, result: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from a run's final sample."""
 
 
-class PixelDDIM(Trajectory):
-    """Unconditional pixel-space diffusion (`DDPMPipeline`/`DDIMPipeline`), deterministic DDIM.
-
-    The scheduler is a `DDIMScheduler` built from the pipeline's noise schedule, eta = 0, so a run
-    is a deterministic function of its noise.
-    """
+class _DDIM(Trajectory):
+    """Deterministic DDIM (eta = 0) from the pipeline's noise schedule, for every family."""
 
     def _scheduler(self) -> Any:
         from diffusers import DDIMScheduler
@@ -131,11 +220,18 @@ class PixelDDIM(Trajectory):
     def timesteps(self) -> list[int]:
         return [int(t) for t in self._scheduler().timesteps]
 
-    def run(self, noise: torch.Tensor) -> TrajectoryRun:
-        holder: list[torch.Tensor] = []
-        return TrajectoryRun(self._calls(noise, holder), holder)
 
-    def _calls(self, x: torch.Tensor, holder: list[torch.Tensor]) -> Iterator[DenoiserCall]:
+class PixelDDIM(_DDIM):
+    """Unconditional pixel-space diffusion (`DDPMPipeline`/`DDIMPipeline`), deterministic DDIM.
+
+    The scheduler is a `DDIMScheduler` built from the pipeline's noise schedule, eta = 0, so a run
+    is a deterministic function of its noise.
+    """
+
+    family = "unconditional pixel-space"
+
+    def _calls(self, x: torch.Tensor, conditions: SampleConditions,
+               holder: list[torch.Tensor]) -> Iterator[DenoiserCall]:
         scheduler = self._scheduler()
         denoiser = self.model.denoiser
         for index, t in enumerate(scheduler.timesteps):
@@ -148,9 +244,246 @@ class PixelDDIM(Trajectory):
         return result.clamp(-1, 1).add(1).div(2)
 
 
+class LatentDDIM(_DDIM):
+    """Unconditional latent diffusion (`LDMPipeline`: `UNet2DModel` + `VQModel`).
+
+    Also the loop of the conditional latent families, which add conditions and guidance through
+    `_call_conditions`, `_timestep_input` and `_guide`. As in diffusers, the noise is scaled by
+    the scheduler's `init_noise_sigma` and the latents divided by the autoencoder's
+    `scaling_factor` (where its config has one) before decoding.
+    """
+
+    family = "unconditional latent"
+
+    def _call_conditions(self, conditions: SampleConditions) -> dict[str, Any]:
+        """Condition inputs of the batched denoiser call for these samples."""
+        return {}
+
+    def _timestep_input(self, t: torch.Tensor, batch: int) -> Any:
+        """What the denoiser receives as its timestep."""
+        return t
+
+    def _guide(self, eps: torch.Tensor) -> torch.Tensor:
+        """Noise prediction of the n samples from the batched call's (used) output."""
+        return eps
+
+    def _channels(self) -> int | None:
+        """Output channels the sampler uses: half of a learned-sigma output (the original DiT's
+        2 x channels), else all."""
+        config: Any = self.model.denoiser.config
+        out_channels = getattr(config, "out_channels", None) or config.in_channels
+        return int(config.in_channels) if out_channels == 2 * config.in_channels else None
+
+    def _calls(self, x: torch.Tensor, conditions: SampleConditions,
+               holder: list[torch.Tensor]) -> Iterator[DenoiserCall]:
+        scheduler = self._scheduler()
+        denoiser = self.model.denoiser
+        kwargs = self._call_conditions(conditions)
+        channels = self._channels()
+        sample_key = next(iter(_forward_params(denoiser)))
+        x = x * scheduler.init_noise_sigma
+        for index, t in enumerate(scheduler.timesteps):
+            x_in = scheduler.scale_model_input(x, t)
+            batch = torch.cat([x_in, x_in]) if self.guided else x_in
+            call = DenoiserCall(step=index, timestep=int(t), t=self._timestep_input(t, len(batch)),
+                                sample=batch, conditions=kwargs, channels=channels,
+                                sample_key=sample_key, _denoiser=denoiser)
+            yield call
+            eps = self._guide(call.prediction(call.output()))
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        holder.append(x)
+
+    def decode(self, result: torch.Tensor) -> torch.Tensor:
+        decoder: Any = self.model.decoder
+        factor = getattr(decoder.config, "scaling_factor", None)
+        images: torch.Tensor = decoder.decode(result / factor if factor else result).sample
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def key(self) -> dict[str, Any]:
+        return {"family": self.family, "decoder": _hash_of(self.model, "decoder")}
+
+
+class _Guided(LatentDDIM):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + s (eps_c - eps_u), both halves
+    from one batched call; guidance is off for s <= 1, as in diffusers."""
+
+    takes_guidance = True
+    default_guidance: ClassVar[float]
+    unconditional_first: ClassVar[bool]
+    """Order of the halves in the batch, as the family's diffusers pipeline has it."""
+
+    def __init__(self, model: LoadedModel, steps: int) -> None:
+        super().__init__(model, steps)
+        scale = model.sampling.guidance_scale
+        self.guidance_scale = float(self.default_guidance if scale is None else scale)
+        self.guided = self.guidance_scale > 1.0
+
+    def _guide(self, eps: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return eps
+        first, second = eps.chunk(2)
+        uncond, cond = (first, second) if self.unconditional_first else (second, first)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def key(self) -> dict[str, Any]:
+        return {**super().key(), "guidance": self.guidance_scale}
+
+
+class ClassConditionalDDIM(_Guided):
+    """Class-conditional latent transformer (`DiTPipeline`: `DiTTransformer2DModel` +
+    `AutoencoderKL`), guided.
+
+    Labels are class-balanced (label i = i mod classes) and shuffled by a seeded CPU generator.
+    The null class is the label table's extra row, index `num_embeds_ada_norm` (diffusers'
+    `LabelEmbedding`), read from the config: `DiTPipeline.__call__` hard-codes 1000.
+    """
+
+    family = "class-conditional latent"
+    default_guidance = 4.0  # DiTPipeline.__call__'s default
+    unconditional_first = False  # DiTPipeline: conditional half first
+
+    def __init__(self, model: LoadedModel, steps: int) -> None:
+        super().__init__(model, steps)
+        config: Any = model.denoiser.config
+        classes = getattr(config, "num_embeds_ada_norm", None)
+        if not classes:
+            raise MPQSearchError("the class-conditional denoiser's config has no "
+                                 "num_embeds_ada_norm (its number of classes)")
+        self.num_classes = int(classes)
+        self.null_class = self.num_classes
+        if self.guided and self.null_class >= _label_rows(model.denoiser):
+            raise MPQSearchError(
+                f"guidance {self.guidance_scale} needs a null-class row in the label table, "
+                "and this model has none (trained without label dropout); set guidance_scale "
+                "to 1")
+
+    def conditions(self, n: int, seed: int) -> SampleConditions:
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % self.num_classes
+        return {"class_labels": labels[torch.randperm(n, generator=generator)]}
+
+    def _call_conditions(self, conditions: SampleConditions) -> dict[str, Any]:
+        labels = conditions["class_labels"]
+        if self.guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])
+        return {"class_labels": labels}
+
+    def _timestep_input(self, t: torch.Tensor, batch: int) -> Any:
+        return t.reshape(1).expand(batch)  # DiT embeds one timestep per row
+
+
+class TextConditionalDDIM(_Guided):
+    """Text-conditional latent (`StableDiffusionPipeline`: `UNet2DConditionModel` + CLIP text
+    encoder + `AutoencoderKL`), guided with the empty prompt as the unconditional half.
+
+    Prompts are cycled over the samples (sample i gets prompt i mod len). Their embeddings, and
+    the empty prompt's, come from the pipeline's own `encode_prompt` once per loaded model: the
+    text encoder stays in float, so they never change during a study.
+    """
+
+    family = "text-conditional latent"
+    default_guidance = 7.5  # StableDiffusionPipeline.__call__'s default
+    unconditional_first = True  # StableDiffusionPipeline: empty-prompt half first
+    takes_prompts = True
+
+    def __init__(self, model: LoadedModel, steps: int) -> None:
+        super().__init__(model, steps)
+        self.prompts = model.sampling.prompts or DEFAULT_PROMPTS
+
+    def conditions(self, n: int, seed: int) -> SampleConditions:
+        return {"prompt": torch.arange(n) % len(self.prompts)}
+
+    def _embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings of each prompt, of the empty prompt), computed once per model."""
+        key = ("prompt-embeddings", self.prompts)
+        cached = self.model.memo.get(key)
+        if cached is None:
+            pipeline = self.model.pipeline
+            device = next(pipeline.text_encoder.parameters()).device
+            # Normal tensors even under inference mode: sensitivity probes backpropagate
+            # through the cross-attention projections that read them.
+            with torch.inference_mode(False), torch.no_grad():
+                cond, empty = pipeline.encode_prompt(list(self.prompts), device, 1, True)
+            cached = self.model.memo[key] = (cond, empty[:1])
+        return cached
+
+    def _call_conditions(self, conditions: SampleConditions) -> dict[str, Any]:
+        cond, empty = self._embeddings()
+        embeddings = cond[conditions["prompt"]]
+        if self.guided:
+            embeddings = torch.cat([empty.expand_as(embeddings), embeddings])
+        return {"encoder_hidden_states": embeddings}
+
+    def key(self) -> dict[str, Any]:
+        prompts = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
+        return {**super().key(), "prompts": prompts,
+                "text_encoder": _hash_of(self.model, "text_encoder")}
+
+
+FAMILIES: dict[str, type[Trajectory]] = {
+    "DDPMPipeline": PixelDDIM,
+    "DDIMPipeline": PixelDDIM,
+    "LDMPipeline": LatentDDIM,
+    "DiTPipeline": ClassConditionalDDIM,
+    "StableDiffusionPipeline": TextConditionalDDIM,
+}
+"""Supported diffusers pipeline classes (and their subclasses) -> trajectory family."""
+
+
+def family_for(pipeline_class: str) -> type[Trajectory]:
+    """The family of a pipeline class name; UnsupportedPipelineError names the supported ones."""
+    family = FAMILIES.get(pipeline_class)
+    if family is None:
+        supported = "; ".join(f"{cls.family}: {', '.join(names)}"
+                              for cls, names in _by_family().items())
+        raise UnsupportedPipelineError(
+            f"unsupported pipeline {pipeline_class}; supported families: {supported}")
+    return family
+
+
+def family_of(pipeline: Any) -> type[Trajectory]:
+    """The family of a loaded pipeline, by its class or the nearest supported base class."""
+    for cls in type(pipeline).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return family_for(type(pipeline).__name__)
+
+
 def trajectory_for(model: LoadedModel, steps: int) -> Trajectory:
     """The trajectory implementation of the model's pipeline family."""
-    return PixelDDIM(model, steps)
+    return family_of(model.pipeline)(model, steps)
+
+
+def _by_family() -> dict[type[Trajectory], list[str]]:
+    out: dict[type[Trajectory], list[str]] = {}
+    for name, cls in FAMILIES.items():
+        out.setdefault(cls, []).append(name)
+    return out
+
+
+def _forward_params(module: torch.nn.Module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(module.forward).parameters)
+
+
+def _label_rows(denoiser: torch.nn.Module) -> int:
+    """Rows of the class-label table (diffusers' `LabelEmbedding.embedding_table`)."""
+    tables = [getattr(m, "embedding_table", None) for m in denoiser.modules()]
+    rows = [t.num_embeddings for t in tables if isinstance(t, torch.nn.Embedding)]
+    return min(rows) if rows else 0
+
+
+def _hash_of(model: LoadedModel, component: str) -> str:
+    """Weights hash of a float component (decoder, text encoder), computed once per model."""
+    from mpq_search.models import weights_hash
+
+    key = ("hash", component)
+    if key not in model.memo:
+        module: Any = model.decoder if component == "decoder" else getattr(model.pipeline,
+                                                                             component)
+        model.memo[key] = weights_hash(module)
+    return str(model.memo[key])
 
 
 # --- sampling: the first consumer of the seam ----------------------------------------------
@@ -159,8 +492,8 @@ StepHook = Callable[[int, int], None]
 
 
 def initial_noise(model: LoadedModel, n: int, seed: int) -> torch.Tensor:
-    """All starting noise for n samples, drawn from one seeded CPU generator (common random
-    numbers that do not depend on the batch size or the device)."""
+    """All starting noise for n samples (latents for latent families), drawn from one seeded CPU
+    generator (common random numbers that do not depend on the batch size or the device)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((n, *model.sample_shape), generator=generator)
 
@@ -168,6 +501,10 @@ def initial_noise(model: LoadedModel, n: int, seed: int) -> torch.Tensor:
 def sampling_timesteps(model: LoadedModel, steps: int) -> list[int]:
     """The denoiser timesteps a run of `steps` steps visits, in sampling order."""
     return trajectory_for(model, steps).timesteps()
+
+
+def _rows(conditions: SampleConditions, part: slice) -> dict[str, torch.Tensor]:
+    return {name: value[part] for name, value in conditions.items()}
 
 
 @torch.inference_mode()
@@ -181,11 +518,12 @@ def sample(
     step_hook: StepHook | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Draw n images in [0, 1] from seeded noise (deterministic DDIM for today's family).
+    """Draw n images in [0, 1] from seeded noise and conditions (deterministic DDIM).
 
-    All noise is drawn up front, so the images do not depend on `batch_size`. Runs under
-    inference mode: no autograd bookkeeping, and one grad mode for every caller, so the compiled
-    activation quantizer is not compiled twice (dynamo guards on the grad mode).
+    All noise and conditions are drawn up front, so the images do not depend on `batch_size`;
+    each batch is decoded as it finishes. Runs under inference mode: no autograd bookkeeping, and
+    one grad mode for every caller, so the compiled activation quantizer is not compiled twice
+    (dynamo guards on the grad mode).
     """
     if n < 1:
         raise MPQSearchError(f"n must be >= 1, got {n}")
@@ -193,13 +531,28 @@ def sample(
         raise MPQSearchError(f"batch size must be >= 1, got {batch_size}")
     trajectory = trajectory_for(model, steps)
     noise = initial_noise(model, n, seed)
+    conditions = trajectory.conditions(n, seed)
     out = []
     for start in range(0, n, batch_size):
-        run = trajectory.run(noise[start : start + batch_size])
+        part = slice(start, start + batch_size)
+        run = trajectory.run(noise[part], _rows(conditions, part))
         for call in run:
             if step_hook is not None:
                 step_hook(call.step, call.timestep)
-        out.append(run.result)
+        out.append(trajectory.decode(run.result))
         if progress is not None:
             progress(len(out[-1]))
-    return trajectory.decode(torch.cat(out))
+    return torch.cat(out)
+
+
+def prompts_from_file(path: str | Path) -> tuple[str, ...]:
+    """Prompts of a text file, one per line (blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MPQSearchError(f"cannot read prompts file {path}: {e.strerror}") from e
+    prompts = tuple(line.strip() for line in lines if line.strip())
+    if not prompts:
+        raise MPQSearchError(f"prompts file {path} has no prompts")
+    return prompts
+

@@ -48,8 +48,9 @@ def test_cost_of_mixed_map_by_hand() -> None:
     assert cost.avg_w_bits == pytest.approx((100 * 8 + 300 * 4 + 60 * 2) / 460)
     assert cost.avg_a_bits == pytest.approx((1000 * 8 + 100 * 6 + 50 * 4) / 1150)
     assert cost.bops == pytest.approx(1000 * 64 + 100 * 24 + 50 * 8)
-    # weights at w bits + fp32 bias + one fp32 scale per output channel
-    expected = (100 * 1 + 10 * 4 + 10 * 4) + (300 * 0.5 + 30 * 4 + 30 * 4) + (60 * 0.25 + 10 * 4)
+    # weights at w bits + fp32 bias + per output channel an fp32 scale and a 1-byte zero point
+    expected = ((100 * 1 + 10 * 4 + 10 * 5) + (300 * 0.5 + 30 * 4 + 30 * 5)
+                + (60 * 0.25 + 10 * 5))
     assert cost.weight_bytes == pytest.approx(expected)
     assert cost.bops_per_run(steps=20, n=2) == pytest.approx(cost.bops * 40)
 
@@ -59,7 +60,7 @@ def test_missing_layers_count_as_float32() -> None:
     assert cost.avg_w_bits == pytest.approx((100 * 8 + 360 * 32) / 460)
     assert cost.bops == pytest.approx(1000 * 64 + 150 * 32 * 32)
     float_bytes = 4 * (SPECS[1].params + SPECS[2].params)
-    assert cost.weight_bytes == pytest.approx(180 + float_bytes)
+    assert cost.weight_bytes == pytest.approx(100 + 10 * 4 + 10 * 5 + float_bytes)
 
 
 def test_unknown_layer_is_refused() -> None:

@@ -116,3 +116,19 @@ def test_layer_specs_measure_macs(tiny_pipeline_dir: Path) -> None:
     assert conv_in.params == 8 * 9 + 8
     config = json.loads((tiny_pipeline_dir / "unet" / "config.json").read_text())
     assert config["sample_size"] == 16
+
+
+def test_pixel_model_components_and_refused_sampling_options(tiny_pipeline_dir: Path) -> None:
+    """Only the denoiser is quantized (a pixel pipeline has no other network); options of
+    conditional families are refused for it at load time rather than ignored."""
+    from mpq_search.errors import MPQSearchError
+
+    model = load_model(tiny_pipeline_dir)
+    (part,) = model.components
+    assert part.name == "denoiser" and part.quantized and part.class_name == "UNet2DModel"
+    assert part.params == sum(p.numel() for p in model.denoiser.parameters())
+    assert part.param_bytes == 4 * part.params and model.image_channels == 1
+    with pytest.raises(MPQSearchError, match="guided"):
+        load_model(tiny_pipeline_dir, guidance_scale=3.0)
+    with pytest.raises(MPQSearchError, match="text-conditional"):
+        load_model(tiny_pipeline_dir, prompts=["a cat"])

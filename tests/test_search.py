@@ -215,7 +215,9 @@ def test_default_toml_holds_every_option() -> None:
 
     data = tomllib.loads((REPO / "studies" / "default.toml").read_text())
     fields = set(StudyConfig.__dataclass_fields__)
-    assert fields - {"study", "storage", "prior_budgets", "feature_net", "threads"} <= set(data)
+    optional = {"study", "storage", "prior_budgets", "feature_net", "threads", "guidance_scale",
+                "prompts"}
+    assert fields - optional <= set(data)
     assert load_config(REPO / "studies" / "default.toml") == StudyConfig()
 
 

@@ -117,3 +117,16 @@ def test_grad_mode_is_the_callers(model: LoadedModel) -> None:
 def test_steps_must_be_positive(model: LoadedModel) -> None:
     with pytest.raises(MPQSearchError, match="steps must be >= 1"):
         trajectory_for(model, 0)
+
+
+def test_pixel_pipelines_are_the_pixel_family(model: LoadedModel) -> None:
+    """DDPM and DDIM pipelines sample with `PixelDDIM`: no conditions, one call per step."""
+    from diffusers import DDIMPipeline
+
+    from mpq_search.trajectory import PixelDDIM, family_of
+
+    assert type(trajectory_for(model, STEPS)) is PixelDDIM
+    assert family_of(DDIMPipeline(unet=model.denoiser, scheduler=model.pipeline.scheduler)) \
+        is PixelDDIM
+    assert trajectory_for(model, STEPS).conditions(5, seed=0) == {}
+    assert model.sampling_key() == {}  # FP reference cache keys of pixel models are unchanged

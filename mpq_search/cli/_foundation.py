@@ -112,22 +112,26 @@ def fid_command(
 @zoo_app.command("train")
 @handles_errors
 def zoo_train_command(
-    name: Annotated[str, typer.Argument(help="What to train: mnist-ddpm or lenet.")],
+    name: Annotated[str, typer.Argument(help="What to train: mnist-ddpm, mnist-dit or lenet.")],
     steps: Annotated[int, typer.Option(help="Training steps (mnist-ddpm).", min=1)] = 2400,
     seed: SeedOption = 0,
     out: Annotated[Path | None, typer.Option(help="Output (default: inside the package).")] = None,
 ) -> None:
     """Retrain an embedded model from scratch, seeded, logging the loss (mnist-ddpm: about 1 h)."""
     from mpq_search.errors import ModelNotFoundError
-    from mpq_search.training import train_lenet, train_mnist_ddpm
+    from mpq_search.training import train_lenet, train_mnist_ddpm, train_mnist_dit
     from mpq_search.zoo import EMBEDDED_MODELS, LENET_WEIGHTS
 
     if name == "mnist-ddpm":
         train_mnist_ddpm(
             out or EMBEDDED_MODELS[name].path, steps=steps, seed=seed, log=console.print
         )
+    elif name == "mnist-dit":
+        train_mnist_dit(out or EMBEDDED_MODELS[name].path, seed=seed, log=console.print)
     elif name == "lenet":
         accuracy = train_lenet(out or LENET_WEIGHTS, seed=seed, log=console.print)
         console.print(f"lenet held-out accuracy: {accuracy:.4f}")
     else:
-        raise ModelNotFoundError(f"unknown zoo entry {name!r}; trainable: mnist-ddpm, lenet")
+        raise ModelNotFoundError(
+            f"unknown zoo entry {name!r}; trainable: mnist-ddpm, mnist-dit, lenet"
+        )

@@ -66,6 +66,10 @@ def run_command(
     steps: Annotated[int | None, typer.Option(help="DDIM steps per sample.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        "--guidance-scale", help="Classifier-free guidance (DiT, Stable Diffusion).")] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="Prompts file, one per line (text-conditional pipelines).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Search per-layer bit maps within a budget; print the Pareto front and write the report."""
@@ -75,7 +79,8 @@ def run_command(
     cfg = _config(config, budget=budget, model=model, trials=trials, sampler=sampler,
                   objectives=objectives, storage=storage, study=study,
                   timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, threads=threads,
-                  root=str(root) if root else None)
+                  root=str(root) if root else None, guidance_scale=guidance_scale,
+                  prompts=str(prompts) if prompts else None)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   TextColumn("{task.fields[best]}"), console=console, transient=True) as bar:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from mpq_search.importance._cka import uniform_steps
 from mpq_search.layers import LayerSpec
-from mpq_search.trajectory import initial_noise, trajectory_for
+from mpq_search.trajectory import DenoiserCall, initial_noise, trajectory_for
 
 if TYPE_CHECKING:
     from mpq_search.quant import QuantEngine
@@ -42,17 +42,18 @@ def sqnr_sensitivity(
     model = engine.model
     engine.remove()
     profiled = set(uniform_steps(steps, timesteps))
-    inputs: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
-    for call in trajectory_for(model, steps).run(initial_noise(model, n, seed)):
+    inputs: list[tuple[DenoiserCall, torch.Tensor]] = []
+    trajectory = trajectory_for(model, steps)
+    for call in trajectory.run(initial_noise(model, n, seed), trajectory.conditions(n, seed)):
         if call.step in profiled:
-            inputs.append((call.sample, call.t, call.output()))
-    signal = sum(float(e.square().sum()) for _, _, e in inputs)
+            inputs.append((call, call.prediction(call.output())))
+    signal = sum(float(e.square().sum()) for _, e in inputs)
     out: dict[str, float] = {}
     try:
         for spec in specs:
             engine.apply(BitMap.from_layers(model.identity, {spec.name: LayerBits(w, a)}))
-            noise = sum(float((model.denoiser(xt, t).sample - e).square().sum())
-                        for xt, t, e in inputs)
+            noise = sum(float((call.prediction(call.forward()) - e).square().sum())
+                        for call, e in inputs)
             out[spec.name] = 10.0 * math.log10(signal / max(noise, 1e-30))
             if progress is not None:
                 progress(1)

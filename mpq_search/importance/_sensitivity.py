@@ -21,7 +21,7 @@ from mpq_search.errors import MPQSearchError
 from mpq_search.importance._cka import uniform_steps
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel, ModelIdentity
-from mpq_search.trajectory import initial_noise, trajectory_for
+from mpq_search.trajectory import DenoiserCall, initial_noise, trajectory_for
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,11 @@ def profile_sensitivity(
     try:
         # The FP trajectory runs without grad; each probe enables grad around its own call.
         with torch.no_grad():
-            run = trajectory_for(model, steps).run(initial_noise(model, n, seed))
+            trajectory = trajectory_for(model, steps)
+            run = trajectory.run(initial_noise(model, n, seed), trajectory.conditions(n, seed))
             for call in run:
                 if call.step in profiled:
-                    _probe(model, call.sample, call.t, probes, acc)
+                    _probe(call, probes, acc)
                 if progress is not None:
                     progress(1)
     finally:
@@ -184,11 +185,13 @@ def profile_sensitivity(
                        {"seconds": time.perf_counter() - started})
 
 
-def _probe(model: LoadedModel, x: torch.Tensor, t: Any, probes: int, acc: _Accumulator) -> None:
-    """Accumulate `probes` Hutchinson samples at one timestep (see profile_sensitivity)."""
+def _probe(call: DenoiserCall, probes: int, acc: _Accumulator) -> None:
+    """Accumulate `probes` Hutchinson samples at one timestep (see profile_sensitivity): the
+    call's own batched inputs (conditions and guidance halves included), on the output channels
+    the sampler uses."""
     names = list(acc.params)
     with torch.enable_grad():
-        eps = model.denoiser(x.detach().requires_grad_(True), t).sample
+        eps = call.prediction(call.forward(call.sample.detach().requires_grad_(True)))
         inputs = [acc.grabber.inputs[name] for name in names]
         for name, tensor in zip(names, inputs, strict=True):
             acc.lo[name] = min(acc.lo[name], float(tensor.detach().min()))

@@ -37,6 +37,7 @@ SECOND_OBJECTIVES: tuple[str, ...] = ("bops", "size")
 IDENTITY_FIELDS: tuple[str, ...] = (
     "budget", "objectives", "timestep_groups", "w_bits", "a_bits", "n", "steps", "sample_seed",
     "feature_net", "act_calibration", "calib_n", "calib_steps", "calib_timesteps", "tie_layers",
+    "guidance_scale", "prompts",
 )
 
 
@@ -73,6 +74,12 @@ class StudyConfig:
     batch_size: int = 128
     feature_net: FeatureNetName | None = None
     """'lenet' or 'inception'; default lenet for 1-channel models, inception for RGB."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale of guided families (DiT, Stable Diffusion); default: the
+    family's (diffusers' 4.0 and 7.5); <= 1 turns guidance off."""
+    prompts: str | None = None
+    """Text file of prompts, one per line, for text-conditional pipelines (cycled over the
+    samples); default: a small built-in list (`mpq_search.trajectory.DEFAULT_PROMPTS`)."""
     prior_modes: tuple[AllocationMode, ...] = ("orthogonality", "sensitivity", "size")
     """ILP prior modes enqueued at the budget; the first is also enqueued at tighter budgets."""
     global_share: float = 0.2
@@ -220,6 +227,9 @@ def _check(config: StudyConfig) -> None:
     if config.feature_net is not None and config.feature_net not in FEATURE_NETS:
         raise StudyError(f"unknown feature net {config.feature_net!r}; supported: "
                          f"{', '.join(FEATURE_NETS)}")
+    scale = config.guidance_scale
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
+        raise StudyError(f"guidance_scale must be a number, got {scale!r}")
     if config.act_calibration not in ACT_CALIBRATIONS:
         raise StudyError(f"unknown act_calibration {config.act_calibration!r}; supported: "
                          f"{', '.join(ACT_CALIBRATIONS)}")

@@ -19,6 +19,7 @@ from mpq_search.search._config import StudyConfig
 from mpq_search.search._repair import Surrogate
 from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._study import ROLE_BASELINE, ROLE_PRIOR, Seed
+from mpq_search.trajectory import prompts_from_file
 
 if TYPE_CHECKING:
     from mpq_search.importance import Importance, Sensitivity
@@ -120,8 +121,9 @@ class SearchPlan:
 
 
 def load(config: StudyConfig) -> tuple[LoadedModel, list[LayerSpec]]:
-    """The model and its layers."""
-    model = load_model(config.model)
+    """The model (sampled with the study's guidance scale and prompts) and its layers."""
+    prompts = None if config.prompts is None else prompts_from_file(config.prompts)
+    model = load_model(config.model, guidance_scale=config.guidance_scale, prompts=prompts)
     return model, discover_layers(model.denoiser)
 
 

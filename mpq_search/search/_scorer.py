@@ -76,8 +76,9 @@ def calibrate(plan: SearchPlan, progress: Callable[[int], None] | None = None) -
 
 
 def default_feature_net(model: LoadedModel) -> str:
-    """lenet for 1-channel (MNIST-like) models, Inception otherwise."""
-    return "lenet" if model.sample_shape[0] == 1 else "inception"
+    """lenet for 1-channel (MNIST-like) images, Inception otherwise (decoded images' channels,
+    not the latents')."""
+    return "lenet" if model.image_channels == 1 else "inception"
 
 
 def second_objective(config: StudyConfig, cost: Cost) -> float:

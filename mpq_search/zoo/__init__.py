@@ -23,6 +23,11 @@ EMBEDDED_MODELS: dict[str, ZooEntry] = {
         path=ZOO_DIR / "mnist-ddpm",
         description="DDPM UNet2DModel (1.1M params, 28x28 grey, attention + skip concat), MNIST",
     ),
+    "mnist-dit": ZooEntry(
+        name="mnist-dit",
+        path=ZOO_DIR / "mnist-dit",
+        description="class-conditional latent DiT (1.4M params, patch 2) + AutoencoderKL, MNIST",
+    ),
 }
 
 LENET_WEIGHTS = ZOO_DIR / "lenet" / "lenet.safetensors"
