@@ -27,6 +27,29 @@ from mpq_search.data import mnist_split
 LogFn = Callable[[str], None]
 
 
+def _denoising_step(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: torch.nn.Module,
+    ema: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+    optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int, ema_decay: float,
+) -> torch.Tensor:
+    """One epsilon-prediction step (Ho et al., 2020, eq. 14) with gradient clipping, then the EMA
+    update (decay warmed up as (1 + step) / (10 + step)); returns the loss."""
+    t = torch.randint(0, 1000, (len(x0),), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    loss = F.mse_loss(predict(xt, t), noise)
+    optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(loss)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+            p_ema.lerp_(p, 1.0 - decay)
+    return loss
+
+
 def mnist_unet_config() -> dict[str, Any]:
     """UNet2DModel config of `mnist-ddpm`: about 1.1M params, 28x28 grey, three resolution
     levels."""
@@ -83,19 +106,8 @@ def train_mnist_ddpm(
             group["lr"] = _lr_at(step, steps, lr, warmup=200)
         idx = torch.randint(0, len(data), (batch_size,), generator=generator)
         x0 = data[idx]
-        t = torch.randint(0, 1000, (batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - decay)
+        loss = _denoising_step(lambda xt, t: unet(xt, t).sample, unet, ema, x0, alphas_cumprod,
+                               optimizer, generator, step, ema_decay)
         if step % 50 == 0 or step == steps - 1:
             elapsed = time.perf_counter() - started
             log(
@@ -372,19 +384,13 @@ def train_mnist_dit(
         x0 = z * scaling_factor
         y = labels[idx].clone()
         y[torch.rand(batch_size, generator=generator) < label_dropout] = DIT_NUM_CLASSES
-        t = torch.randint(0, 1000, (batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(dit(xt, timestep=t, class_labels=y).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), dit.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - decay)
+
+        def predict(xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
+            out: torch.Tensor = dit(xt, timestep=t, class_labels=y).sample
+            return out
+
+        loss = _denoising_step(predict, dit, ema, x0, alphas_cumprod, optimizer, generator, step,
+                               ema_decay)
         if step % 100 == 0 or step == dit_steps - 1:
             log(
                 f"dit step {step:5d}  loss {loss.item():.4f}"
