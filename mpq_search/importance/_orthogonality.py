@@ -124,7 +124,8 @@ def profile_orthogonality(
     columns: list[_Column] = []
     constant: set[str] = set()
     try:
-        run = trajectory_for(model, steps).run(initial_noise(model, n, seed))
+        trajectory = trajectory_for(model, steps)
+        run = trajectory.run(initial_noise(model, n, seed), trajectory.conditions(n, seed))
         for call in run:
             hooks.active = call.step in profiled
             call.output()
