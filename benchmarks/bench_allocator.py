@@ -1,4 +1,4 @@
-"""FP sampling with glibc's default allocator thresholds against `models.keep_freed_memory`.
+"""FP sampling with glibc's default allocator thresholds against `runtime.keep_freed_memory`.
 
 Each measurement is a fresh process (the thresholds are process-wide and cannot be undone), the two
 kinds alternated; each process samples N x S twice and reports the faster run, its minor page
@@ -21,11 +21,11 @@ def measure(kind: str, n: int, steps: int, threads: int) -> dict[str, float]:
     """One process's best of two sampling runs (`kind`: 'default' or 'kept')."""
     import torch
 
-    from mpq_search import models
+    from mpq_search import models, runtime
 
     torch.set_num_threads(threads)
-    if kind == "default":
-        models._MALLOC_TUNED = True  # load_model then leaves glibc's thresholds alone
+    if kind == "kept":  # opt-in since issue 10: loading a model no longer tunes the allocator
+        runtime.keep_freed_memory()
     model = models.load_model("mnist-ddpm")
     models.sample(model, n=8, steps=2, seed=0, batch_size=8)  # warm-up
     best: dict[str, float] = {}
