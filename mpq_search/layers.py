@@ -68,7 +68,7 @@ def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
     attention MACs counted from this call are those of real sampling).
     """
     config: Any = denoiser.config
-    params = _forward_params(denoiser)
+    params = forward_params(denoiser)
     generator = torch.Generator().manual_seed(0)
     size = config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -86,7 +86,8 @@ def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
     return inputs
 
 
-def _forward_params(module: nn.Module) -> list[str]:
+def forward_params(module: nn.Module) -> list[str]:
+    """Names of a module's forward inputs, in order (the first is where the sample goes)."""
     import inspect
 
     return list(inspect.signature(module.forward).parameters)

@@ -27,6 +27,19 @@ from mpq_search.data import mnist_split
 LogFn = Callable[[str], None]
 
 
+def _denoising_setup(
+    model: torch.nn.Module, lr: float,
+) -> tuple[torch.nn.Module, torch.Tensor, torch.optim.Optimizer]:
+    """(EMA copy, the linear 1000-step DDPM schedule's alphas_cumprod, AdamW) for training a
+    denoiser with `_denoising_step`."""
+    from diffusers import DDPMScheduler
+
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    alphas_cumprod = DDPMScheduler(num_train_timesteps=1000,
+                                   beta_schedule="linear").alphas_cumprod
+    return ema, alphas_cumprod, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
 def _denoising_step(
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: torch.nn.Module,
     ema: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -86,7 +99,7 @@ def train_mnist_ddpm(
 ) -> Path:
     """Train the MNIST DDPM from scratch and save the EMA weights as a diffusers pipeline
     folder."""
-    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
     torch.manual_seed(seed)
     torch.set_flush_denormal(True)  # denormal weights/grads slow CPU training several-fold
@@ -94,10 +107,7 @@ def train_mnist_ddpm(
     images, _ = mnist_split("train")
     data = images * 2.0 - 1.0
     unet = UNet2DModel(**mnist_unet_config())
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    alphas_cumprod = scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    ema, alphas_cumprod, optimizer = _denoising_setup(unet, lr)
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"training mnist-ddpm: {n_params} params, {steps} steps, batch {batch_size}, seed {seed}")
     started = time.perf_counter()
@@ -330,7 +340,7 @@ def train_mnist_dit(
     """Train `mnist-dit` from scratch: the VAE, then the DiT on its scaled latents (epsilon
     prediction, label dropout to the null class 10 for classifier-free guidance, EMA weights
     shipped); save as a diffusers `DiTPipeline` folder."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     started = time.perf_counter()
     vae = train_mnist_vae(steps=vae_steps, seed=seed, log=log)
@@ -349,10 +359,7 @@ def train_mnist_dit(
     for module in dit.modules():
         if hasattr(module, "dropout_prob"):
             module.dropout_prob = 0.0
-    ema = copy.deepcopy(dit).eval().requires_grad_(False)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    alphas_cumprod = scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
+    ema, alphas_cumprod, optimizer = _denoising_setup(dit, lr)
     n_params = sum(p.numel() for p in dit.parameters())
     log(
         f"training mnist-dit DiT: {n_params} params, {dit_steps} steps, batch {batch_size},"

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mpq_search.errors import MPQSearchError, UnsupportedPipelineError
+from mpq_search.layers import forward_params
 
 if TYPE_CHECKING:
     from mpq_search.models import LoadedModel
@@ -280,7 +281,7 @@ class LatentDDIM(_DDIM):
         denoiser = self.model.denoiser
         kwargs = self._call_conditions(conditions)
         channels = self._channels()
-        sample_key = next(iter(_forward_params(denoiser)))
+        sample_key = forward_params(denoiser)[0]
         x = x * scheduler.init_noise_sigma
         for index, t in enumerate(scheduler.timesteps):
             x_in = scheduler.scale_model_input(x, t)
@@ -459,12 +460,6 @@ def _by_family() -> dict[type[Trajectory], list[str]]:
     for name, cls in FAMILIES.items():
         out.setdefault(cls, []).append(name)
     return out
-
-
-def _forward_params(module: torch.nn.Module) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(module.forward).parameters)
 
 
 def _label_rows(denoiser: torch.nn.Module) -> int:
