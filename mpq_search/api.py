@@ -60,7 +60,7 @@ def report(study: optuna.Study, config: StudyConfig) -> ReportFiles:
 def confirm_trials(
     study: optuna.Study, config: StudyConfig, *, trials: list[int] | None = None,
     n: int | None = None, seed: int | None = None, threads: int | None = None,
-    progress: Callable[[int, float], None] | None = None,
+    device: str | None = None, progress: Callable[[int, float], None] | None = None,
 ) -> dict[int, float]:
     """Re-score trials (default: the Pareto points) on held-out noise and rewrite the report.
 
@@ -74,7 +74,7 @@ def confirm_trials(
         raise StudyError(f"study {study.study_name!r} holds no mpq-search config")
     settings = StudyConfig().replace(**stored).replace(
         storage=config.storage_url, root=config.root, heldout_n=n, heldout_seed=seed,
-        threads=threads)
+        threads=threads, device=device)
     done = {t.number for t in study.trials if t.values is not None}
     numbers = sorted(t.number for t in study.best_trials) if trials is None else trials
     missing = [str(number) for number in numbers if number not in done]

@@ -128,8 +128,9 @@ def _calibration(act_calibration: str, calib_n: int, steps: int) -> dict[str, An
             "calib_steps": steps, "calib_timesteps": min(_QUANT.calib_timesteps, steps)}
 
 
-def _load(model: str) -> tuple[LoadedModel, list[LayerSpec]]:
-    loaded = load_model(model)
+def _load(model: str, device: str = "cpu",
+          guidance_scale: float | None = None) -> tuple[LoadedModel, list[LayerSpec]]:
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
     return loaded, discover_layers(loaded.denoiser)
 
 
@@ -157,10 +158,11 @@ class SampleResult:
 
 def sample_grid(
     model: str, *, n: int, steps: int, path: Path, seed: int = _STUDY.sample_seed,
-    batch_size: int = DEFAULT_BATCH_SIZE, progress: Phases | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE, guidance_scale: float | None = None,
+    device: str = _STUDY.device, progress: Phases | None = None,
 ) -> SampleResult:
     """Sample the FP model with DDIM and write the images as a PNG grid."""
-    loaded = load_model(model)
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
     started = time.perf_counter()
     images = sample(loaded, n=n, steps=steps, seed=seed, batch_size=batch_size,
                     progress=(progress or _silent)("sampling", n))
@@ -181,6 +183,9 @@ class FIDSummary:
     seed: int
     model_fid: float
     floor_fid: float
+    guidance_scale: float | None = None
+    class_accuracy: float | None = None
+    """LeNet's agreement with the asked-for digit (class-conditional digit models only)."""
 
     @property
     def ratio(self) -> float:
@@ -194,13 +199,17 @@ class FIDSummary:
 
 def fid_summary(
     model: str, *, feature_net: str, n: int = _STUDY.heldout_n, steps: int = _STUDY.steps,
-    seed: int = _STUDY.sample_seed, progress: Phases | None = None,
+    seed: int = _STUDY.sample_seed, guidance_scale: float | None = None,
+    device: str = _STUDY.device, progress: Phases | None = None,
 ) -> FIDSummary:
-    """FP FID vs the held-out split and the data floor (`evaluate.fp_fid_report`)."""
+    """FP FID vs the held-out split and the data floor (`evaluate.fp_fid_report`), and the
+    class accuracy of a class-conditional digit model."""
     report = fp_fid_report(model, feature_net=feature_net, n=n, steps=steps, seed=seed,
+                           guidance_scale=guidance_scale, device=device,
                            progress=(progress or _silent)("sampling", n))
     return FIDSummary(report.model, report.feature_net, report.n, report.n_reference, steps, seed,
-                      report.model_fid, report.floor_fid)
+                      report.model_fid, report.floor_fid, report.guidance_scale,
+                      report.class_accuracy)
 
 
 @dataclass(frozen=True)
@@ -226,7 +235,8 @@ def quantize_uniform(
     steps: int = _STUDY.steps, seed: int = _STUDY.sample_seed,
     batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
-    split_skip: bool = _QUANT.split_skip, progress: Phases | None = None,
+    split_skip: bool = _QUANT.split_skip, guidance_scale: float | None = None,
+    device: str = _STUDY.device, progress: Phases | None = None,
 ) -> UniformScore:
     """Quantize every layer as `setting` (e.g. "W4A8") says and score it against FP and held-out.
 
@@ -234,8 +244,8 @@ def quantize_uniform(
     """
     phase = progress or _silent
     bits = LayerBits.parse(setting)
-    loaded = load_model(model)
-    net = get_feature_net(feature_net)
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
+    net = get_feature_net(feature_net, device=str(loaded.device))
     specs = discover_layers(loaded.denoiser)
     settings = SampleSettings(n=n, steps=steps, seed=seed, batch_size=batch_size)
     reference = fp_reference_stats(loaded, net, settings, phase("FP reference", n))
@@ -277,11 +287,12 @@ def apply_bitmap(
     bitmap_path: Path, *, model: str, path: Path, n: int, steps: int = _STUDY.steps,
     seed: int = _STUDY.sample_seed, batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
+    guidance_scale: float | None = None, device: str = _STUDY.device,
     progress: Phases | None = None,
 ) -> ApplyResult:
     """Sample with the bit map at `bitmap_path` applied (only its bit-widths are calibrated)."""
     bitmap = BitMap.load(bitmap_path)
-    loaded = load_model(model)
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
     engine = apply(loaded, bitmap, QuantConfig.for_bitmap(
         bitmap, **_calibration(act_calibration, calib_n, steps)))
     try:
@@ -379,12 +390,13 @@ class ProfileResult(_JsonRecord):
 def profile_importance(
     model: str, *, out_dir: Path, beta: float, decay: float,
     timesteps: int = _STUDY.importance_timesteps, steps: int = _STUDY.steps,
-    n: int = _STUDY.importance_n, seed: int = _STUDY.seed, progress: Phases | None = None,
+    n: int = _STUDY.importance_n, seed: int = _STUDY.seed, guidance_scale: float | None = None,
+    device: str = _STUDY.device, progress: Phases | None = None,
 ) -> ProfileResult:
     """Profile orthogonality importance; write importance CSV, heatmap HTML, cost report JSON."""
     from mpq_search.importance import profile_orthogonality
 
-    loaded, specs = _load(model)
+    loaded, specs = _load(model, device, guidance_scale)
     imp = profile_orthogonality(loaded, specs, timesteps=timesteps, steps=steps, n=n, seed=seed,
                                 beta=beta, decay=decay,
                                 progress=(progress or _silent)("profiling", steps))
@@ -443,6 +455,7 @@ def allocate_prior(
     n: int = _STUDY.importance_n, sensitivity_n: int = _STUDY.sensitivity_n,
     seed: int = _STUDY.seed, w_bits: Sequence[int] = _STUDY.w_bits,
     a_bits: Sequence[int] = _STUDY.a_bits, ties: bool = _STUDY.tie_layers,
+    guidance_scale: float | None = None, device: str = _STUDY.device,
     progress: Phases | None = None,
 ) -> AllocationResult:
     """Allocate a prior bit map within `budget` (`allocate.allocate`) and save it at `path`.
@@ -458,7 +471,7 @@ def allocate_prior(
         raise AllocationError(f"unknown allocation mode {mode!r}; supported: "
                               f"{', '.join(ALLOCATION_MODES)}")
     phase = progress or _silent
-    loaded, specs = _load(model)
+    loaded, specs = _load(model, device, guidance_scale)
     parsed = parse_budget(budget, specs)
     check_feasible(parsed, specs, w_bits, a_bits)  # before the slow profiling, not after
     importance = None
@@ -542,14 +555,15 @@ class ConfirmResult:
 def confirm_study(
     study: optuna.Study, config: StudyConfig, *, trials: Sequence[int] | None = None,
     n: int = _STUDY.heldout_n, seed: int | None = None, threads: int | None = None,
-    progress: Callable[[int, float], None] | None = None,
+    device: str | None = None, progress: Callable[[int, float], None] | None = None,
 ) -> ConfirmResult:
     """Re-score trials (default: the Pareto points) on held-out noise, store the scores and
     rewrite the report (`mpq_search.api.confirm_trials`)."""
     from mpq_search import api
 
     scores = api.confirm_trials(study, config, trials=None if trials is None else list(trials),
-                                n=n, seed=seed, threads=threads, progress=progress)
+                                n=n, seed=seed, threads=threads, device=device,
+                                progress=progress)
     stored = study.user_attrs.get("heldout_settings", {})
     settings = {"n": n, "seed": seed, "stored": dict(stored) if isinstance(stored, dict) else {}}
     return ConfirmResult(study.study_name, dict(scores), settings, tuple(pareto_rows(study)),

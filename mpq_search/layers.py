@@ -58,7 +58,8 @@ def quantizable_modules(denoiser: nn.Module) -> dict[str, QuantizableModule]:
 
 
 def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
-    """Keyword inputs for one denoiser call at the configured sample size (random, seeded).
+    """Keyword inputs for one denoiser call at the configured sample size (random, seeded), on
+    the denoiser's device.
 
     The sample goes under the name of the denoiser's first input (`sample`, or DiT's
     `hidden_states`), the timestep is one per row (DiT's embedding needs a 1-D tensor; UNets
@@ -83,7 +84,8 @@ def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
         config, "num_embeds_ada_norm", None)
     if classes and "class_labels" in params:
         inputs["class_labels"] = torch.zeros(batch_size, dtype=torch.long)
-    return inputs
+    device = next(denoiser.parameters()).device  # drawn on the CPU, so the same on any device
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def forward_params(module: nn.Module) -> list[str]:

@@ -95,6 +95,11 @@ class LoadedModel:
                       quantized=module is self.denoiser)
             for name, module in modules.items())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser (and the whole pipeline) runs."""
+        return next(self.denoiser.parameters()).device
+
     def sampling_key(self) -> dict[str, Any]:
         """What decides FP samples besides the denoiser weights and the sample settings (empty
         for pixel-space models): for caches of FP sample statistics."""
@@ -117,16 +122,24 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 def load_model(
     spec: str | Path, *, guidance_scale: float | None = None,
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None, device: str = "cpu",
 ) -> LoadedModel:
     """Load an embedded model name, a local pipeline directory or a hub id (the latter needs
-    network). `guidance_scale` and `prompts` set how conditional families sample (default: the
-    family's guidance scale, the built-in prompts); they are checked against the family here."""
-    sampling = SamplingOptions(guidance_scale=guidance_scale,
-                               prompts=None if prompts is None else tuple(prompts))
+    network) onto `device` (`runtime.resolve_device` turns "auto" into one). `guidance_scale`
+    and `prompts` set how conditional families sample (default: the embedded model's own
+    guidance scale, else the family's; the built-in prompts); they are checked against the
+    family here."""
+    from mpq_search.runtime import resolve_device
+
+    target = resolve_device(device)
     model = _load(str(spec))
-    model.sampling = sampling
+    if guidance_scale is None and str(spec) in EMBEDDED_MODELS:
+        guidance_scale = EMBEDDED_MODELS[str(spec)].guidance_scale
+    model.sampling = SamplingOptions(guidance_scale=guidance_scale,
+                                     prompts=None if prompts is None else tuple(prompts))
     trajectory_for(model, 1)  # refuses options the family does not take, now rather than later
+    if target != "cpu":
+        model.pipeline.to(target)
     return model
 
 

@@ -56,15 +56,29 @@ def limit_blas_threads() -> None:
 
 
 def configure_process(threads: int | None = None) -> None:
-    """The settings the CLI runs under: torch threads (when given), single-threaded BLAS, and
-    glibc keeping freed buffers. Call once at start-up. The benchmarks call it too, so that their
-    numbers are made under the settings a user's run has."""
+    """The settings the CLI runs under: torch threads (when given), single-threaded BLAS,
+    glibc keeping freed buffers, and reproducible float32 on CUDA (`exact_cuda`). Call once at
+    start-up. The benchmarks call it too, so that their numbers are made under the settings a
+    user's run has."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     limit_blas_threads()
     keep_freed_memory()
+    exact_cuda()
+
+
+def exact_cuda() -> None:
+    """On CUDA, the same seed must give the same numbers and FP must mean float32: cuDNN picks
+    deterministic algorithms without autotuning, and convolutions do not round inputs to TF32
+    (cuDNN's default; matmuls already default to full float32)."""
+    import torch
+
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @contextmanager
@@ -81,3 +95,31 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+"""What `--device` takes (also "cuda:N")."""
+
+
+def resolve_device(spec: str | None) -> str:
+    """The torch device a `--device` value means: "auto" (the default) is "cuda" when a GPU is
+    visible, else "cpu"; "cuda" without a GPU is an error rather than a silent CPU run."""
+    import torch
+
+    from mpq_search.errors import MPQSearchError
+
+    text = (spec or "auto").strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise MPQSearchError(f"device {spec!r} asked for, but torch sees no CUDA GPU here "
+                                 "(use --device cpu or auto)")
+        index = int(text[5:]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise MPQSearchError(f"device {spec!r}: torch sees {torch.cuda.device_count()} "
+                                 "CUDA GPU(s)")
+        return text
+    raise MPQSearchError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")

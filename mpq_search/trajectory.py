@@ -185,8 +185,10 @@ class Trajectory(ABC):
         """The calls of one run from `noise` (a batch of initial samples) and the matching rows
         of `conditions` (default: `self.conditions(len(noise), seed=0)`)."""
         drawn = self.conditions(len(noise), 0) if conditions is None else conditions
+        device = self.model.device  # drawn on the CPU (device-independent), run where the model is
+        placed = {name: value.to(device) for name, value in drawn.items()}
         holder: list[torch.Tensor] = []
-        return TrajectoryRun(self._calls(noise, drawn, holder), holder)
+        return TrajectoryRun(self._calls(noise.to(device), placed, holder), holder)
 
     def key(self) -> dict[str, Any]:
         """What decides the images besides the denoiser weights, the noise and the conditions'
@@ -370,7 +372,9 @@ class ClassConditionalDDIM(_Guided):
         return {"class_labels": labels}
 
     def _timestep_input(self, t: torch.Tensor, batch: int) -> Any:
-        return t.reshape(1).expand(batch)  # DiT embeds one timestep per row
+        # DiT embeds one timestep per row, on the device of the model (diffusers' UNets move a
+        # 0-d timestep themselves)
+        return t.reshape(1).expand(batch).to(self.model.device)
 
 
 class TextConditionalDDIM(_Guided):
@@ -513,12 +517,13 @@ def sample(
     step_hook: StepHook | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Draw n images in [0, 1] from seeded noise and conditions (deterministic DDIM).
+    """Draw n images in [0, 1] from seeded noise and conditions (deterministic DDIM), on the
+    model's device; the images come back on the CPU.
 
-    All noise and conditions are drawn up front, so the images do not depend on `batch_size`;
-    each batch is decoded as it finishes. Runs under inference mode: no autograd bookkeeping, and
-    one grad mode for every caller, so the compiled activation quantizer is not compiled twice
-    (dynamo guards on the grad mode).
+    All noise and conditions are drawn up front (on the CPU), so the images do not depend on
+    `batch_size` or the device; each batch is decoded as it finishes. Runs under inference
+    mode: no autograd bookkeeping, and one grad mode for every caller, so the compiled activation
+    quantizer is not compiled twice (dynamo guards on the grad mode).
     """
     if n < 1:
         raise MPQSearchError(f"n must be >= 1, got {n}")
@@ -534,7 +539,7 @@ def sample(
         for call in run:
             if step_hook is not None:
                 step_hook(call.step, call.timestep)
-        out.append(trajectory.decode(run.result))
+        out.append(trajectory.decode(run.result).cpu())
         if progress is not None:
             progress(len(out[-1]))
     return torch.cat(out)

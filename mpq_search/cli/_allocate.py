@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from mpq_search.allocate import ALLOCATION_MODES
-from mpq_search.cli._app import JsonOption, app, console, handles_errors, print_json, progress_bars
+from mpq_search.cli._app import (
+    DeviceOption,
+    GuidanceOption,
+    JsonOption,
+    app,
+    console,
+    handles_errors,
+    print_json,
+    progress_bars,
+)
 from mpq_search.cli._foundation import STUDY, ModelOption
 
 MODES = ", ".join(ALLOCATION_MODES)
@@ -67,6 +76,8 @@ def profile(
     beta: float = typer.Option(BETA, help="theta = exp(-beta * mean CKA with other layers)."),
     decay: float = typer.Option(1.0, help="Exponential timestep weighting (0 = plain mean)."),
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder.")] = PROFILE_DIR,
+    guidance_scale: GuidanceOption = None,
+    device: DeviceOption = STUDY.device,
 ) -> None:
     """Profile orthogonality importance; write importance CSV, heatmap HTML and a cost report."""
     from mpq_search.api_commands import profile_importance
@@ -74,7 +85,9 @@ def profile(
 
     with progress_bars() as phases:
         result = profile_importance(model, out_dir=out_dir, timesteps=timesteps, steps=steps,
-                                    n=n, seed=seed, beta=beta, decay=decay, progress=phases)
+                                    n=n, seed=seed, beta=beta, decay=decay,
+                                    guidance_scale=guidance_scale, device=device,
+                                    progress=phases)
     table = Table(title="most and least important layers (weights)")
     table.add_column("rank", justify="right")
     table.add_column("layer")
@@ -106,6 +119,8 @@ def allocate(
     a_bits: str = typer.Option(_bit_list(STUDY.a_bits), help="Candidate activation bits."),
     ties: bool = typer.Option(STUDY.tie_layers, help="Tie q/k/v and shortcut/main-path bits."),
     measured: bool = typer.Option(True, help="Use measured weight errors (else the 4^-b model)."),
+    guidance_scale: GuidanceOption = None,
+    device: DeviceOption = STUDY.device,
     json_out: JsonOption = False,
 ) -> None:
     """Allocate a prior bit map that meets the budget (ILP) and write it as JSON."""
@@ -117,7 +132,8 @@ def allocate(
         result = allocate_prior(
             model, budget_text, path=output, mode=mode, beta=beta, measured=measured,
             timesteps=timesteps, steps=steps, n=n, sensitivity_n=sensitivity_n, seed=seed,
-            w_bits=w_list, a_bits=a_list, ties=ties, progress=phases)
+            w_bits=w_list, a_bits=a_list, ties=ties, guidance_scale=guidance_scale,
+            device=device, progress=phases)
     if json_out:
         print_json(result)
         return

@@ -39,6 +39,11 @@ EXIT_USAGE = 2
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON object to stdout instead of tables.")
 ]
+DeviceOption = Annotated[str, typer.Option(
+    "--device", help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N.")]
+GuidanceOption = Annotated[float | None, typer.Option(
+    "--guidance-scale", help="Classifier-free guidance of guided models (DiT, Stable "
+    "Diffusion); default: the embedded model's, else the pipeline's; <= 1 turns it off.")]
 
 
 class Record(Protocol):

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mpq_search.cli._app import JsonOption, app, console, handles_errors, print_json, progress_bars
+from mpq_search.cli._app import (
+    DeviceOption,
+    GuidanceOption,
+    JsonOption,
+    app,
+    console,
+    handles_errors,
+    print_json,
+    progress_bars,
+)
 from mpq_search.cli._foundation import (
     BATCH_SIZE,
     FEATURE_NET,
@@ -48,6 +57,8 @@ def quantize_command(
     act_calibration: ActCalibrationOption = QUANT.act_calibration,
     calib_n: CalibNOption = QUANT.calib_n,
     split_skip: SplitOption = QUANT.split_skip,
+    guidance_scale: GuidanceOption = None,
+    device: DeviceOption = STUDY.device,
     json_out: JsonOption = False,
 ) -> None:
     """Quantize every layer uniformly and print its FID and FID-excess over FP (same seeds)."""
@@ -57,7 +68,7 @@ def quantize_command(
         result = quantize_uniform(
             model, setting=uniform, feature_net=features, n=n, steps=steps, seed=seed,
             batch_size=batch_size, act_calibration=act_calibration, calib_n=calib_n,
-            split_skip=split_skip, progress=phases)
+            split_skip=split_skip, guidance_scale=guidance_scale, device=device, progress=phases)
     if json_out:
         print_json(result)
         return
@@ -84,6 +95,8 @@ def apply_command(
     batch_size: BatchOption = BATCH_SIZE,
     act_calibration: ActCalibrationOption = QUANT.act_calibration,
     calib_n: CalibNOption = QUANT.calib_n,
+    guidance_scale: GuidanceOption = None,
+    device: DeviceOption = STUDY.device,
 ) -> None:
     """Sample with a bit map applied (calibrating the bit-widths it uses) and write a grid."""
     from mpq_search.api_commands import apply_bitmap
@@ -91,7 +104,8 @@ def apply_command(
     with progress_bars() as phases:
         result = apply_bitmap(bitmap_path, model=model, path=out, n=n, steps=steps, seed=seed,
                               batch_size=batch_size, act_calibration=act_calibration,
-                              calib_n=calib_n, progress=phases)
+                              calib_n=calib_n, guidance_scale=guidance_scale, device=device,
+                              progress=phases)
     plural = "s" if result.groups > 1 else ""
     console.print(f"wrote {result.n} samples of {result.model} with {result.bitmap} "
                   f"({result.groups} timestep group{plural}) to {result.path}")

@@ -16,6 +16,7 @@ from rich.progress import (
 )
 
 from mpq_search.cli._app import (
+    GuidanceOption,
     JsonOption,
     app,
     console,
@@ -66,8 +67,10 @@ def run_command(
     steps: Annotated[int | None, typer.Option(help="DDIM steps per sample.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(
-        "--guidance-scale", help="Classifier-free guidance (DiT, Stable Diffusion).")] = None,
+    guidance_scale: GuidanceOption = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="auto (default: a CUDA GPU if torch sees one), cpu, cuda or "
+        "cuda:N.")] = None,
     prompts: Annotated[Path | None, typer.Option(
         "--prompts", help="Prompts file, one per line (text-conditional pipelines).")] = None,
     config: ConfigOption = None,
@@ -80,7 +83,7 @@ def run_command(
                   objectives=objectives, storage=storage, study=study,
                   timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, threads=threads,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
-                  prompts=str(prompts) if prompts else None)
+                  device=device, prompts=str(prompts) if prompts else None)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   TextColumn("{task.fields[best]}"), console=console, transient=True) as bar:
@@ -143,6 +146,8 @@ def confirm_command(
     seed: Annotated[int | None, typer.Option(
         help="Held-out noise seed (default: the study's heldout_seed).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="auto, cpu, cuda or cuda:N (default: the study's).")] = None,
     storage: StorageOption = None, root: RootOption = Path(STUDY.root),
     config: ConfigOption = None,
     json_out: JsonOption = False,
@@ -170,7 +175,7 @@ def confirm_command(
             bar.update(task, advance=1, description=f"trial {number}: {value:.3f}")
 
         result = confirm_study(loaded, cfg, trials=numbers, n=n, seed=seed, threads=threads,
-                               progress=on_trial)
+                               device=device, progress=on_trial)
     if json_out:
         print_json(result)
         return

@@ -48,7 +48,7 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     1.3e-5 against a float64 reference), so the product itself is taken in float64.
     """
     flat = features.detach().reshape(features.shape[0], -1).double()
-    return flat @ flat.T
+    return (flat @ flat.T).cpu()  # n x n: the CKA arithmetic that follows runs on the CPU
 
 
 def centre(k: torch.Tensor, estimator: Estimator = "debiased") -> torch.Tensor:

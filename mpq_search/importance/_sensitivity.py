@@ -197,11 +197,11 @@ def _probe(call: DenoiserCall, probes: int, acc: _Accumulator) -> None:
             acc.lo[name] = min(acc.lo[name], float(tensor.detach().min()))
             acc.hi[name] = max(acc.hi[name], float(tensor.detach().max()))
         for _ in range(probes):
-            v = torch.randint(0, 2, eps.shape, generator=acc.generator).to(eps.dtype) * 2 - 1
+            v = torch.randint(0, 2, eps.shape, generator=acc.generator).to(eps) * 2 - 1
             grads = torch.autograd.grad((eps * v).sum(), [*acc.params.values(), *inputs],
                                         retain_graph=True)
             for name, g_w, g_x in zip(names, grads[: len(names)], grads[len(names):],
                                       strict=True):
                 projections = (acc.deltas[name] * g_w).flatten(1).sum(1)  # one per bit-width
-                acc.sens_w[name] += projections.double().square()
+                acc.sens_w[name] += projections.double().square().cpu()
                 acc.grad_x[name] += float(g_x.square().sum())

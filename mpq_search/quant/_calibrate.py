@@ -123,7 +123,7 @@ class _Recorder:
             rec.x_min = min(rec.x_min, float(flat.min()))
             rec.x_max = max(rec.x_max, float(flat.max()))
             idx = torch.randint(0, flat.numel(), (self.keep,), generator=self.generator)
-            rec.chunks.append(flat[idx].clone())
+            rec.chunks.append(flat[idx.to(flat.device)].cpu())  # ranges are fit on the CPU
 
 
 def pooled(by_timestep: dict[int, list[SegmentRecord]]) -> list[SegmentRecord]:

@@ -60,11 +60,11 @@ class _ActState:
     __slots__ = ("_tables", "bucket", "hi", "inv_scale", "kernel", "lo", "scale")
 
     def __init__(self, buckets: list[list[ActRange]], segments: Segments | None,
-                 kernel: str) -> None:
+                 kernel: str, device: torch.device) -> None:
         self.kernel: Callable[..., torch.Tensor] = (
             fused_fake_quant_act if kernel == "compiled" else fake_quant_act
         )
-        self._tables = [_grid_values(ranges, segments, kernel) for ranges in buckets]
+        self._tables = [_grid_values(ranges, segments, kernel, device) for ranges in buckets]
         current = [v.clone() if isinstance(v, torch.Tensor) else v for v in self._tables[0]]
         self.inv_scale, self.lo, self.hi, self.scale = current
         self.bucket = 0
@@ -92,22 +92,24 @@ class _ActState:
         return self.kernel(x, self.inv_scale, self.lo, self.hi, self.scale)
 
 
-def _grid_values(ranges: list[ActRange], segments: Segments | None,
-                 kernel: str) -> list[float | torch.Tensor]:
-    """(inv_scale, lo, hi, scale) of one bucket: floats, 0-d tensors or per-channel tensors."""
+def _grid_values(ranges: list[ActRange], segments: Segments | None, kernel: str,
+                 device: torch.device) -> list[float | torch.Tensor]:
+    """(inv_scale, lo, hi, scale) of one bucket: floats, 0-d tensors or per-channel tensors
+    (tensors on the layer's device)."""
     if segments is None:
         (r,) = ranges
         values: list[float | torch.Tensor] = [r.inv_scale, r.lo, r.hi, r.scale]
         if kernel == "compiled":
-            values = [torch.tensor(v, dtype=torch.float32) for v in values]
+            values = [torch.tensor(v, dtype=torch.float32, device=device) for v in values]
         return values
-    return [_per_channel([getattr(r, f) for r in ranges], segments)
+    return [_per_channel([getattr(r, f) for r in ranges], segments, device)
             for f in ("inv_scale", "lo", "hi", "scale")]
 
 
-def _per_channel(values: list[float], segments: Segments) -> torch.Tensor:
+def _per_channel(values: list[float], segments: Segments, device: torch.device) -> torch.Tensor:
     """Expand one number per segment to a (1, C, 1, 1) tensor."""
-    parts = [torch.full((size,), value) for value, size in zip(values, segments, strict=True)]
+    parts = [torch.full((size,), value, device=device)
+             for value, size in zip(values, segments, strict=True)]
     return torch.cat(parts).view(1, -1, 1, 1)
 
 
@@ -200,7 +202,8 @@ class QuantEngine:
             self._ranges[name] = {bits: [[self._act_range(rec, bits) for rec in segs]
                                          for segs in buckets] for bits in cfg.a_bits}
         self._acts = {
-            name: {bits: _ActState(per_bucket, self.splits.get(name), cfg.kernel)
+            name: {bits: _ActState(per_bucket, self.splits.get(name), cfg.kernel,
+                                   _weight(self._modules[name]).device)
                    for bits, per_bucket in by_bits.items()}
             for name, by_bits in self._ranges.items()
         }

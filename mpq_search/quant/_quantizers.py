@@ -79,10 +79,10 @@ class WeightQuant:
 _CHUNK_ELEMENTS = 1 << 22  # candidate ranges evaluated at once: bounds the search's memory
 
 
-def _factor_chunks(numel: int) -> list[torch.Tensor]:
+def _factor_chunks(numel: int, device: torch.device) -> list[torch.Tensor]:
     """Shrink factors in chunks small enough that chunk * numel stays under _CHUNK_ELEMENTS."""
     size = max(1, _CHUNK_ELEMENTS // max(1, numel))
-    factors = torch.tensor(SHRINK_FACTORS)
+    factors = torch.tensor(SHRINK_FACTORS, device=device)
     return list(torch.split(factors, size))
 
 
@@ -96,7 +96,7 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> WeightQuant:
     flat = weight.detach().float().reshape(weight.shape[0], -1)
     w_min, w_max = flat.min(dim=1).values, flat.max(dim=1).values
     errors, scales, zeros = [], [], []
-    for factors in _factor_chunks(flat.numel()):
+    for factors in _factor_chunks(flat.numel(), flat.device):
         scale, zero = affine_params(factors[:, None] * w_min, factors[:, None] * w_max, bits)
         deq = fake_quantize(flat, scale[:, :, None], zero[:, :, None], bits)  # (F, C, K)
         errors.append((deq - flat).square().sum(2))
@@ -230,7 +230,8 @@ def act_range_minmax(x_min: float, x_max: float, bits: int) -> ActRange:
 
 def act_range_percentile(samples: torch.Tensor, percentile: float, bits: int) -> ActRange:
     """Percentile calibration: clip the (100 - p)% tails of the recorded values."""
-    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=samples.dtype)
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=samples.dtype,
+                     device=samples.device)
     lo, hi = torch.quantile(samples, q).tolist()
     return ActRange.from_range(lo, hi, bits)
 
@@ -242,13 +243,13 @@ def act_range_mse(samples: torch.Tensor, x_min: float, x_max: float, bits: int) 
     `samples` is a seeded random subset of the layer's inputs (an unbiased estimate of the mean
     squared error); the exact min/max seen bound the search.
     """
-    factors = torch.tensor(SHRINK_FACTORS)
+    factors = torch.tensor(SHRINK_FACTORS, device=samples.device)
     scale, zero = affine_params(factors * x_min, factors * x_max, bits)
     # The same float32 numbers ActRange.from_range gives, as columns for a broadcast search.
     inv = (1.0 / scale.double()).to(samples.dtype)[:, None]
     lo, hi = -zero[:, None], (qmax(bits) - zero)[:, None]
     errors = []
-    for rows in torch.split(torch.arange(len(factors)),
+    for rows in torch.split(torch.arange(len(factors), device=samples.device),
                             max(1, _CHUNK_ELEMENTS // max(1, samples.numel()))):
         deq = fake_quant_act(samples[None, :], inv[rows], lo[rows], hi[rows], scale[rows, None])
         errors.append((deq - samples).square().sum(1))

@@ -118,6 +118,10 @@ class StudyConfig:
     grid_n: int = 64
     threads: int | None = None
     """torch threads; default: torch's own choice."""
+    device: str = "auto"
+    """Where sampling, calibration, profiling and features run: auto (a CUDA GPU when torch
+    sees one, else the CPU), cpu, cuda or cuda:N. Noise and labels are drawn on the CPU, so a
+    study's seeds mean the same on every device (scores differ by float rounding only)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists (from TOML or callers) become tuples: the record is frozen
@@ -230,6 +234,9 @@ def _check(config: StudyConfig) -> None:
     scale = config.guidance_scale
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
         raise StudyError(f"guidance_scale must be a number, got {scale!r}")
+    device = config.device
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.lower()):
+        raise StudyError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if config.act_calibration not in ACT_CALIBRATIONS:
         raise StudyError(f"unknown act_calibration {config.act_calibration!r}; supported: "
                          f"{', '.join(ACT_CALIBRATIONS)}")

@@ -123,7 +123,8 @@ class SearchPlan:
 def load(config: StudyConfig) -> tuple[LoadedModel, list[LayerSpec]]:
     """The model (sampled with the study's guidance scale and prompts) and its layers."""
     prompts = None if config.prompts is None else prompts_from_file(config.prompts)
-    model = load_model(config.model, guidance_scale=config.guidance_scale, prompts=prompts)
+    model = load_model(config.model, guidance_scale=config.guidance_scale, prompts=prompts,
+                       device=config.device)
     return model, discover_layers(model.denoiser)
 
 

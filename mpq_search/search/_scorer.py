@@ -70,7 +70,8 @@ def calibrate(plan: SearchPlan, progress: Callable[[int], None] | None = None) -
     """Calibrate the quantization engine, load the feature net and the FP reference."""
     config = plan.config
     engine = QuantEngine(plan.model, list(plan.specs), quant_config(config)).calibrate(progress)
-    net = get_feature_net(config.feature_net or default_feature_net(plan.model))
+    net = get_feature_net(config.feature_net or default_feature_net(plan.model),
+                          device=str(plan.model.device))
     settings = proxy_settings(config)
     return Scorer(engine, net, settings, fp_reference_stats(plan.model, net, settings))
 

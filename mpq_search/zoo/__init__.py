@@ -10,11 +10,13 @@ ZOO_DIR = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One embedded model: its name, folder and a one-line description."""
+    """One embedded model: its name, folder, a one-line description and, for guided models,
+    the guidance scale it samples at by default (measured best FID on its model card)."""
 
     name: str
     path: Path
     description: str
+    guidance_scale: float | None = None
 
 
 EMBEDDED_MODELS: dict[str, ZooEntry] = {
@@ -27,6 +29,7 @@ EMBEDDED_MODELS: dict[str, ZooEntry] = {
         name="mnist-dit",
         path=ZOO_DIR / "mnist-dit",
         description="class-conditional latent DiT (1.4M params, patch 2) + AutoencoderKL, MNIST",
+        guidance_scale=1.25,
     ),
 }
 
