@@ -75,8 +75,9 @@ class StudyConfig:
     feature_net: FeatureNetName | None = None
     """'lenet' or 'inception'; default lenet for 1-channel models, inception for RGB."""
     guidance_scale: float | None = None
-    """Classifier-free guidance scale of guided families (DiT, Stable Diffusion); default: the
-    family's (diffusers' 4.0 and 7.5); <= 1 turns guidance off."""
+    """Classifier-free guidance scale of guided families (DiT, Stable Diffusion); default: an
+    embedded model's own (mnist-dit 1.25), else the family's (diffusers' 4.0 and 7.5); <= 1
+    turns guidance off."""
     prompts: str | None = None
     """Text file of prompts, one per line, for text-conditional pipelines (cycled over the
     samples); default: a small built-in list (`mpq_search.trajectory.DEFAULT_PROMPTS`)."""
