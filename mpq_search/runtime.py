@@ -97,10 +97,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-"""What `--device` takes (also "cuda:N")."""
-
-
 def resolve_device(spec: str | None) -> str:
     """The torch device a `--device` value means: "auto" (the default) is "cuda" when a GPU is
     visible, else "cpu"; "cuda" without a GPU is an error rather than a silent CPU run."""

@@ -209,6 +209,22 @@ def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
         plain_plan.with_config(plain.replace(surrogate_prior="sensitivity")).surrogate_prior()
 
 
+def test_profiles_take_every_step_of_a_run_shorter_than_importance_timesteps(
+    tmp_path: Path,
+) -> None:
+    """`--steps 3` with the default 5 importance timesteps profiles all 3 steps (as calibration
+    clamps its timesteps), instead of refusing the run."""
+    from mpq_search.search._prepare import profile
+
+    model_dir = tiny_pipeline_dir(tmp_path)
+    config = tiny_config(model_dir, tmp_path, steps=3, importance_timesteps=5,
+                         prior_modes=("sensitivity",), sensitivity_n=2, sensitivity_probes=1)
+    model, specs = load(config)
+    orthogonality, sensitivity = profile(config, model, specs)
+    assert len(orthogonality.timesteps) == 3
+    assert sensitivity is not None and sensitivity.settings["timesteps"] == 3
+
+
 # --- config --------------------------------------------------------------------------------------
 def test_default_toml_holds_every_option() -> None:
     import tomllib

@@ -156,17 +156,19 @@ def profile(
     config: StudyConfig, model: LoadedModel, specs: list[LayerSpec],
 ) -> tuple[Importance, Sensitivity | None]:
     """Orthogonality importance (MPQ-Diff) and, when a prior or the surrogate uses it, output
-    sensitivity (else None), at the same timesteps."""
+    sensitivity (else None), at the same timesteps: `importance_timesteps` of the sampling
+    steps, or every step of a run that has fewer (as calibration clamps its timesteps)."""
     from mpq_search.importance import profile_orthogonality, profile_sensitivity
 
+    timesteps = min(config.importance_timesteps, config.steps)
     orthogonality = profile_orthogonality(
-        model, specs, timesteps=config.importance_timesteps, steps=config.steps,
-        n=config.importance_n, seed=config.seed)
+        model, specs, timesteps=timesteps, steps=config.steps, n=config.importance_n,
+        seed=config.seed)
     if "sensitivity" not in config.prior_modes and config.surrogate_prior != "sensitivity":
         return orthogonality, None
     sensitivity = profile_sensitivity(
         model, specs, w_bits=config.w_bits, a_bits=config.a_bits,
-        timesteps=config.importance_timesteps, steps=config.steps, n=config.sensitivity_n,
+        timesteps=timesteps, steps=config.steps, n=config.sensitivity_n,
         probes=config.sensitivity_probes, seed=config.seed)
     return orthogonality, sensitivity
 
