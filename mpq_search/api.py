@@ -32,9 +32,12 @@ from mpq_search.search import (
 
 def run(
     config: StudyConfig, *, progress: Callable[[TrialEvent], None] | None = None,
-    stage: Callable[[str], None] | None = None,
+    stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the search `config` describes; outputs go to `<root>/<study>/report/`."""
+    """Run (or resume) the search `config` describes; outputs go to `<root>/<study>/report/`.
+
+    `should_stop` is asked before each trial; once it says yes, the search ends after the
+    running trial and the report is written (`search.optimize`)."""
     say = stage or (lambda _: None)
     with torch_threads(config.threads):
         say("loading model")
@@ -45,7 +48,7 @@ def run(
         scorer = calibrate(plan)
         study = create_study(plan)
         say(f"searching ({config.sampler}, {config.trials} trials)")
-        optimize(study, plan, scorer, progress)
+        optimize(study, plan, scorer, progress, should_stop)
         say("writing report")
         report(study, config)
     return study

@@ -60,8 +60,9 @@ def fail(message: str) -> typer.Exit:
 
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Run a command under the CLI's process settings (`runtime.configure_process`: glibc keeps
-    freed buffers, single-threaded BLAS), and turn MPQSearchError into a one-line message and
-    exit code 2, never a traceback."""
+    freed buffers, single-threaded BLAS), and turn MPQSearchError, and an OSError on a file (an
+    output folder that cannot be written, a full disk), into a one-line message and exit code
+    2, never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -72,8 +73,50 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             return func(*args, **kwargs)
         except MPQSearchError as e:
             raise fail(str(e)) from None
+        except OSError as e:
+            if e.filename is None:
+                raise
+            raise fail(f"cannot write or read {e.filename}: {e.strerror or e}") from None
 
     return wrapper
+
+
+class StopRequest:
+    """Set by the first SIGINT (Ctrl-C) or SIGTERM while installed (`stop_requests`); a second
+    one aborts at once. Long commands ask it between units of work."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as shells report it."""
+        return 128 + (self.signal or 0)
+
+
+@contextmanager
+def stop_requests(what: str) -> Iterator[StopRequest]:
+    """While the block runs, the first SIGINT/SIGTERM asks the work to stop after `what` (a
+    process manager's SIGTERM is treated as a Ctrl-C); the previous handlers come back after."""
+    import signal
+
+    request = StopRequest()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if request.signal is not None:
+            raise KeyboardInterrupt
+        request.signal = signum
+        err_console.print(f"stopping after {what} (again to abort now)", highlight=False)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def print_json(record: Record) -> None:
@@ -84,13 +127,15 @@ def print_json(record: Record) -> None:
 @contextmanager
 def progress_bars(*, json_out: bool = False) -> Iterator[Phases]:
     """Transient rich progress bars, one per phase; on stderr in --json mode (stdout is JSON)."""
+    target = err_console if json_out else console
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=err_console if json_out else console,
+        console=target,
         transient=True,
+        disable=not target.is_terminal,  # a pipe or a log gets no bar (and no stray blank line)
     )
 
     def phase(label: str, total: int) -> Callable[[int], None]:

@@ -24,6 +24,7 @@ from mpq_search.cli._app import (
     fail,
     handles_errors,
     print_json,
+    stop_requests,
 )
 from mpq_search.cli._foundation import STUDY
 
@@ -84,9 +85,11 @@ def run_command(
                   timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, threads=threads,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
                   device=device, prompts=str(prompts) if prompts else None)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  TextColumn("{task.fields[best]}"), console=console, transient=True) as bar:
+    with stop_requests("the running trial") as stop, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[best]}"), console=console, transient=True,
+            disable=not console.is_terminal) as bar:
         task = bar.add_task("preparing", total=None, best="")
 
         def on_stage(text: str) -> None:
@@ -97,11 +100,16 @@ def run_command(
             bar.update(task, total=event.total, completed=event.done, best=best,
                        description=f"trial {event.number} ({event.tag or event.role})")
 
-        result = run(cfg, progress=on_trial, stage=on_stage)
+        result = run(cfg, progress=on_trial, stage=on_stage, should_stop=stop)
     console.print(pareto_table(reference_rows(result), title="Baselines and priors"))
     console.print(pareto_table(pareto_rows(result), title=f"Pareto front ({cfg.budget})"))
     console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
                   f"{cfg.study_dir / 'report'}")
+    if stop():
+        done = sum(1 for t in result.trials if t.values is not None)
+        console.print(f"stopped by a signal: {done} finished trials are stored; run the same "
+                      "command again to resume the study")
+        raise typer.Exit(stop.exit_code)
 
 
 def _open(
@@ -168,7 +176,8 @@ def confirm_command(
     cfg, loaded = _open(study, storage, root, config)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console if json_out else console,
-                  transient=True) as bar:
+                  transient=True,
+                  disable=not (err_console if json_out else console).is_terminal) as bar:
         task = bar.add_task("preparing", total=None)
 
         def on_trial(number: int, value: float) -> None:

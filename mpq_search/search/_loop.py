@@ -86,8 +86,11 @@ def create_study(plan: SearchPlan, attrs: dict[str, Any] | None = None) -> optun
 
 
 def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
-             progress: ProgressFn | None = None) -> int:
-    """Run the pending seeds' baselines plus `config.trials` trials (seeds first); return count."""
+             progress: ProgressFn | None = None,
+             should_stop: Callable[[], bool] | None = None) -> int:
+    """Run the pending seeds' baselines plus `config.trials` trials (seeds first); return how
+    many ran. `should_stop` is asked before each trial: a stop requested during a trial (e.g. by
+    Ctrl-C) lets that trial finish and be stored, and a later run of the study resumes."""
     pending = pending_seeds(study, plan.space, plan.seeds)
     total = plan.config.trials + sum(1 for s in pending if s.role == ROLE_BASELINE)
     sampler = study.sampler
@@ -97,6 +100,8 @@ def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
         pending = []
     store = artifact_store(plan.config)
     for done in range(1, total + 1):
+        if should_stop is not None and should_stop():
+            return done - 1
         started = time.perf_counter()
         if isinstance(sampler, MapSampler) and fast:
             trial = _propose_and_store(study, plan, sampler, pending)
