@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,25 @@ def tiny_config(model_dir: Path, root: Path, **changes: Any) -> Any:
     )
     base.update(changes)
     return StudyConfig(**base)
+
+
+def _toml(value: Any) -> str:
+    """A TOML value (a study config holds strings, numbers, booleans and lists only)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config_toml(config: Any, path: Path) -> Path:
+    """A StudyConfig's settings as a flat TOML file (`mpq-search run --config`)."""
+    lines = [f"{key} = {_toml(value)}" for key, value in config.to_dict().items()
+             if value is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def uniform_importance(model_dir: Path) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from _search_fixtures import build_study, tiny_pipeline_dir
+from _search_fixtures import build_study, tiny_pipeline_dir, write_config_toml
 from typer.testing import CliRunner, Result
 
 from mpq_search.cli import app
@@ -45,23 +45,6 @@ class World:
     """Placeholders of the case arguments: `{model}` etc. -> paths and URLs."""
 
 
-def _toml(value: Any) -> str:
-    """A TOML value (the study config holds strings, numbers, booleans and lists only)."""
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
-
-
-def _write_config(config: Any, path: Path) -> Path:
-    """The study's own settings as a TOML file, so that a rerun differs only in its flags."""
-    lines = [f"{key} = {_toml(value)}" for key, value in config.to_dict().items()
-             if value is not None]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _write_bitmaps(folder: Path, good: dict[str, Any]) -> None:
@@ -101,7 +84,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (root / "a_file").write_text("a plain file, not a folder\n")
     places = {
         "model": str(model), "other": str(other), "broken": str(broken),
-        "unsupported": str(unsupported), "config": str(_write_config(config, root / "s.toml")),
+        "unsupported": str(unsupported), "config": str(write_config_toml(config, root / "s.toml")),
         "study": study.study_name, "storage": config.storage_url,
         "bitmaps": str(root / "bitmaps"), "file": str(root / "a_file"),
     }

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from _search_fixtures import write_config_toml
 
 from mpq_search.errors import MPQSearchError, UnsupportedPipelineError
 from mpq_search.layers import discover_layers, example_inputs
@@ -333,16 +334,6 @@ def test_unsupported_pipeline_is_refused_at_load_time(tmp_path: Path) -> None:
 
 
 # --- the search, end to end through the CLI ------------------------------------------------
-def _toml(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return str(value)
-
-
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_cli_run_on_each_family(saved: dict[str, Path], tmp_path: Path, name: str) -> None:
     """`mpq-search run` (2 trials) on each family; every exported bit map meets the budget
@@ -362,9 +353,7 @@ def test_cli_run_on_each_family(saved: dict[str, Path], tmp_path: Path, name: st
         sensitivity_n=2, sensitivity_probes=1, grid_n=2, heldout_n=4,
         prior_modes=("orthogonality", "sensitivity", "size") if name == "dit" else ("size",),
         feature_net="lenet", threads=1, act_calibration="minmax", baselines=("W4A8",))
-    toml = tmp_path / "study.toml"
-    toml.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in config.to_dict().items()
-                            if v is not None))
+    toml = write_config_toml(config, tmp_path / "study.toml")
     runner = CliRunner()
     result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "2", "--study", name])
     assert result.exit_code == 0, result.output

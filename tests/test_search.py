@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from _search_fixtures import build_study, tiny_config, tiny_pipeline_dir
+from _search_fixtures import build_study, tiny_config, tiny_pipeline_dir, write_config_toml
 from optuna.trial import TrialState
 
 from mpq_search.bitmap import BitMap
@@ -385,8 +385,7 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
     toml = tmp_path / "tiny.toml"
     config = tiny_config(model_dir, tmp_path, prior_modes=("orthogonality", "sensitivity", "size"),
                          sensitivity_n=4, sensitivity_probes=2)
-    lines = [f"{k} = {_toml(v)}" for k, v in config.to_dict().items() if v is not None]
-    toml.write_text("\n".join(lines) + "\n")
+    write_config_toml(config, toml)
     runner = CliRunner()
     result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "2", "--study", "cli"])
     assert result.exit_code == 0, result.output
@@ -433,16 +432,6 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no finished trial 99" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert confirm("--trials", "x").exit_code == 2
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return str(value)
 
 
 @pytest.mark.slow
