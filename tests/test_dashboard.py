@@ -52,3 +52,33 @@ def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
         except Exception:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_sigterm_to_the_dashboard_command_stops_its_server(tmp_path: Path) -> None:
+    """A process manager stops `mpq-search dashboard` with SIGTERM: the optuna-dashboard server
+    it started must stop with it, not keep the port."""
+    import signal
+    import subprocess
+    import sys
+
+    config, _, _ = build_study(tmp_path, trials=1)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mpq_search", "dashboard", "--study", config.study_name,
+         "--root", config.root, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _get(f"http://127.0.0.1:{port}/api/studies", time.monotonic() + 60)  # server is up
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while True:  # the port must close: the server child is gone
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                break
+            assert time.monotonic() < deadline, "the dashboard server outlived its command"
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -220,16 +221,31 @@ def dashboard_command(
     root: RootOption = Path(STUDY.root), config: ConfigOption = None,
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
 ) -> None:
-    """Start optuna-dashboard on the study's storage (127.0.0.1) with its artifacts."""
+    """Start optuna-dashboard on the study's storage (127.0.0.1) with its artifacts; Ctrl-C or
+    SIGTERM stops it and its server."""
+    import signal
+
     from mpq_search.report import start_dashboard
 
     cfg, _ = _open(study, storage, root, config)
     process = start_dashboard(cfg.storage_url, cfg.study_dir / "artifacts", port=port)
     console.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C stops it)")
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # A process manager stops with SIGTERM, whose default would end this process and leave
+    # the server child running: handle it as Ctrl-C, so the finally below stops the child.
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         process.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         process.terminate()
-        process.wait(timeout=10)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
