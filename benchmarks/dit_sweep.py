@@ -31,29 +31,18 @@ def _parse(text: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def _score(folder: Path, threads: int) -> list[dict[str, float]]:
+def _score(folder: Path, threads: int) -> list[dict[str, float | None]]:
+    """What `mpq-search fid --guidance-scale G` reports, at each of GUIDANCES."""
     import torch
 
-    from mpq_search.data import mnist_split
-    from mpq_search.fid import dataset_stats, frechet_distance, get_feature_net, stats_of_images
-    from mpq_search.models import load_model, sample
-    from mpq_search.trajectory import trajectory_for
+    from mpq_search.evaluate import fp_fid_report
 
     torch.set_num_threads(threads)
-    net = get_feature_net("lenet")
-    heldout = dataset_stats("heldout", net, 1000)
-    rows = []
+    rows: list[dict[str, float | None]] = []
     for guidance in GUIDANCES:
-        model = load_model(folder, guidance_scale=guidance)
-        images = sample(model, n=1000, steps=20, seed=0)
-        labels = trajectory_for(model, 20).conditions(1000, 0)["class_labels"]
-        with torch.no_grad():
-            crop = images[..., 2:-2, 2:-2]
-            predicted = net.net(crop).argmax(1)  # type: ignore[attr-defined]
-        rows.append({"guidance": guidance,
-                     "fid": frechet_distance(stats_of_images(images, net), heldout),
-                     "class_accuracy": float((predicted == labels).float().mean())})
-    del mnist_split
+        report = fp_fid_report(str(folder), n=1000, steps=20, seed=0, guidance_scale=guidance)
+        rows.append({"guidance": guidance, "fid": report.model_fid,
+                     "class_accuracy": report.class_accuracy})
     return rows
 
 

@@ -352,6 +352,9 @@ def train_mnist_dit(
     drawn on the CPU, so the batches and noise are the same on every device)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
+    from mpq_search.runtime import resolve_device
+
+    device = resolve_device(device)  # "auto" and "cuda" without a GPU, before any training
     started = time.perf_counter()
     if vae is None:
         vae = train_mnist_vae(steps=vae_steps, seed=seed, log=log)

@@ -141,10 +141,8 @@ def zoo_train_command(
             out or EMBEDDED_MODELS[name].path, steps=steps, seed=seed, log=console.print
         )
     elif name == "mnist-dit":
-        from mpq_search.runtime import resolve_device
-
-        train_mnist_dit(out or EMBEDDED_MODELS[name].path, seed=seed,
-                        device=resolve_device(device), log=console.print)
+        train_mnist_dit(out or EMBEDDED_MODELS[name].path, seed=seed, device=device,
+                        log=console.print)
     elif name == "lenet":
         accuracy = train_lenet(out or LENET_WEIGHTS, seed=seed, log=console.print)
         console.print(f"lenet held-out accuracy: {accuracy:.4f}")
