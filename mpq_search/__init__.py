@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "cost_of": "mpq_search.cost",
     "profile_orthogonality": "mpq_search.importance",
     "run": "mpq_search.api",
+    "deploy": "mpq_search.deployment",
+    "undeploy": "mpq_search.deployment",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -9,7 +9,12 @@ result the CLI prints.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 
@@ -24,34 +29,168 @@ from mpq_search.search import (
     confirm,
     create_study,
     find_study,
+    join_study,
     load,
+    load_study,
     optimize,
     prepare,
+    trial_event,
 )
 
 
 def run(
     config: StudyConfig, *, progress: Callable[[TrialEvent], None] | None = None,
     stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+    workers: int = 1,
 ) -> optuna.Study:
     """Run (or resume) the search `config` describes; outputs go to `<root>/<study>/report/`.
 
-    `should_stop` is asked before each trial; once it says yes, the search ends after the
-    running trial and the report is written (`search.optimize`)."""
+    The study ends up with `config.trials` search trials (priors included) besides its
+    baselines: a resume continues to that count. `should_stop` is asked before each trial; once
+    it says yes, the search ends after the running trial and the report is written
+    (`search.optimize`). With `workers` > 1 this process profiles and seeds the study, then K
+    `mpq-search worker` processes run its trials (`config.threads` torch threads in all, split
+    among them; their logs in `<root>/<study>/workers/`)."""
+    if workers < 1:
+        raise StudyError(f"workers must be >= 1, got {workers}")
     say = stage or (lambda _: None)
     with torch_threads(config.threads):
         say("loading model")
         model, specs = load(config)
         say("profiling importance and allocating priors")
         plan = prepare(config, model, specs, importance=stored_importance(config))
-        say("calibrating quantizer and FP reference")
-        scorer = calibrate(plan)
-        study = create_study(plan)
-        say(f"searching ({config.sampler}, {config.trials} trials)")
-        optimize(study, plan, scorer, progress, should_stop)
+        if workers > 1:
+            study = create_study(plan)
+            say(f"searching ({config.sampler}, {config.trials} trials, {workers} workers)")
+            run_workers(study, config, workers, progress, should_stop)
+        else:
+            say("calibrating quantizer and FP reference")
+            scorer = calibrate(plan)
+            study = create_study(plan)
+            say(f"searching ({config.sampler}, {config.trials} trials)")
+            optimize(study, plan, scorer, progress, should_stop)
         say("writing report")
         report(study, config)
     return study
+
+
+def run_workers(
+    study: optuna.Study, config: StudyConfig, workers: int,
+    progress: Callable[[TrialEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None, poll_seconds: float = 1.0,
+) -> list[int]:
+    """Start `workers` local `mpq-search worker` processes on the seeded study and wait for
+    them; their exit codes. A stop request is passed on to them as SIGINT (each finishes its
+    running trial), and none outlives this call."""
+    import signal
+
+    threads = config.threads or max(1, (os.cpu_count() or 1))
+    per_worker = max(1, threads // workers)
+    logs = config.study_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mpq_search", "worker", "--study", config.study_name,
+               "--storage", config.storage_url, "--root", config.root,
+               "--threads", str(per_worker), "--device", config.device]
+    processes: list[subprocess.Popen[bytes]] = []
+    stopping = False
+    try:
+        for index in range(workers):
+            with open(logs / f"worker-{index}.log", "wb") as log:
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                  start_new_session=True))
+        seen: set[int] = set()
+        while any(p.poll() is None for p in processes):
+            if should_stop is not None and should_stop() and not stopping:
+                stopping = True
+                for process in processes:
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGINT)
+            _report_new_trials(study, config, seen, progress)
+            time.sleep(poll_seconds)
+        _report_new_trials(study, config, seen, progress)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    codes = [p.returncode for p in processes]
+    failed = [i for i, code in enumerate(codes) if code not in (0, 130, 143)]
+    if failed and not stopping:
+        raise StudyError(f"worker {failed[0]} exited with code {codes[failed[0]]}; its log is "
+                         f"{logs / f'worker-{failed[0]}.log'} (finished trials are stored)")
+    return codes
+
+
+def _report_new_trials(study: optuna.Study, config: StudyConfig, seen: set[int],
+                       progress: Callable[[TrialEvent], None] | None) -> None:
+    """Progress events for the trials that finished since the last call."""
+    from optuna.trial import TrialState
+
+    finished = study.get_trials(deepcopy=False,
+                                states=(TrialState.COMPLETE, TrialState.FAIL))
+    for trial in sorted(finished, key=lambda t: t.number):
+        if trial.number in seen:
+            continue
+        seen.add(trial.number)
+        if progress is not None:
+            progress(trial_event(study, config.trials, trial.number,
+                                 str(trial.user_attrs.get("role", "")),
+                                 str(trial.user_attrs.get("tag", "")),
+                                 trial.values[0] if trial.values else None))
+
+
+def work(
+    study_name: str, storage: str, *, trials: int | None = None, threads: int | None = None,
+    device: str | None = None, root: str | Path | None = None, wait: float = 600.0,
+    progress: Callable[[TrialEvent], None] | None = None,
+    stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+) -> int:
+    """Join an existing study as a worker and run its trials: until it holds its `trials`, or
+    `trials` here; how many this worker ran. The model, calibration, importance and every
+    setting come from the study itself, so all workers score alike; only threads, device and
+    the output root are this machine's. Waits up to `wait` s for the study to be created and
+    seeded by `mpq-search run`."""
+    say = stage or (lambda _: None)
+    say("waiting for the study")
+    study = _wait_for_study(study_name, storage, wait)
+    stored = study.user_attrs.get("config")
+    if not isinstance(stored, dict):
+        raise StudyError(f"study {study_name!r} holds no mpq-search config")
+    config = StudyConfig().replace(**stored).replace(
+        study=study_name, storage=storage, threads=threads, device=device,
+        root=None if root is None else str(root))
+    with torch_threads(config.threads):
+        say("loading model")
+        model, specs = load(config)
+        expected = study.user_attrs.get("model", {}).get("weights_hash")
+        if expected and expected != model.identity.weights_hash:
+            raise StudyError(f"model {config.model!r} here has other weights "
+                             f"({model.identity.weights_hash}) than the study's ({expected})")
+        plan = prepare(config, model, specs,
+                       importance=ImportanceScores.from_dict(study.user_attrs.get("importance")))
+        say("calibrating quantizer and FP reference")
+        scorer = calibrate(plan)
+        joined = join_study(plan, wait=wait)
+        say(f"searching ({config.sampler}, study {study_name!r})")
+        return optimize(joined, plan, scorer, progress, should_stop, max_trials=trials)
+
+
+def _wait_for_study(name: str, storage: str, wait: float) -> optuna.Study:
+    """The study once it exists (a worker may start before `run` creates it)."""
+    from mpq_search.errors import StudyNotFoundError
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return load_study(name, storage)
+        except StudyNotFoundError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
 
 
 def report(study: optuna.Study, config: StudyConfig) -> ReportFiles:

@@ -59,6 +59,7 @@ __all__ = [
     "Phases",
     "ProfileResult",
     "RankedLayer",
+    "RunResult",
     "SampleResult",
     "StudyReport",
     "UniformCost",
@@ -72,6 +73,7 @@ __all__ = [
     "open_study",
     "profile_importance",
     "quantize_uniform",
+    "run_result",
     "sample_grid",
     "study_report",
 ]
@@ -522,6 +524,40 @@ class StudyReport:
         """JSON-friendly form."""
         return _json_object({"study": self.study, "files": asdict(self.files),
                           "references": _rows(self.references), "pareto": _rows(self.pareto)})
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `mpq-search run` (or a worker) leaves: where the study is, its trials, its front."""
+
+    study: str
+    storage: str
+    report_dir: Path
+    seconds: float
+    trials: Mapping[str, int]
+    """Trials of the study by state (COMPLETE, FAIL, ...), other workers' included."""
+    references: tuple[Row, ...]
+    pareto: tuple[Row, ...]
+    stopped_by_signal: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return _json_object({
+            "study": self.study, "storage": self.storage, "report_dir": self.report_dir,
+            "seconds": self.seconds, "trials": dict(self.trials),
+            "stopped_by_signal": self.stopped_by_signal,
+            "references": _rows(self.references), "pareto": _rows(self.pareto)})
+
+
+def run_result(study: optuna.Study, config: StudyConfig, seconds: float,
+               stopped: bool = False) -> RunResult:
+    """The summary of a finished (or stopped) run of `study`."""
+    from collections import Counter
+
+    states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return RunResult(study.study_name, config.storage_url, config.study_dir / "report", seconds,
+                     dict(sorted(states.items())), tuple(reference_rows(study)),
+                     tuple(pareto_rows(study)), stopped)
 
 
 def study_report(study: optuna.Study, config: StudyConfig) -> StudyReport:

@@ -248,9 +248,14 @@ class BitMap:
 
     @classmethod
     def load(cls, path: str | Path) -> BitMap:
-        """Read a bit map file; a missing file or invalid JSON raises BitMapError."""
+        """Read a bit map file; a missing, oversized or invalid file raises BitMapError (a
+        bit map is checked against the schema and the model before any use)."""
         source = Path(path)
         try:
+            size = source.stat().st_size
+            if size > MAX_BITMAP_BYTES:
+                raise BitMapError(f"bit map {source} is {size / 2**20:.1f} MiB, over the limit "
+                                  f"of {MAX_BITMAP_BYTES // 2**20} MiB")
             text = source.read_text()
         except OSError as e:
             raise BitMapError(f"cannot read bit map {source}: {e.strerror}") from e
@@ -259,6 +264,11 @@ class BitMap:
         except json.JSONDecodeError as e:
             raise BitMapError(f"{source} is not valid JSON: {e}") from e
         return cls.from_dict(data)
+
+
+MAX_BITMAP_BYTES = 16 * 2**20
+"""Largest bit-map file read: a map of every layer of an SDXL UNet in 100 timestep groups is a
+few MB; anything larger is not a bit map, and is refused before it is parsed."""
 
 
 def _parse_group(data: Any) -> TimestepGroup:

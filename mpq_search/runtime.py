@@ -67,6 +67,18 @@ def configure_process(threads: int | None = None) -> None:
     limit_blas_threads()
     keep_freed_memory()
     exact_cuda()
+    quiet_optional_imports()
+
+
+def quiet_optional_imports() -> None:
+    """With torchao installed (`mpq_search.deploy`), every diffusers import prints torch's
+    deprecation of torchao's Enum registrations and diffusers' note that torchao's tensor types
+    do not import: noise on every command, which would break the one-line errors. Only those
+    two loggers are quietened, and only to errors."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
 
 
 def exact_cuda() -> None:

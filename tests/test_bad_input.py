@@ -61,6 +61,8 @@ def _write_bitmaps(folder: Path, good: dict[str, Any]) -> None:
     first = sorted(wide["groups"][0]["layers"])[0]
     wide["groups"][0]["layers"][first] = {"w": 9, "a": 8}
     (folder / "nine_bits.json").write_text(json.dumps(wide))
+    with open(folder / "oversized.json", "wb") as big:  # sparse: 17 MiB that take no disk
+        big.truncate(17 * 2**20)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +168,14 @@ CASES = [
                  id="study-other-budget"),
     pytest.param(["run", "--config", "{config}", "--study", "{study}", "--model", "{other}"],
                  "study was run on model", id="study-other-model"),
+    pytest.param(["run", "--config", "{config}", "--study", "{study}", "--n", "16"],
+                 "study was run with n=4, this run asks n=16", id="study-other-proxy"),
+    # workers
+    pytest.param(tiny_run("--workers", "0"), "--workers must be at least 1", id="zero-workers"),
+    pytest.param(["worker", "--study", "nope", "--storage", "{storage}", "--wait", "0"],
+                 "no study 'nope'", id="worker-unknown-study"),
+    pytest.param(["worker", "--study", "{study}", "--storage", "notaurl://x", "--wait", "0"],
+                 "cannot open storage 'notaurl://x'", id="worker-bad-storage"),
     pytest.param(["confirm", "--study", "{study}", "--storage", "{storage}", "--trials", "99"],
                  "no finished trial 99", id="confirm-missing-trial"),
     pytest.param(["export", "--study", "{study}", "--storage", "{storage}", "--trial", "99",
@@ -180,6 +190,8 @@ CASES = [
                  id="bitmap-unknown-layer"),
     pytest.param(["apply", "{bitmaps}/nine_bits.json", "--model", "{model}",
                   "-o", "{scratch}/grid.png"], "got 9", id="bitmap-bits-out-of-range"),
+    pytest.param(["apply", "{bitmaps}/oversized.json", "--model", "{model}",
+                  "-o", "{scratch}/grid.png"], "over the limit of 16 MiB", id="bitmap-oversized"),
     pytest.param(["apply", "{scratch}/absent.json", "--model", "{model}"],
                  "cannot read bit map", id="bitmap-missing-file"),
     pytest.param(["quantize", "--model", "{model}", "--uniform", "W9A8"], "got 9",
@@ -206,6 +218,9 @@ CASES = [
     # outputs that cannot be written
     pytest.param(["sample", "--model", "{model}", "--n", "1", "--steps", "1",
                   "-o", "{file}/grid.png"], "cannot write or read", id="output-under-a-file"),
+    pytest.param(["export", "--study", "{study}", "--storage", "{storage}", "--best",
+                  "-o", "/dev/full"], "cannot write or read /dev/full: No space left on device",
+                 id="disk-full"),
     pytest.param(["allocate", "--model", "{model}", "--budget", "5bits", "--mode", "size",
                   "--no-measured", "-o", "/proc/x.json"], "cannot write or read /proc/x.json",
                  id="output-in-proc"),

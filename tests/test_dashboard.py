@@ -42,7 +42,9 @@ def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
         assert config.study_name in names
         detail = _get(f"http://127.0.0.1:{port}/api/studies/{names[config.study_name]}",
                       deadline)
-        assert len(detail["trials"]) == len(study.trials) == 4
+        assert len(detail["trials"]) == len(study.trials)
+        # 2 baselines + 2 trials ran; the priors beyond the count wait for a resume
+        assert sum(t["state"] != "Waiting" for t in detail["trials"]) == 4
         artifacts = [a for t in detail["trials"] for a in t.get("artifacts", [])]
         assert {a["mimetype"] for a in artifacts} == {"image/png", "application/json"}
     finally:

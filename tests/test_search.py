@@ -24,6 +24,7 @@ from mpq_search.search import (
     SpaceCost,
     StudyConfig,
     Surrogate,
+    counted_trials,
     create_study,
     load,
     load_config,
@@ -279,18 +280,25 @@ def test_pareto_maps_meet_budget_and_seeds_are_tagged(tmp_path: Path) -> None:
         assert gap[gap >= -1e-9].min() < 0.03 * 5
 
 
-def test_resume_adds_trials_without_repeating(tmp_path: Path) -> None:
-    _config, built, study = build_study(tmp_path, trials=5, study="resume")
+def test_resume_continues_to_the_requested_count_without_repeating(tmp_path: Path) -> None:
+    config, built, study = build_study(tmp_path, trials=5, study="resume")
     first = len(study.trials)
-    again = create_study(built.plan)
-    optimize(again, built.plan, built.scorer)
+    assert counted_trials(study) == 5
+    # the same count again: nothing to do
+    assert optimize(create_study(built.plan), built.plan, built.scorer) == 0
+    # a larger count: only the missing trials run
+    plan = built.plan.with_config(config.replace(trials=10))
+    again = create_study(plan)
+    assert optimize(again, plan, built.scorer) == 5
     trials = again.trials
     assert len(trials) == first + 5
+    assert counted_trials(again) == 10
+    assert all(t.user_attrs["tag"] for t in trials)  # every trial has a tag
     space = built.plan.space
     keys = [space.key(space.from_params(t.params)) for t in trials
             if t.user_attrs["role"] != "baseline"]
     assert len(keys) == len(set(keys))
-    tags = [t.user_attrs["tag"] for t in trials if t.user_attrs["tag"]]
+    tags = [t.user_attrs["tag"] for t in trials if t.user_attrs["role"] != "search"]
     assert len(tags) == len(set(tags))  # seeds ran once
 
 
@@ -365,7 +373,10 @@ def test_postgresql_storage(tmp_path: Path) -> None:
     try:
         _config, _ctx, _study = build_study(tmp_path, trials=3, storage=url, study=name)
         loaded = load_study(name, url)
-        assert len(loaded.trials) == 5
+        # 3 trials and the 2 baselines ran; priors beyond the count wait for a resume
+        finished = [t for t in loaded.trials if t.state.is_finished()]
+        assert len(finished) == 5
+        assert {t.state.name for t in loaded.trials} <= {"COMPLETE", "WAITING"}
         assert loaded.user_attrs["budget"] == "5bits"
     finally:
         try:
@@ -393,7 +404,8 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
     made = load_study("cli", f"sqlite:///{tmp_path / 'studies' / 'cli' / 'study.db'}")
     tags = {t.user_attrs["tag"] for t in made.trials}
     assert {"prior:orthogonality@5bits", "prior:sensitivity@5bits", "uniform:W4A8"} <= tags
-    assert len(made.trials) == 2 + 2  # the two uniform references, then the 2 trials asked for
+    finished = [t for t in made.trials if t.state.is_finished()]
+    assert len(finished) == 2 + 2  # the two uniform references, then the 2 trials asked for
     stored = made.user_attrs["importance"]
     assert set(stored) == {"weight", "activation", "sensitivity_weight",
                            "sensitivity_activation"}

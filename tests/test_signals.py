@@ -15,6 +15,8 @@ import optuna
 import pytest
 from _search_fixtures import tiny_pipeline_dir
 
+from mpq_search.search import counted_trials
+
 
 def _finished(db: Path) -> int:
     """Finished trials, read without Optuna: opening the storage while the run creates the
@@ -62,7 +64,9 @@ def test_a_signal_stops_after_the_running_trial_and_the_study_resumes(
     loaded = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in loaded.trials)
 
-    resumed = subprocess.run([*command, "--trials", "2"], capture_output=True, text=True,
+    # the study asked for 500; a resume that asks for 2 more than it holds runs just those
+    target = counted_trials(loaded) + 2
+    resumed = subprocess.run([*command, "--trials", str(target)], capture_output=True, text=True,
                              timeout=240)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert _finished(db) == stopped_at + 2

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,7 +35,7 @@ from mpq_search.cli._foundation import STUDY
 if TYPE_CHECKING:
     import optuna
 
-    from mpq_search.search import StudyConfig
+    from mpq_search.search import StudyConfig, TrialEvent
 
 StudyOption = Annotated[str | None, typer.Option("--study", help="Study name.")]
 StorageOption = Annotated[
@@ -51,13 +54,23 @@ def _config(config: Path | None, **flags: Any) -> StudyConfig:
     return load_config(config, **flags)
 
 
+WorkersOption = Annotated[int, typer.Option(
+    "--workers", help="Worker processes that run trials in parallel (each a `mpq-search "
+    "worker`, --threads split among them; on one machine SQLite serves a few, PostgreSQL "
+    "or journal:FILE more).")]
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress; print only where the results are.")]
+
+
 @app.command("run")
 @handles_errors
 def run_command(
     budget: Annotated[
         str | None, typer.Option(help="Budget, e.g. 4.5bits, w4a6, size<=1MB.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec.")] = None,
-    trials: Annotated[int | None, typer.Option(help="Trials to run now (priors count).")] = None,
+    trials: Annotated[int | None, typer.Option(
+        help="Search trials the study should hold (priors count; baselines are extra); a "
+        "resumed study runs only the missing ones.")] = None,
     sampler: Annotated[str | None, typer.Option(help="guided|nsga2|tpe|gp|random.")] = None,
     objectives: Annotated[str | None, typer.Option(help="fid,bops or fid,size.")] = None,
     storage: StorageOption = None,
@@ -76,40 +89,122 @@ def run_command(
     prompts: Annotated[Path | None, typer.Option(
         "--prompts", help="Prompts file, one per line (text-conditional pipelines).")] = None,
     config: ConfigOption = None,
+    workers: WorkersOption = 1,
+    quiet: QuietOption = False,
+    json_out: JsonOption = False,
 ) -> None:
-    """Search per-layer bit maps within a budget; print the Pareto front and write the report."""
+    """Search per-layer bit maps within a budget; print the Pareto front and write the report.
+
+    Ctrl-C (or SIGTERM) stops after the running trial; the same command resumes the study."""
+    import time
+
     from mpq_search.api import run
-    from mpq_search.report import pareto_rows, pareto_table, reference_rows
+    from mpq_search.api_commands import run_result
+    from mpq_search.report import pareto_table
 
     cfg = _config(config, budget=budget, model=model, trials=trials, sampler=sampler,
                   objectives=objectives, storage=storage, study=study,
                   timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, threads=threads,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
                   device=device, prompts=str(prompts) if prompts else None)
-    with stop_requests("the running trial") as stop, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("{task.fields[best]}"), console=console, transient=True,
-            disable=not console.is_terminal) as bar:
-        task = bar.add_task("preparing", total=None, best="")
-
-        def on_stage(text: str) -> None:
-            bar.update(task, description=text)
-
-        def on_trial(event: Any) -> None:
-            best = "" if event.best is None else f"best FID-excess {event.best:.3f}"
-            bar.update(task, total=event.total, completed=event.done, best=best,
-                       description=f"trial {event.number} ({event.tag or event.role})")
-
-        result = run(cfg, progress=on_trial, stage=on_stage, should_stop=stop)
-    console.print(pareto_table(reference_rows(result), title="Baselines and priors"))
-    console.print(pareto_table(pareto_rows(result), title=f"Pareto front ({cfg.budget})"))
-    console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
-                  f"{cfg.study_dir / 'report'}")
+    if workers < 1:
+        raise fail(f"--workers must be at least 1, got {workers}")
+    out = err_console if json_out else console
+    started = time.perf_counter()
+    with stop_requests("the running trial") as stop, _trial_progress(out, quiet) as progress:
+        result = run(cfg, progress=progress.on_trial, stage=progress.on_stage,
+                     should_stop=stop, workers=workers)
+    summary = run_result(result, cfg, time.perf_counter() - started, stop())
+    if json_out:
+        print_json(summary)
+    else:
+        if not quiet:
+            console.print(pareto_table(summary.references, title="Baselines and priors"))
+            console.print(pareto_table(summary.pareto, title=f"Pareto front ({cfg.budget})"))
+        console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
+                      f"{summary.report_dir} ({summary.seconds:.0f} s)")
     if stop():
-        done = sum(1 for t in result.trials if t.values is not None)
-        console.print(f"stopped by a signal: {done} finished trials are stored; run the same "
-                      "command again to resume the study")
+        done = summary.trials.get("COMPLETE", 0) + summary.trials.get("FAIL", 0)
+        out.print(f"stopped by a signal: {done} finished trials are stored; run the same "
+                  "command again to resume the study")
+        raise typer.Exit(stop.exit_code)
+
+
+class _TrialProgress:
+    """The run's progress as a person reads it: the phase, a trial bar with ETA, and a line per
+    new best trial (score, bits, trial number). Off a terminal, only the best-so-far lines."""
+
+    def __init__(self, out: Console, bar: Progress | None, quiet: bool = False) -> None:
+        self.out = out
+        self.bar = bar
+        self.quiet = quiet
+        self.task = bar.add_task("preparing", total=None, best="") if bar else None
+        self.best: int | None = None
+
+    def on_stage(self, text: str) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, description=text)
+
+    def on_trial(self, event: TrialEvent) -> None:
+        best = "" if event.best is None else f"best {event.best:.3f}"
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, total=event.total, completed=event.done, best=best,
+                            description=f"trial {event.number} ({event.tag or event.role})")
+        if not self.quiet and event.best_trial is not None and event.best_trial != self.best:
+            self.best = event.best_trial
+            bits = "" if event.best_bits is None else \
+                f" at W{event.best_bits[0]:.2f}/A{event.best_bits[1]:.2f} bits"
+            self.out.print(f"best so far: FID-excess {event.best:.3f}{bits} (trial "
+                           f"{event.best_trial}; {event.done}/{event.total} trials done)",
+                           highlight=False)
+
+
+@contextmanager
+def _trial_progress(out: Console, quiet: bool) -> Iterator[_TrialProgress]:
+    if quiet:
+        yield _TrialProgress(out, None, quiet=True)
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  TextColumn("{task.fields[best]}"), console=out, transient=True,
+                  disable=not out.is_terminal) as bar:
+        yield _TrialProgress(out, bar if out.is_terminal else None)
+
+
+@app.command("worker")
+@handles_errors
+def worker_command(
+    study: Annotated[str, typer.Option("--study", help="Study name (it must exist, or be "
+                                       "created by `mpq-search run` within --wait).")],
+    storage: Annotated[str, typer.Option(
+        "--storage", help="The study's Optuna storage URL, e.g. "
+        "postgresql+psycopg2://user@host:5432/db.")],
+    trials: Annotated[int | None, typer.Option(
+        help="Trials this worker runs at most (default: until the study holds its "
+        "trials).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="auto, cpu, cuda or cuda:N (default: the study's).")] = None,
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Folder for per-study outputs (artifacts) on this machine.")] = None,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for the study to be created and seeded.")] = 600.0,
+    quiet: QuietOption = False,
+) -> None:
+    """Join an existing study and run its trials, with the study's own model, settings,
+    calibration and importance: start one per core or machine on a shared storage.
+
+    Ctrl-C (or SIGTERM) stops after the running trial."""
+    from mpq_search.api import work
+
+    if trials is not None and trials < 1:
+        raise fail(f"--trials must be at least 1, got {trials}")
+    with stop_requests("the running trial") as stop, _trial_progress(console, quiet) as progress:
+        ran = work(study, storage, trials=trials, threads=threads, device=device,
+                   root=root, wait=wait, progress=progress.on_trial, stage=progress.on_stage,
+                   should_stop=stop)
+    console.print(f"worker ran {ran} trials of study {study!r} in {storage}")
+    if stop():
         raise typer.Exit(stop.exit_code)
 
 
@@ -199,19 +294,40 @@ def export_command(
     study: StudyOption = None,
     trial: Annotated[int | None, typer.Option("--trial", help="Trial number.")] = None,
     best: Annotated[bool, typer.Option("--best", help="The best trial within budget.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON file to write.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write.")] = None,
     storage: StorageOption = None, root: RootOption = Path(STUDY.root),
     config: ConfigOption = None,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="json (bit map v1), torchao (FqnToConfig), modelopt "
+        "(quantized_layers JSON) or yaml (layer -> bits).")] = "json",
 ) -> None:
-    """Write one trial's bit map (or the best one within budget) as JSON."""
-    from mpq_search.report import export
+    """Write one trial's bit map (or the best one within budget) as JSON, or for another tool."""
+    from mpq_search.export_formats import FORMATS, SUFFIXES, write_format
+    from mpq_search.report import best_trial, get_trial, trial_bitmap
 
     if (trial is None) == (not best):
         raise fail("give exactly one of --trial N or --best")
+    if fmt not in FORMATS:
+        raise fail(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
     cfg, loaded = _open(study, storage, root, config)
-    target = out or cfg.study_dir / f"bitmap_{'best' if best else f'trial_{trial}'}.json"
-    path = export(loaded, target, trial=trial, best=best)
-    console.print(f"wrote {path}")
+    stem = f"bitmap_{'best' if best else f'trial_{trial}'}"
+    target = out or cfg.study_dir / f"{stem}{SUFFIXES[fmt]}"
+    chosen = best_trial(loaded) if best else get_trial(loaded, int(trial or 0))
+    bitmap = trial_bitmap(loaded, chosen)
+    specs: list[Any] = []
+    modules: dict[str, Any] = {}
+    if fmt == "torchao":  # which layers torchao can run depends on the layers themselves
+        from mpq_search.layers import discover_layers, quantizable_modules
+        from mpq_search.models import load_model
+
+        stored = loaded.user_attrs.get("model", {})
+        model = load_model(stored.get("source", cfg.model))
+        specs, modules = discover_layers(model.denoiser), dict(
+            quantizable_modules(model.denoiser))
+    written = write_format(bitmap, target, fmt, specs=specs, modules=modules)
+    if written.table:
+        console.print(written.table, highlight=False)
+    console.print(f"wrote {written.path}")
 
 
 @app.command("dashboard")
@@ -219,17 +335,24 @@ def export_command(
 def dashboard_command(
     study: StudyOption = None, storage: StorageOption = None,
     root: RootOption = Path(STUDY.root), config: ConfigOption = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    host: Annotated[str, typer.Option(
+        help="Address to bind: 127.0.0.1 (this machine only) unless you give another, e.g. "
+        "0.0.0.0 to let others on the network see the study.")] = "127.0.0.1",
 ) -> None:
-    """Start optuna-dashboard on the study's storage (127.0.0.1) with its artifacts; Ctrl-C or
-    SIGTERM stops it and its server."""
+    """Start optuna-dashboard on the study's storage with its artifacts, bound to 127.0.0.1
+    unless --host says otherwise; Ctrl-C or SIGTERM stops it and its server."""
     import signal
 
     from mpq_search.report import start_dashboard
 
     cfg, _ = _open(study, storage, root, config)
-    process = start_dashboard(cfg.storage_url, cfg.study_dir / "artifacts", port=port)
-    console.print(f"optuna-dashboard on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    process = start_dashboard(cfg.storage_url, cfg.study_dir / "artifacts", port=port,
+                              host=host)
+    where = "this machine only" if host in ("127.0.0.1", "localhost") else \
+        "reachable from the network"
+    console.print(f"optuna-dashboard on http://{host}:{port} ({where}; --host changes it; "
+                  "Ctrl-C stops it)")
 
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt

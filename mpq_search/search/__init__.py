@@ -12,7 +12,7 @@ Public API (implementation in private modules):
 
 * `StudyConfig`, `load_config` - every option of a run; TOML under `studies/`, CLI overrides;
 * `load`, `prepare`, `calibrate`, `create_study`, `optimize`, `confirm` - the stages of a run,
-  called in order by `mpq_search.api.run`;
+  called in order by `mpq_search.api.run`; `join_study` opens it as a worker (`api.work`);
 * `SearchPlan`, `ImportanceScores`, `Scorer`, `TrialEvent` - the records between them;
 * `SearchSpace`, `SpaceCost`, `Repairer`, `Surrogate` - the space, its vectorised cost, budget
   repair;
@@ -22,18 +22,26 @@ Public API (implementation in private modules):
 
 from mpq_search.search._config import SAMPLERS, StudyConfig, load_config
 from mpq_search.search._confirm import confirm, heldout_settings
-from mpq_search.search._loop import TrialEvent, create_study, optimize
+from mpq_search.search._loop import (
+    TrialEvent,
+    counted_trials,
+    create_study,
+    join_study,
+    optimize,
+    trial_event,
+)
 from mpq_search.search._prepare import ImportanceScores, SearchPlan, load, prepare
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._sampler import GuidedSampler, RepairingSampler, make_sampler
 from mpq_search.search._scorer import Scorer, calibrate
 from mpq_search.search._space import SearchSpace, SpaceCost
-from mpq_search.search._storage import find_study, load_study, make_storage
+from mpq_search.search._storage import Liveness, find_study, load_study, make_storage
 
 __all__ = [
     "SAMPLERS",
     "GuidedSampler",
     "ImportanceScores",
+    "Liveness",
     "Repairer",
     "RepairingSampler",
     "Scorer",
@@ -45,9 +53,11 @@ __all__ = [
     "TrialEvent",
     "calibrate",
     "confirm",
+    "counted_trials",
     "create_study",
     "find_study",
     "heldout_settings",
+    "join_study",
     "load",
     "load_config",
     "load_study",
@@ -55,4 +65,5 @@ __all__ = [
     "make_storage",
     "optimize",
     "prepare",
+    "trial_event",
 ]

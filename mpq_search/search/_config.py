@@ -23,6 +23,7 @@ from mpq_search.cost import canonical_budget
 from mpq_search.errors import StudyError
 from mpq_search.fid import FEATURE_NETS, FeatureNetName
 from mpq_search.quant import ACT_CALIBRATIONS, ActCalibration
+from mpq_search.search._storage import Liveness
 
 SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
 ObjectiveName = Literal["fid", "bops", "size"]
@@ -119,6 +120,13 @@ class StudyConfig:
     grid_n: int = 64
     threads: int | None = None
     """torch threads; default: torch's own choice."""
+    heartbeat_interval: int = 10
+    """Seconds between a running trial's heartbeats (RDB storages), by which workers notice a
+    worker that died; not part of the study's identity."""
+    heartbeat_grace: int = 60
+    """A running trial without a heartbeat for this long is marked FAIL and retried."""
+    max_retry: int = 1
+    """How often a dead worker's trial is retried (`RetryHeartbeatStaleTrialCallback`)."""
     device: str = "auto"
     """Where sampling, calibration, profiling and features run: auto (a CUDA GPU when torch
     sees one, else the CPU), cpu, cuda or cuda:N. Noise and labels are drawn on the CPU, so a
@@ -152,6 +160,10 @@ class StudyConfig:
         if self.storage:
             return self.storage
         return f"sqlite:///{self.study_dir / 'study.db'}"
+
+    def liveness(self) -> Liveness:
+        """Heartbeat and retry settings of the study's storage."""
+        return Liveness(self.heartbeat_interval, self.heartbeat_grace, self.max_retry)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (tuples become lists)."""
@@ -210,9 +222,10 @@ def _check(config: StudyConfig) -> None:
         raise StudyError(
             f"objectives must be 'fid,bops' or 'fid,size', got {','.join(map(str, objectives))!r}"
         )
-    for name in ("trials", "n", "steps", "batch_size", "timestep_groups", "grid_n", "heldout_n"):
+    for name in ("trials", "n", "steps", "batch_size", "timestep_groups", "grid_n", "heldout_n",
+                 "heartbeat_interval", "heartbeat_grace", "max_retry"):
         value = getattr(config, name)
-        minimum = 0 if name == "trials" else 1
+        minimum = 0 if name in ("trials", "max_retry") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise StudyError(f"{name} must be an integer >= {minimum}, got {value!r}")
     for name in ("w_bits", "a_bits"):

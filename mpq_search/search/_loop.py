@@ -5,16 +5,25 @@ steps from the shared noise seed, and scores the FID-excess over the cached FP r
 with NaN/Inf make the trial FAIL with the reason in its user attributes; the study goes on. Each
 trial's sample grid and bit map go to the study's artifact store.
 
-With the guided or random sampler a trial is reserved first (its stored number seeds the
-proposal, so parallel workers never share a seed), then the map is proposed and written; other
-samplers go through `study.ask`, where the priors join NSGA-II's first generation as enqueued
-trials.
+Several processes (`mpq-search worker`, `run --workers K`) may run one study's loop at once:
+- the study's creator enqueues the priors and baselines once, as WAITING trials; whichever
+  worker is free takes the next one (a storage transaction, so each runs once);
+- with the guided or random sampler a search trial is reserved first (its stored number seeds
+  the proposal, so parallel workers never share a seed), then the map is proposed from the
+  trials finished so far (never a map already stored, running ones included) and written; other
+  samplers go through `study.ask`;
+- the study's `trials` counts the search trials (priors included) of the whole study: each
+  worker stops once the study holds that many, so a resume continues to the requested count;
+- a running trial records heartbeats; the trial of a worker that died is failed and retried by
+  the next worker that starts a trial (`_storage.Liveness`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,19 +31,26 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.bitmap import BitMap
 from mpq_search.cost import Cost, cost_of
-from mpq_search.errors import NonFiniteSamplesError
+from mpq_search.errors import NonFiniteSamplesError, StudyError
 from mpq_search.search._artifacts import artifact_store, upload_trial_artifacts
+from mpq_search.search._notes import write_trial_note
 from mpq_search.search._prepare import SearchPlan
 from mpq_search.search._sampler import MapSampler, make_sampler
 from mpq_search.search._scorer import Scorer, second_objective
 from mpq_search.search._space import Levels
 from mpq_search.search._storage import (
     TrialHandle,
+    fail_dead_workers_trials,
     handle_of,
+    handle_of_frozen,
+    heartbeat,
+    load_study,
+    pop_waiting_trial,
+    record_heartbeat,
     reserve_trial,
     set_trial_user_attr,
     stored_trial,
@@ -43,8 +59,8 @@ from mpq_search.search._storage import (
 from mpq_search.search._study import (
     ROLE_BASELINE,
     ROLE_SEARCH,
-    Seed,
     enqueue,
+    is_seeded,
     open_study,
     pending_seeds,
 )
@@ -52,7 +68,8 @@ from mpq_search.search._study import (
 
 @dataclass(frozen=True)
 class TrialEvent:
-    """Progress report after each trial."""
+    """Progress report after each trial. `done`/`total` count the whole study's trials (other
+    workers' included); `best` is the lowest FID-excess within the budget so far."""
 
     number: int
     done: int
@@ -63,6 +80,9 @@ class TrialEvent:
     best: float | None
     seconds: float
     sampler_seconds: float
+    best_trial: int | None = None
+    best_bits: tuple[float, float] | None = None
+    """(average weight bits, average activation bits) of the best trial."""
 
 
 ProgressFn = Callable[[TrialEvent], None]
@@ -79,40 +99,98 @@ class _Started:
 
 
 def create_study(plan: SearchPlan, attrs: dict[str, Any] | None = None) -> optuna.Study:
-    """Create or resume the study with the configured sampler (seeds run first in `optimize`)."""
-    sampler = make_sampler(plan.config, space=plan.space, cost=plan.cost,
-                           prior=plan.surrogate_prior(), front_budgets=plan.front_budgets)
-    return open_study(plan.config, sampler=sampler, attrs=attrs or plan.study_attrs())
+    """Create or resume the study with the configured sampler, and enqueue the priors and
+    baselines it does not hold yet (once: the study's creator does this, workers join)."""
+    study = open_study(plan.config, sampler=_sampler(plan),
+                       attrs=attrs or plan.study_attrs())
+    enqueue(study, plan.space, pending_seeds(study, plan.space, plan.seeds))
+    return study
+
+
+def join_study(plan: SearchPlan, wait: float = 0.0) -> optuna.Study:
+    """Open an existing study as a worker: no settings are written and nothing is enqueued.
+    Waits up to `wait` seconds for the study's creator to have seeded it."""
+    config = plan.config
+    deadline = time.monotonic() + wait
+    while True:
+        study = load_study(config.study_name, config.storage_url, config.liveness(),
+                           sampler=_sampler(plan))
+        if is_seeded(study):
+            return study
+        if time.monotonic() >= deadline:
+            raise StudyError(f"study {config.study_name!r} has not been seeded with its priors "
+                             "yet; start `mpq-search run` for it first")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _sampler(plan: SearchPlan) -> optuna.samplers.BaseSampler:
+    return make_sampler(plan.config, space=plan.space, cost=plan.cost,
+                        prior=plan.surrogate_prior(), front_budgets=plan.front_budgets)
 
 
 def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
              progress: ProgressFn | None = None,
-             should_stop: Callable[[], bool] | None = None) -> int:
-    """Run the pending seeds' baselines plus `config.trials` trials (seeds first); return how
-    many ran. `should_stop` is asked before each trial: a stop requested during a trial (e.g. by
-    Ctrl-C) lets that trial finish and be stored, and a later run of the study resumes."""
-    pending = pending_seeds(study, plan.space, plan.seeds)
-    total = plan.config.trials + sum(1 for s in pending if s.role == ROLE_BASELINE)
+             should_stop: Callable[[], bool] | None = None,
+             max_trials: int | None = None) -> int:
+    """Run trials until the study holds `config.trials` search trials (priors included) and has
+    run its baselines, or this process has run `max_trials`; return how many it ran.
+
+    `should_stop` is asked before each trial: a stop requested during a trial (e.g. by Ctrl-C)
+    lets that trial finish and be stored, and a later run of the study resumes."""
     sampler = study.sampler
     fast = isinstance(sampler, MapSampler) and sampler.fast
-    if not fast:
-        enqueue(study, plan.space, pending)
-        pending = []
     store = artifact_store(plan.config)
-    for done in range(1, total + 1):
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    ran = 0
+    while max_trials is None or ran < max_trials:
         if should_stop is not None and should_stop():
-            return done - 1
+            break
         started = time.perf_counter()
+        fail_dead_workers_trials(study)
+        remaining = plan.config.trials - counted_trials(study)
         if isinstance(sampler, MapSampler) and fast:
-            trial = _propose_and_store(study, plan, sampler, pending)
+            trial = _next_trial(study, plan, sampler, remaining, worker)
         else:
-            trial = _ask(study, plan)
-        fid = _evaluate(study, trial.handle, plan, scorer, store)
+            trial = _ask(study, plan, worker) if remaining > 0 or _baseline_waits(study) else None
+        if trial is None:
+            break
+        with heartbeat(study, trial.handle):
+            fid = _evaluate(study, trial.handle, plan, scorer, store)
+        ran += 1
         if progress is not None:
-            progress(TrialEvent(trial.handle.number, done, total, trial.role, trial.tag, fid,
-                                best_at_budget(study), time.perf_counter() - started,
-                                trial.proposal_seconds))
-    return total
+            progress(trial_event(study, plan.config.trials, trial.handle.number, trial.role,
+                                 trial.tag, fid, time.perf_counter() - started,
+                                 trial.proposal_seconds))
+    return ran
+
+
+def _retried(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that a retry replaced (`RetryHeartbeatStaleTrialCallback`)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Search trials (priors included) the study holds towards its `trials`: finished or
+    running, not waiting, and not a failed trial that a retry replaced."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    return sum(1 for t in trials if t.state != TrialState.WAITING
+               and t.user_attrs.get("role") != ROLE_BASELINE and t.number not in retried)
+
+
+def study_progress(study: optuna.Study, target: int) -> tuple[int, int]:
+    """(finished, total) trials of the study, baselines included, for progress bars."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    baselines = sum(1 for t in trials if t.user_attrs.get("role") == ROLE_BASELINE
+                    and t.number not in retried)
+    finished = sum(1 for t in trials if t.state.is_finished() and t.number not in retried)
+    return finished, max(finished, target + baselines)
+
+
+def _baseline_waits(study: optuna.Study) -> bool:
+    return any(t.user_attrs.get("role") == ROLE_BASELINE
+               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _record(plan: SearchPlan, levels: Levels, number: int, role: str, tag: str,
@@ -126,34 +204,57 @@ def _record(plan: SearchPlan, levels: Levels, number: int, role: str, tag: str,
     return attrs, plan.budget.violations(cost)
 
 
-def _propose_and_store(study: optuna.Study, plan: SearchPlan, sampler: MapSampler,
-                       pending: list[Seed]) -> _Started:
-    handle = reserve_trial(study)
+def _next_trial(study: optuna.Study, plan: SearchPlan, sampler: MapSampler, remaining: int,
+                worker: str) -> _Started | None:
+    """The next trial to score: a waiting one (a baseline; a prior or a retried trial while the
+    study wants more), else a new proposal while it wants more; None when it is complete."""
     started = time.perf_counter()
-    if pending:
-        seed = pending.pop(0)
-        levels, role, tag = seed.levels, seed.role, seed.tag
+    waiting = pop_waiting_trial(
+        study, lambda t: remaining > 0 or t.user_attrs.get("role") == ROLE_BASELINE)
+    if waiting is not None:
+        handle = handle_of_frozen(waiting)
+        record_heartbeat(study, handle)
+        role = waiting.user_attrs.get("role") or ROLE_SEARCH
+        tag = waiting.user_attrs.get("tag") or role
+        levels = _stored_map(waiting, plan)
+        if levels is None:  # a retried search trial whose worker died before storing its map
+            levels = sampler.propose(study, handle.number)
+    elif remaining > 0:
+        handle = reserve_trial(study)
+        record_heartbeat(study, handle)
+        levels, role, tag = sampler.propose(study, handle.number), ROLE_SEARCH, ROLE_SEARCH
     else:
-        levels, role, tag = sampler.propose(study, handle.number), ROLE_SEARCH, ""
+        return None
     proposal_s = time.perf_counter() - started
     attrs, violations = _record(plan, levels, handle.number, role, tag, study)
-    attrs["sampler_seconds"] = proposal_s
-    write_proposal(study, handle, plan.space.to_params(levels), plan.space.distributions(),
-                   attrs, violations)
+    attrs.update(sampler_seconds=proposal_s, worker=worker)
+    stored = waiting is not None and set(waiting.params) == set(plan.space.distributions())
+    params = {} if stored else plan.space.to_params(levels)
+    write_proposal(study, handle, params, plan.space.distributions(), attrs, violations)
     return _Started(handle, tag, role, proposal_s)
 
 
-def _ask(study: optuna.Study, plan: SearchPlan) -> _Started:
+def _stored_map(trial: FrozenTrial, plan: SearchPlan) -> Levels | None:
+    """A waiting trial's map: its params (a retried trial), or its fixed params (an enqueued
+    seed); None when neither holds a whole map."""
+    names = set(plan.space.distributions())
+    for params in (trial.params, trial.system_attrs.get("fixed_params")):
+        if isinstance(params, dict) and set(params) == names:
+            return plan.space.from_params(params)
+    return None
+
+
+def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started:
     started = time.perf_counter()
     trial = study.ask(fixed_distributions=plan.space.distributions())
     proposal_s = time.perf_counter() - started
     role = trial.user_attrs.get("role") or ROLE_SEARCH
-    tag = trial.user_attrs.get("tag") or ""
+    tag = trial.user_attrs.get("tag") or role
     attrs, violations = _record(plan, plan.space.from_params(trial.params), trial.number, role,
                                 tag, study)
     for key, value in violations.items():
         trial.set_constraint(key, value)
-    for key, value in {**attrs, "sampler_seconds": proposal_s}.items():
+    for key, value in {**attrs, "sampler_seconds": proposal_s, "worker": worker}.items():
         trial.set_user_attr(key, value)
     return _Started(handle_of(trial), tag, role, proposal_s)
 
@@ -170,14 +271,37 @@ def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer
     except NonFiniteSamplesError as e:
         set_trial_user_attr(study, handle, "fail_reason", str(e))
         study.tell(handle.number, state=TrialState.FAIL)
+        write_trial_note(study, handle)
         return None
     upload_trial_artifacts(store, study, frozen, bitmap, result.images[: plan.config.grid_n])
     cost = Cost(**frozen.user_attrs["cost"])
     study.tell(handle.number, [result.fid_excess, second_objective(plan.config, cost)])
+    write_trial_note(study, handle)
     return result.fid_excess
 
 
 def best_at_budget(study: optuna.Study) -> float | None:
     """Lowest FID-excess among feasible finished trials."""
-    values = [t.values[0] for t in study.best_trials]
-    return min(values) if values else None
+    best = best_trial(study)
+    return None if best is None else best.values[0]
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The feasible finished trial with the lowest FID-excess (None before the first)."""
+    front = study.best_trials
+    return min(front, key=lambda t: t.values[0]) if front else None
+
+
+def trial_event(study: optuna.Study, target: int, number: int, role: str, tag: str,
+                fid: float | None, seconds: float = 0.0,
+                sampler_seconds: float = 0.0) -> TrialEvent:
+    """A progress event for trial `number`, with the study's progress and best trial."""
+    done, total = study_progress(study, target)
+    best = best_trial(study)
+    bits = None
+    if best is not None:
+        cost = best.user_attrs.get("cost", {})
+        bits = (float(cost.get("avg_w_bits", math.nan)), float(cost.get("avg_a_bits", math.nan)))
+    return TrialEvent(number, done, total, role, tag, fid,
+                      None if best is None else best.values[0], seconds, sampler_seconds,
+                      None if best is None else best.number, bits)

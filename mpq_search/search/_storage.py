@@ -6,14 +6,23 @@ upgrade that breaks one fails there, loudly, rather than in the middle of a stud
 
 The default storage is an SQLite file `studies/<study>/study.db`; any Optuna storage URL works
 (PostgreSQL for many machines), and `journal:<path>` gives a JournalStorage file for parallel
-workers on one machine (SQLite locks under parallel writers).
+workers on one machine without a server.
+
+Worker liveness (`Liveness`): on RDB storages (SQLite, PostgreSQL, MySQL) a running trial records
+a heartbeat every `interval` seconds; a trial without one for `grace` seconds belongs to a worker
+that died (kill -9, a lost machine), and the next worker to start a trial marks it FAIL and
+enqueues it again (`RetryHeartbeatStaleTrialCallback`, at most `max_retry` times).
+JournalStorage has no heartbeats: there, a killed worker's trial stays RUNNING and is not retried.
+A trial's first heartbeat is written right after the trial is taken; a worker killed in the
+milliseconds between the two leaves its trial RUNNING, as Optuna's own `optimize` does.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,8 +44,19 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An optuna storage for a URL; creates the folder of a local SQLite or journal file."""
+@dataclass(frozen=True)
+class Liveness:
+    """How a study notices dead workers (module docstring): heartbeat every `interval` s, stale
+    after `grace` s, a stale trial retried at most `max_retry` times."""
+
+    interval: int = 10
+    grace: int = 60
+    max_retry: int = 1
+
+
+def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.BaseStorage:
+    """An optuna storage for a URL; creates the folder of a local SQLite or journal file.
+    `liveness` turns on heartbeats and retries of dead workers' trials (RDB storages only)."""
     url = normalise_url(url)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
@@ -46,8 +66,19 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    heartbeat: dict[str, Any] = {}
+    if liveness is not None:
+        heartbeat = {
+            "heartbeat_interval": liveness.interval, "grace_period": liveness.grace,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=liveness.max_retry)}
+    # SQLite serialises writers: parallel workers wait for the lock (default 5 s) rather than
+    # fail with "database is locked".
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
-        storage = optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except Exception as e:  # sqlalchemy raises many types for a bad URL or an unreachable server
         raise StudyError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from e
     if url.startswith("sqlite"):
@@ -71,11 +102,12 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()
 
 
-def load_study(name: str, storage: str) -> optuna.Study:
+def load_study(name: str, storage: str, liveness: Liveness | None = None,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """An existing study (StudyNotFoundError listing the known names when it is missing)."""
-    backend = make_storage(storage)
+    backend = make_storage(storage, liveness)
     try:
-        return optuna.load_study(study_name=name, storage=backend)
+        return optuna.load_study(study_name=name, storage=backend, sampler=sampler)
     except KeyError as e:
         known = [s.study_name for s in optuna.get_all_study_summaries(backend)]
         listing = ", ".join(known) if known else "none"
@@ -93,10 +125,10 @@ def find_study(name: str, storage: str) -> optuna.Study | None:
 
 def create_or_load(
     name: str, storage: str, *, sampler: optuna.samplers.BaseSampler | None,
-    metric_names: Sequence[str],
+    metric_names: Sequence[str], liveness: Liveness | None = None,
 ) -> tuple[optuna.Study, bool]:
     """(study, created): create the two-objective study, or load it if it exists."""
-    backend = make_storage(storage)
+    backend = make_storage(storage, liveness)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI prints its own progress
     existing = {s.study_name for s in optuna.get_all_study_summaries(backend)}
     study = optuna.create_study(study_name=name, storage=backend, sampler=sampler,
@@ -186,3 +218,62 @@ def stored_trial(study: optuna.Study, handle: TrialHandle) -> FrozenTrial:
 def set_trial_user_attr(study: optuna.Study, handle: TrialHandle, key: str, value: Any) -> None:
     """Write a user attribute of a running trial by its handle."""
     storage_of(study).set_trial_user_attr(handle.trial_id, key, value)
+
+
+def pop_waiting_trial(
+    study: optuna.Study, accept: Callable[[FrozenTrial], bool],
+) -> FrozenTrial | None:
+    """Take the first WAITING trial (an enqueued prior or baseline, or a dead worker's retried
+    trial) that `accept` allows, and make it RUNNING; None when there is none.
+
+    Private: `Study._study_id` (through `storage_of`'s study). Optuna's own
+    `Study._pop_waiting_trial_id` takes any waiting trial; this one skips those `accept` refuses
+    (priors beyond the study's trial count). `set_trial_state_values(RUNNING)` succeeds for one
+    process only, so two workers never take the same trial.
+    """
+    storage = storage_of(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not accept(trial):
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return storage.get_trial(trial._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def handle_of_frozen(trial: FrozenTrial) -> TrialHandle:
+    """The handle of a stored trial. Private: `FrozenTrial._trial_id` (no public accessor)."""
+    return TrialHandle(trial._trial_id, trial.number)
+
+
+def fail_dead_workers_trials(study: optuna.Study) -> None:
+    """Mark the trials of workers whose heartbeat stopped as FAIL and enqueue their retries
+    (`optuna.storages.fail_stale_trials`; a no-op without heartbeats)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def record_heartbeat(study: optuna.Study, handle: TrialHandle) -> None:
+    """One heartbeat now (from the moment a trial is taken, so that a worker killed while it
+    proposes is noticed too); a no-op on storages without heartbeats."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    storage = storage_of(study)
+    if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
+        storage.record_heartbeat(handle.trial_id)
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, handle: TrialHandle) -> Iterator[None]:
+    """Record the trial's heartbeat in a background thread while the block runs.
+
+    Private: `optuna.storages._heartbeat.get_heartbeat_thread`, the thread that
+    `Study.optimize` runs around each trial; this package runs its own trial loop.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(handle.trial_id, storage_of(study)):
+        yield

@@ -33,7 +33,7 @@ def open_study(
     """Create the study, or resume it after checking that its settings agree with `attrs`."""
     study, _created = create_or_load(
         config.study_name, config.storage_url, sampler=sampler,
-        metric_names=[METRIC_NAMES[o] for o in config.objectives])
+        metric_names=[METRIC_NAMES[o] for o in config.objectives], liveness=config.liveness())
     stored = study.user_attrs
     if stored.get("schema") == STUDY_SCHEMA:
         _check_same(stored, attrs)
@@ -90,8 +90,19 @@ def pending_seeds(study: optuna.Study, space: SearchSpace, seeds: Sequence[Seed]
 
 
 def enqueue(study: optuna.Study, space: SearchSpace, seeds: Sequence[Seed]) -> None:
-    """Enqueue seeds the optuna way (used with samplers that need `study.ask`, e.g. NSGA-II, so
-    that the priors join their first generation)."""
+    """Enqueue seeds as WAITING trials, the optuna way: each runs once, in order, whichever
+    worker takes it (and with NSGA-II the priors join its first generation). Then the study is
+    marked seeded: workers that joined before wait for this (`is_seeded`)."""
     for seed in seeds:
         study.enqueue_trial(space.to_params(seed.levels),
                             user_attrs={"tag": seed.tag, "role": seed.role})
+    study.set_user_attr(SEEDED, True)
+
+
+SEEDED = "seeded"
+"""Study user attribute set once the priors and baselines are enqueued."""
+
+
+def is_seeded(study: optuna.Study) -> bool:
+    """Whether the study's creator has enqueued its priors and baselines."""
+    return bool(study.user_attrs.get(SEEDED))
