@@ -25,12 +25,13 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from mpq_search.runtime import configure_process
 from mpq_search.search import calibrate, create_study, load, load_config, prepare
 
 
 def _best_feasible(trials: list[optuna.trial.FrozenTrial]) -> float | None:
     values = [t.values[0] for t in trials
-              if t.values and all(c <= 0 for c in (t.constraints or ()))]
+              if t.values and all(c <= 0 for c in (t.constraints or {}).values())]
     return min(values) if values else None
 
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--settings", default="1x1,1x2,2x1", help="workers x threads, ...")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/workers.json"))
     args = parser.parse_args()
+    configure_process()  # the settings a user's run has
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         folder = Path(tmp)

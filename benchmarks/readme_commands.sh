@@ -81,6 +81,13 @@ step "confirm" 0 "$A mpq-search confirm --study mnist-ddpm-4.5bits $heldout"
 step "export --best" 0 "$A mpq-search export --study mnist-ddpm-4.5bits --best -o best.json"
 step "apply" 0 "$A mpq-search apply best.json --model mnist-ddpm --n 16 --steps 5 --out grid.png \
   && test -s grid.png"
+for format in torchao modelopt yaml; do
+  step "export --format $format" 0 "$A mpq-search export --study mnist-ddpm-4.5bits --best \
+    --format $format -o best.$format"
+done
+step "run --workers 2" 0 "$A mpq-search run --budget 4.5bits --study pair --workers 2 $small"
+step "worker joins a study" 0 "$A mpq-search worker --study pair \
+  --storage sqlite:///studies/pair/study.db --trials 1 --threads 1"
 step "python API" 0 "$A python - <<'EOF'
 import mpq_search as mq
 from mpq_search.allocate import allocate
@@ -94,6 +101,19 @@ engine.remove()
 print(images.shape, prior.save('prior.json'))
 EOF"
 # --- 6. your own diffusers model: a local pipeline folder; a hub id (offline: a clear error) ----
+if [[ -z "$venv" ]]; then
+  step "install deploy extra" 0 "$A pip install -q -e '.[deploy]'"
+fi
+step "deploy (torchao)" 0 "$A python - <<'EOF'
+import mpq_search as mq
+
+model = mq.load_model('mnist-ddpm')
+report = mq.deploy(model, mq.BitMap.load('best.json'), backend='torchao')  # in place
+print(report.table())
+images = mq.sample(model, n=64, steps=20, seed=0)
+mq.undeploy(model)
+print(images.shape)
+EOF"
 step "own model (local folder)" 0 "$A cp -r mpq_search/zoo/mnist-ddpm my-pipeline && \
   mpq-search run --model ./my-pipeline --budget 4.5bits $small"
 step "hub id offline" 2 "$A HF_HUB_OFFLINE=1 mpq-search run --model google/ddpm-cifar10-32 \

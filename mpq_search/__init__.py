@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "cost_of": "mpq_search.cost",
     "profile_orthogonality": "mpq_search.importance",
     "run": "mpq_search.api",
+    "work": "mpq_search.api",
     "deploy": "mpq_search.deployment",
     "undeploy": "mpq_search.deployment",
 }

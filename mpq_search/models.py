@@ -213,7 +213,11 @@ def _from_pretrained(source: str, *, name: str, local_files_only: bool) -> Loade
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pipeline = DiffusionPipeline.from_pretrained(source, local_files_only=local_files_only)
+            # Weights load from safetensors only (a pickled .bin can run code when loaded), and
+            # never with a repository's own code.
+            pipeline = DiffusionPipeline.from_pretrained(
+                source, local_files_only=local_files_only, use_safetensors=True,
+                trust_remote_code=False)
     except Exception as e:  # diffusers raises many unrelated types for a broken folder
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidModelError(f"cannot load pipeline from {source}: {first_line}") from e

@@ -81,12 +81,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     index = json.loads((unsupported / "model_index.json").read_text())
     index["_class_name"] = "DanceDiffusionPipeline"
     (unsupported / "model_index.json").write_text(json.dumps(index))
+    pickled = root / "pickled"  # weights as a pickle (.bin), which could run code when loaded
+    shutil.copytree(model, pickled)
+    weights = next((pickled / "unet").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+    weights.unlink()
     good = next(t.user_attrs["bitmap"] for t in study.trials if "bitmap" in t.user_attrs)
     _write_bitmaps(root / "bitmaps", good)
     (root / "a_file").write_text("a plain file, not a folder\n")
     places = {
         "model": str(model), "other": str(other), "broken": str(broken),
-        "unsupported": str(unsupported), "config": str(write_config_toml(config, root / "s.toml")),
+        "unsupported": str(unsupported), "pickled": str(pickled),
+        "config": str(write_config_toml(config, root / "s.toml")),
         "study": study.study_name, "storage": config.storage_url,
         "bitmaps": str(root / "bitmaps"), "file": str(root / "a_file"),
     }
@@ -203,6 +211,8 @@ CASES = [
                  "unknown model 'no-such-model'", id="unknown-model-name"),
     pytest.param(["sample", "--model", "{broken}", "-o", "{scratch}/g.png"],
                  "cannot load pipeline", id="corrupt-safetensors"),
+    pytest.param(["sample", "--model", "{pickled}", "-o", "{scratch}/g.png"],
+                 "cannot load pipeline", id="pickled-weights-refused"),
     pytest.param(["sample", "--model", "{unsupported}", "-o", "{scratch}/g.png"],
                  "unsupported pipeline DanceDiffusionPipeline", id="unsupported-pipeline"),
     pytest.param(["sample", "--model", "{file}", "-o", "{scratch}/g.png"],

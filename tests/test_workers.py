@@ -4,6 +4,7 @@ heartbeat check and retried; a resume finishes the requested count)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -132,3 +133,25 @@ def test_kill_9_mid_trial_loses_nothing_and_the_resume_finishes(tmp_path: Path) 
     complete_search = [t for t in study.trials if t.state == TrialState.COMPLETE
                        and t.user_attrs["role"] != "baseline"]
     assert len(complete_search) == 8
+
+
+def test_run_with_two_workers_on_a_journal_file(tmp_path: Path) -> None:
+    """`run --workers 2` on a JournalStorage file: this process seeds, two worker processes
+    run the trials to the study's count, their logs are kept, and the report is written."""
+    model_dir = tiny_pipeline_dir(tmp_path)
+    config = tiny_config(model_dir, tmp_path, study="pair", trials=24, n=32,
+                         storage=f"journal:{tmp_path / 'pair.log'}")
+    toml = write_config_toml(config, tmp_path / "pair.toml")
+    result = subprocess.run([*CLI, "run", "--config", str(toml), "--workers", "2", "--json"],
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    # 24 trials + the 2 uniform baselines; two workers that finish together may add one more
+    assert set(summary["trials"]) == {"COMPLETE"} and summary["trials"]["COMPLETE"] in (26, 27)
+    assert summary["pareto"] and (config.study_dir / "report" / "pareto.csv").is_file()
+    study = optuna.load_study(study_name="pair", storage=make_storage(config.storage_url))
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both took trials
+    assert counted_trials(study) in (24, 25)
+    logs = sorted((config.study_dir / "workers").glob("worker-*.log"))
+    assert [p.name for p in logs] == ["worker-0.log", "worker-1.log"]
+    assert all("worker ran" in p.read_text() for p in logs)

@@ -66,18 +66,19 @@ def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    heartbeat: dict[str, Any] = {}
-    if liveness is not None:
-        heartbeat = {
-            "heartbeat_interval": liveness.interval, "grace_period": liveness.grace,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=liveness.max_retry)}
     # SQLite serialises writers: parallel workers wait for the lock (default 5 s) rather than
     # fail with "database is locked".
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # heartbeats and their retry callback are experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            heartbeat: dict[str, Any] = {}
+            if liveness is not None:
+                heartbeat = {
+                    "heartbeat_interval": liveness.interval, "grace_period": liveness.grace,
+                    "heartbeat_stale_trial_callback":
+                        optuna.storages.RetryHeartbeatStaleTrialCallback(
+                            max_retry=liveness.max_retry)}
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except Exception as e:  # sqlalchemy raises many types for a bad URL or an unreachable server
         raise StudyError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from e
