@@ -243,7 +243,10 @@ class BitMap:
         """Write the JSON form (creating parent folders)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        try:
+            target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        except OSError as e:  # a full disk raises on flush, without the file's name
+            raise OSError(e.errno, e.strerror, str(target)) from e
         return target
 
     @classmethod

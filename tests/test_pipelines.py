@@ -364,11 +364,12 @@ def test_cli_run_on_each_family(saved: dict[str, Path], tmp_path: Path, name: st
     specs = discover_layers(load_model(saved[name]).denoiser)
     budget = parse_budget("5bits", specs)
     study = load_study(name, f"sqlite:///{root / name / 'study.db'}")
-    assert all(t.values is not None and all(map(math.isfinite, t.values)) for t in study.trials)
+    ran = [t for t in study.trials if t.state.is_finished()]  # priors beyond 2 trials wait
+    assert all(t.values is not None and all(map(math.isfinite, t.values)) for t in ran)
     if name == "dit":  # both profiles ran on the guided, class-conditional calls
         assert {"prior:orthogonality@5bits", "prior:sensitivity@5bits"} <= {
             t.user_attrs["tag"] for t in study.trials}
-    maps = [BitMap.load(out)] + [BitMap.from_dict(t.user_attrs["bitmap"]) for t in study.trials]
+    maps = [BitMap.load(out)] + [BitMap.from_dict(t.user_attrs["bitmap"]) for t in ran]
     assert len(maps) == 1 + 1 + 2  # the exported best, the W4A8 reference, the 2 trials
     for bitmap in maps:  # W4A8 (4 bits) is within 5bits too
         assert budget.is_met(cost_of(specs, bitmap)), bitmap.meta

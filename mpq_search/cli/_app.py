@@ -3,6 +3,7 @@ the two ways a command prints its result: rich output, or one JSON object (`--js
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 from collections.abc import Callable, Iterator
@@ -74,9 +75,11 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
         except MPQSearchError as e:
             raise fail(str(e)) from None
         except OSError as e:
-            if e.filename is None:
-                raise
-            raise fail(f"cannot write or read {e.filename}: {e.strerror or e}") from None
+            if e.filename is not None:
+                raise fail(f"cannot write or read {e.filename}: {e.strerror or e}") from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # raised on flush: no file name
+                raise fail(f"cannot write: {e.strerror}") from None
+            raise
 
     return wrapper
 

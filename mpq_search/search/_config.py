@@ -57,7 +57,8 @@ class StudyConfig:
     root: str = "studies"
     """Folder for per-study outputs (database, artifacts, report)."""
     trials: int = 44
-    """Search trials to run now (priors included; the uniform reference trials are extra)."""
+    """Search trials the study should hold (priors included; the uniform reference trials are
+    extra), whichever process or worker runs them: a resumed study runs only the missing ones."""
     sampler: SamplerName = "guided"
     objectives: tuple[ObjectiveName, ...] = ("fid", "bops")
     timestep_groups: int = 1
