@@ -20,7 +20,7 @@ import optuna
 
 from mpq_search.errors import StudyError
 from mpq_search.report import ReportFiles, write_report
-from mpq_search.runtime import torch_threads
+from mpq_search.runtime import stop_child, torch_threads
 from mpq_search.search import (
     ImportanceScores,
     StudyConfig,
@@ -110,13 +110,7 @@ def run_workers(
         _report_new_trials(study, config, seen, progress)
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_child(process, timeout=30)
     codes = [p.returncode for p in processes]
     failed = [i for i, code in enumerate(codes) if code not in (0, 130, 143)]
     if failed and not stopping:

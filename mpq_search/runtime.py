@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -131,3 +132,16 @@ def resolve_device(spec: str | None) -> str:
                                  "CUDA GPU(s)")
         return text
     raise MPQSearchError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+
+
+def stop_child(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL if it has not ended within `timeout` s; no
+    command leaves one running."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)

@@ -12,24 +12,21 @@ paths are printed (`pytest -s` shows them).
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from _search_fixtures import build_study, free_port
+from _search_fixtures import build_study, free_port, get_json
 
 from mpq_search.report import start_dashboard
+from mpq_search.runtime import stop_child
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
@@ -60,16 +57,6 @@ def _install_browser() -> str:
         pytest.skip(f"chromium could not be installed with apt-get: {done.stderr[-300:]}")
     return found
 
-
-def _get(url: str, deadline: float) -> Any:
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @dataclass(frozen=True)
@@ -103,18 +90,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                               quiet=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        summaries = _get(f"{base}/api/studies", time.monotonic() + 60)["study_summaries"]
+        summaries = get_json(f"{base}/api/studies", time.monotonic() + 60)["study_summaries"]
         study_id = next(s["study_id"] for s in summaries
                         if s["study_name"] == config.study_name)
         yield Served(browser, base, study_id, config.study_name, w8a8, len(study.trials),
                      _artifact_dir(tmp_path_factory))
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_child(process)
 
 
 def _chromium(served: Served, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -147,7 +129,7 @@ def test_study_page_lists_trials_and_only_feasible_best_trials(served: Served) -
     assert served.study_name in text
     assert "Pareto Front" in text and "Best Trials" in text
     best = {int(n) for n in re.findall(r"Trial (\d+) Objective Values", text)}
-    api = _get(f"{served.base}/api/studies/{served.study_id}", time.monotonic() + 30)
+    api = get_json(f"{served.base}/api/studies/{served.study_id}", time.monotonic() + 30)
     assert best == {t["number"] for t in api["best_trials"]}
     assert best and served.w8a8 not in best  # outside the 5-bit budget: never "best"
     shot = _screenshot(served, f"{served.base}/dashboard/studies/{served.study_id}",
@@ -171,7 +153,7 @@ def test_trial_page_shows_the_note_and_no_best_chip_for_a_reference(served: Serv
 
 def test_api_sends_constraints_and_notes(served: Served) -> None:
     """What the page draws from: Optuna 5 constraints per trial and a note per finished one."""
-    detail = _get(f"{served.base}/api/studies/{served.study_id}", time.monotonic() + 30)
+    detail = get_json(f"{served.base}/api/studies/{served.study_id}", time.monotonic() + 30)
     trials = {t["number"]: t for t in detail["trials"]}
     # W8A8 against a 5-bit budget: weight bits over by (8 - 5) / 5, activations within
     assert max(trials[served.w8a8]["constraints"]) == pytest.approx((8 - 5) / 5)

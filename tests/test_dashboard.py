@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
-from _search_fixtures import build_study, free_port
+from _search_fixtures import build_study, free_port, get_json
 
 from mpq_search.report import dashboard_command, start_dashboard
+from mpq_search.runtime import stop_child
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
-
-def _get(url: str, deadline: float) -> Any:
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
@@ -37,10 +26,10 @@ def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
                               quiet=True)
     try:
         deadline = time.monotonic() + 60
-        studies = _get(f"http://127.0.0.1:{port}/api/studies", deadline)["study_summaries"]
+        studies = get_json(f"http://127.0.0.1:{port}/api/studies", deadline)["study_summaries"]
         names = {s["study_name"]: s["study_id"] for s in studies}
         assert config.study_name in names
-        detail = _get(f"http://127.0.0.1:{port}/api/studies/{names[config.study_name]}",
+        detail = get_json(f"http://127.0.0.1:{port}/api/studies/{names[config.study_name]}",
                       deadline)
         assert len(detail["trials"]) == len(study.trials)
         # 2 baselines + 2 trials ran; the priors beyond the count wait for a resume
@@ -48,12 +37,7 @@ def test_dashboard_lists_study_and_trials(tmp_path: Path) -> None:
         artifacts = [a for t in detail["trials"] for a in t.get("artifacts", [])]
         assert {a["mimetype"] for a in artifacts} == {"image/png", "application/json"}
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except Exception:
-            process.kill()
-            process.wait(timeout=10)
+        stop_child(process)
 
 
 def test_sigterm_to_the_dashboard_command_stops_its_server(tmp_path: Path) -> None:
@@ -70,7 +54,7 @@ def test_sigterm_to_the_dashboard_command_stops_its_server(tmp_path: Path) -> No
          "--root", config.root, "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _get(f"http://127.0.0.1:{port}/api/studies", time.monotonic() + 60)  # server is up
+        get_json(f"http://127.0.0.1:{port}/api/studies", time.monotonic() + 60)  # server is up
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         deadline = time.monotonic() + 15

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -345,6 +344,7 @@ def dashboard_command(
     import signal
 
     from mpq_search.report import start_dashboard
+    from mpq_search.runtime import stop_child
 
     cfg, _ = _open(study, storage, root, config)
     process = start_dashboard(cfg.storage_url, cfg.study_dir / "artifacts", port=port,
@@ -366,9 +366,4 @@ def dashboard_command(
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_child(process)
