@@ -98,7 +98,8 @@ def run_workers(
             with open(logs / f"worker-{index}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                   start_new_session=True))
-        seen: set[int] = set()
+        # a resumed study's finished trials are not reported again
+        seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         while any(p.poll() is None for p in processes):
             if should_stop is not None and should_stop() and not stopping:
                 stopping = True

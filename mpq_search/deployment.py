@@ -176,9 +176,14 @@ def _torchao() -> Any:
     try:
         import torchao.quantization as quantization
     except ImportError as e:
-        raise DeployError(f"the torchao backend needs torchao: pip install torchao==0.18.0 "
-                          f"({e})") from e
+        raise DeployError("the torchao backend needs torchao, an optional dependency: "
+                          "pip install 'mpq-search[deploy]' (torchao 0.18.0)") from e
     return quantization
+
+
+def require_torchao() -> None:
+    """Raise a DeployError that says what to install when torchao is missing."""
+    _torchao()
 
 
 def torchao_version() -> str:

@@ -54,6 +54,7 @@ from mpq_search.deployment import (
     plan_table,
     probe,
     realised,
+    require_torchao,
     torchao_config,
     torchao_version,
 )
@@ -109,6 +110,7 @@ def _model(identity: ModelIdentity) -> dict[str, str]:
 def write_torchao(bitmap: BitMap, specs: Sequence[Any], modules: dict[str, Any],
                   path: str | Path) -> Exported:
     """Write the FqnToConfig torchao runs for `bitmap` (layers torchao fails on kept float)."""
+    require_torchao()
     from torchao.core.config import config_to_dict
 
     check_single_group(bitmap, "a torchao config")
@@ -129,6 +131,7 @@ def write_torchao(bitmap: BitMap, specs: Sequence[Any], modules: dict[str, Any],
 
 def read_torchao(path: str | Path) -> Any:
     """The torchao `FqnToConfig` of a file `write_torchao` wrote."""
+    require_torchao()
     from torchao.core.config import config_from_dict
 
     data = _load_json(path)

@@ -276,3 +276,26 @@ def test_cli_export_formats(tmp_path: Path) -> None:
     assert set(read_torchao(outputs["torchao"]).fqn_to_config) == set(bitmap.layers)
     bad = CliRunner().invoke(app, ["export", *flags, "--trial", str(trial), "--format", "onnx"])
     assert bad.exit_code == 2 and "unknown export format 'onnx'" in bad.output
+
+
+def test_without_torchao_deploy_and_export_say_what_to_install(
+    tiny: tuple[LoadedModel, list[LayerSpec]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torchao is an optional dependency: without it, a one-line DeployError names the extra
+    (the CLI prints it as `error: ...`), never an ImportError traceback."""
+    import sys
+
+    from mpq_search.deployment import deploy
+
+    model, specs = tiny
+    bitmap = mixed_map(model, specs)
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
+    modules = dict(quantizable_modules(model.denoiser))
+    target = tmp_path / "map.torchao.json"
+    with pytest.raises(DeployError, match=r"pip install 'mpq-search\[deploy\]'"):
+        write_format(bitmap, target, "torchao", specs=specs, modules=modules)
+    with pytest.raises(DeployError, match=r"pip install 'mpq-search\[deploy\]'"):
+        deploy(model, bitmap)
+    assert not target.exists()
