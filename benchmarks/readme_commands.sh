@@ -81,6 +81,9 @@ step "confirm" 0 "$A mpq-search confirm --study mnist-ddpm-4.5bits $heldout"
 step "export --best" 0 "$A mpq-search export --study mnist-ddpm-4.5bits --best -o best.json"
 step "apply" 0 "$A mpq-search apply best.json --model mnist-ddpm --n 16 --steps 5 --out grid.png \
   && test -s grid.png"
+if [[ -z "$venv" ]]; then  # the torchao format and deploy need the optional extra
+  step "install deploy extra" 0 "$A pip install -q -e '.[deploy]'"
+fi
 for format in torchao modelopt yaml; do
   step "export --format $format" 0 "$A mpq-search export --study mnist-ddpm-4.5bits --best \
     --format $format -o best.$format"
@@ -101,9 +104,6 @@ engine.remove()
 print(images.shape, prior.save('prior.json'))
 EOF"
 # --- 6. your own diffusers model: a local pipeline folder; a hub id (offline: a clear error) ----
-if [[ -z "$venv" ]]; then
-  step "install deploy extra" 0 "$A pip install -q -e '.[deploy]'"
-fi
 step "deploy (torchao)" 0 "$A python - <<'EOF'
 import mpq_search as mq
 

@@ -56,7 +56,7 @@ def test_sigterm_to_the_dashboard_command_stops_its_server(tmp_path: Path) -> No
     try:
         get_json(f"http://127.0.0.1:{port}/api/studies", time.monotonic() + 60)  # server is up
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM  # 143, as `run` exits
         deadline = time.monotonic() + 15
         while True:  # the port must close: the server child is gone
             try:

@@ -354,7 +354,10 @@ def dashboard_command(
     console.print(f"optuna-dashboard on http://{host}:{port} ({where}; --host changes it; "
                   "Ctrl-C stops it)")
 
-    def interrupt(_signum: int, _frame: Any) -> None:
+    stopped_by = [signal.SIGINT]
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        stopped_by[0] = signal.Signals(signum)
         raise KeyboardInterrupt
 
     # A process manager stops with SIGTERM, whose default would end this process and leave
@@ -362,8 +365,8 @@ def dashboard_command(
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         process.wait()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # exit as `run` does: 128 + the signal (130, 143)
+        raise typer.Exit(128 + stopped_by[0]) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop_child(process)
