@@ -280,12 +280,6 @@ def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer
     return result.fid_excess
 
 
-def best_at_budget(study: optuna.Study) -> float | None:
-    """Lowest FID-excess among feasible finished trials."""
-    best = best_trial(study)
-    return None if best is None else best.values[0]
-
-
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The feasible finished trial with the lowest FID-excess (None before the first)."""
     front = study.best_trials
