@@ -29,6 +29,7 @@ from mpq_search.search import (
     confirm,
     create_study,
     find_study,
+    fp_pass_seconds,
     join_study,
     load,
     load_study,
@@ -57,16 +58,20 @@ def run(
     with torch_threads(config.threads):
         say("loading model")
         model, specs = load(config)
+        say("timing one FP sampling pass of the proxy batch")
+        fp_pass = fp_pass_seconds(model, config)
         say("profiling importance and allocating priors")
         plan = prepare(config, model, specs, importance=stored_importance(config))
         if workers > 1:
             study = create_study(plan)
+            study.set_user_attr("fp_pass_seconds", fp_pass)
             say(f"searching ({config.sampler}, {config.trials} trials, {workers} workers)")
             run_workers(study, config, workers, progress, should_stop)
         else:
             say("calibrating quantizer and FP reference")
             scorer = calibrate(plan)
             study = create_study(plan)
+            study.set_user_attr("fp_pass_seconds", fp_pass)
             say(f"searching ({config.sampler}, {config.trials} trials)")
             optimize(study, plan, scorer, progress, should_stop)
         say("writing report")

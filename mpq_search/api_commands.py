@@ -539,12 +539,21 @@ class RunResult:
     references: tuple[Row, ...]
     pareto: tuple[Row, ...]
     stopped_by_signal: bool = False
+    fp_pass_seconds: float | None = None
+    """One FP sampling pass of the proxy batch (N x steps), timed in the same run: the unit in
+    which run times compare across machines (`seconds / fp_pass_seconds`)."""
+
+    @property
+    def fp_passes(self) -> float | None:
+        """The run's wall time in FP sampling passes of the proxy batch."""
+        return None if not self.fp_pass_seconds else self.seconds / self.fp_pass_seconds
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return _json_object({
             "study": self.study, "storage": self.storage, "report_dir": self.report_dir,
-            "seconds": self.seconds, "trials": dict(self.trials),
+            "seconds": self.seconds, "fp_pass_seconds": self.fp_pass_seconds,
+            "fp_passes": self.fp_passes, "trials": dict(self.trials),
             "stopped_by_signal": self.stopped_by_signal,
             "references": _rows(self.references), "pareto": _rows(self.pareto)})
 
@@ -555,9 +564,11 @@ def run_result(study: optuna.Study, config: StudyConfig, seconds: float,
     from collections import Counter
 
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    fp_pass = study.user_attrs.get("fp_pass_seconds")
     return RunResult(study.study_name, config.storage_url, config.study_dir / "report", seconds,
                      dict(sorted(states.items())), tuple(reference_rows(study)),
-                     tuple(pareto_rows(study)), stopped)
+                     tuple(pareto_rows(study)), stopped,
+                     float(fp_pass) if isinstance(fp_pass, int | float) else None)
 
 
 def study_report(study: optuna.Study, config: StudyConfig) -> StudyReport:

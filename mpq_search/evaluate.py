@@ -15,17 +15,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mpq_search.errors import NonFiniteSamplesError
 from mpq_search.fid import (
     FeatureNet,
     FeatureStats,
+    cache_dir,
     cached_stats,
     dataset_stats,
     frechet_distance,
+    stats_of_features,
     stats_of_images,
 )
 from mpq_search.models import LoadedModel, StepHook, sample
@@ -49,14 +53,64 @@ class SampleSettings:
         return {"n": self.n, "steps": self.steps, "seed": self.seed}
 
 
+ProxyName = Literal["fid", "kid", "paired", "pixel", "fid+paired"]
+PROXIES: tuple[str, ...] = get_args(ProxyName)
+PROXY_LABELS: dict[str, str] = {
+    "fid": "FID-excess",
+    "kid": "KID-excess",
+    "paired": "paired feature distance",
+    "pixel": "paired pixel MSE",
+    "fid+paired": "FID-excess + paired distance",
+}
+"""What each proxy measures against the FP model's samples from the same noise:
+- fid: Frechet distance between the two feature sets (biased upwards at small N);
+- kid: unbiased squared MMD with the cubic polynomial kernel (KID, features scaled to RMS 1),
+  x 1000;
+- paired: mean squared feature distance between each sample and the FP sample of the same
+  noise, in FID's units (the 2-Wasserstein cost of that pairing; a mean of per-sample terms,
+  so unbiased in N);
+- pixel: mean squared pixel difference of the same pairs (images at most 32x32), x 1000;
+- fid+paired: the mean of fid and paired."""
+
+def study_score_label(config: Any) -> str:
+    """The label of a study's first objective from its stored config (a dict): its proxy's
+    name; studies made before proxies were selectable scored FID-excess."""
+    proxy = config.get("proxy", "fid") if isinstance(config, dict) else "fid"
+    return PROXY_LABELS.get(str(proxy), str(proxy))
+
+
+THUMB_SIZE = 32
+"""Images are compared pixel-wise at this size at most (latent pipelines decode 256+ px)."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The FP model's samples as every proxy needs them: feature statistics, per-sample
+    features and small images, in the order of the noise they were drawn from."""
+
+    stats: FeatureStats
+    features: np.ndarray = field(repr=False)
+    thumbs: np.ndarray = field(repr=False)
+
+
 @dataclass(frozen=True)
 class TrialResult:
-    """The score of one configuration."""
+    """The score of one configuration: FID-excess, and every proxy's score when the
+    reference holds per-sample FP features (`scores`, keyed by proxy name)."""
 
     fid_excess: float
     seconds: float
     images: torch.Tensor = field(repr=False)
     extras: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def value(self, proxy: str) -> float:
+        """The score of `proxy` (one of `PROXIES`)."""
+        if proxy == "fid":
+            return self.fid_excess
+        if proxy not in self.scores:
+            raise KeyError(f"no {proxy!r} score: the reference holds statistics only")
+        return self.scores[proxy]
 
 
 def _sample(
@@ -103,16 +157,90 @@ def fp_reference_stats(
     return cached_stats(key, compute)
 
 
+def _thumbs(images: torch.Tensor) -> np.ndarray:
+    """Images at most THUMB_SIZE px on a side (area-averaged), as float32."""
+    if max(images.shape[-2:]) > THUMB_SIZE:
+        images = F.adaptive_avg_pool2d(images, THUMB_SIZE)
+    return images.float().cpu().numpy()
+
+
+def fp_reference(
+    model: LoadedModel,
+    net: FeatureNet,
+    settings: SampleSettings,
+    progress: Callable[[int], None] | None = None,
+) -> Reference:
+    """The FP model's samples as a `Reference`, cached on disk (features and small images:
+    128 x 128 floats plus 128 images of 32 x 32 for the default proxy); the model must not be
+    quantized now."""
+    import hashlib
+    import json
+    import os
+
+    key = {"kind": "fp-reference", "model": model.identity.weights_hash, "net": net.name,
+           **settings.key(), **model.sampling_key(),
+           **({} if model.device.type == "cpu" else {"device": model.device.type}), "v": 1}
+    text = json.dumps(key, sort_keys=True)
+    path = cache_dir() / "references" / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                features, thumbs = data["features"], data["thumbs"]
+            return Reference(stats_of_features(features), features, thumbs)
+        except (OSError, KeyError, ValueError):
+            pass  # a corrupt cache entry is recomputed
+    images = _sample(model, settings, progress=progress)
+    features = net.features(images)
+    reference = Reference(stats_of_features(features), features, _thumbs(images))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=features, thumbs=reference.thumbs, key=text)
+    tmp.replace(path)
+    return reference
+
+
+def kid(features: np.ndarray, reference: np.ndarray) -> float:
+    """Unbiased squared MMD with the kernel (x.y / d + 1)^3 (KID, Binkowski et al. 2018), on
+    features divided by the reference's RMS value: the kernel expects x.y / d of order 1, as
+    Inception's pooled features give, and LeNet's are tens of times larger (without the scaling
+    the cubic kernel's huge values made the estimate pure noise)."""
+    scale = float(np.sqrt((reference**2).mean())) or 1.0
+    x, y = features / scale, reference / scale
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1.0) ** 3
+    kyy = (y @ y.T / d + 1.0) ** 3
+    kxy = (x @ y.T / d + 1.0) ** 3
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+                 + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2.0 * kxy.mean())
+
+
+def proxy_scores(features: np.ndarray, thumbs: np.ndarray, fid_excess: float,
+                 reference: Reference) -> dict[str, float]:
+    """Every proxy's score of samples drawn from the reference's noise, in the same order."""
+    if features.shape != reference.features.shape or thumbs.shape != reference.thumbs.shape:
+        raise ValueError("samples and FP reference differ in count or shape")
+    paired = float(((features - reference.features) ** 2).sum(axis=1).mean())
+    return {
+        "fid": fid_excess,
+        "kid": 1000.0 * kid(features, reference.features),
+        "paired": paired,
+        "pixel": 1000.0 * float(((thumbs - reference.thumbs) ** 2).mean()),
+        "fid+paired": 0.5 * (fid_excess + paired),
+    }
+
+
 def evaluate_current(
     model: LoadedModel,
     net: FeatureNet,
     settings: SampleSettings,
-    reference: FeatureStats,
+    reference: FeatureStats | Reference,
     *,
     step_hook: StepHook | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> TrialResult:
-    """Sample the model as it is now (quantized or not) and score it against the FP reference.
+    """Sample the model as it is now (quantized or not) and score it against the FP reference
+    (every proxy when `reference` is a `Reference`, FID-excess only for bare statistics).
 
     Raises NonFiniteSamplesError when any sample is NaN or Inf (e.g. a 2-bit layer blew up).
     """
@@ -121,9 +249,15 @@ def evaluate_current(
     if not torch.isfinite(images).all():
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         raise NonFiniteSamplesError(f"{bad} of {len(images)} samples contain NaN or Inf")
-    stats = stats_of_images(images, net)
-    excess = frechet_distance(stats, reference)
-    return TrialResult(fid_excess=excess, seconds=time.perf_counter() - started, images=images)
+    features = net.features(images)
+    if isinstance(reference, Reference):
+        excess = frechet_distance(stats_of_features(features), reference.stats)
+        scores = proxy_scores(features, _thumbs(images), excess, reference)
+    else:
+        excess = frechet_distance(stats_of_features(features), reference)
+        scores = {"fid": excess}
+    return TrialResult(fid_excess=excess, seconds=time.perf_counter() - started, images=images,
+                       scores=scores)
 
 
 def fid_against_heldout(images: torch.Tensor, net: FeatureNet) -> float:

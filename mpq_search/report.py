@@ -208,19 +208,29 @@ def _go() -> Any:
     return plotly_go  # plotly's constructors are untyped
 
 
-def _hover(r: Row) -> str:
-    held = "" if r.heldout_fid_excess is None else f", held-out {r.heldout_fid_excess:.3f}"
+def score_label(study: optuna.Study) -> str:
+    """What a study's first objective is: its proxy's name (studies made before proxies were
+    selectable scored FID-excess)."""
+    from mpq_search.evaluate import study_score_label
+
+    return study_score_label(study.user_attrs.get("config"))
+
+
+def _hover(r: Row, label: str = "FID-excess") -> str:
+    held = "" if r.heldout_fid_excess is None else f", held-out FID-excess " \
+        f"{r.heldout_fid_excess:.3f}"
     budget = "" if r.feasible else " (outside the budget)"
-    return (f"trial {r.trial} {r.tag or r.role}: FID-excess {r.fid_excess:.3f}{held}, "
+    return (f"trial {r.trial} {r.tag or r.role}: {label} {r.fid_excess:.3f}{held}, "
             f"W{r.avg_w_bits:.2f} A{r.avg_a_bits:.2f}{budget}")
 
 
 def pareto_figure(study: optuna.Study, all_rows: Sequence[Row] | None = None) -> Any:
-    """Plotly scatter: FID-excess vs the second objective; the Pareto front, the ILP priors and
-    the uniform baselines marked (a baseline outside the budget is drawn hollow: a reference,
-    never a candidate)."""
+    """Plotly scatter: the proxy score vs the second objective; the Pareto front, the ILP priors
+    and the uniform baselines marked (a baseline outside the budget is drawn hollow: a
+    reference, never a candidate)."""
     go = _go()
     all_rows = rows(study) if all_rows is None else all_rows
+    label = score_label(study)
     second = (study.metric_names or ["fid_excess", "bops"])[1]
 
     def x_of(row: Row) -> float:
@@ -248,17 +258,18 @@ def pareto_figure(study: optuna.Study, all_rows: Sequence[Row] | None = None) ->
             mode="markers+text" if labelled else "markers",
             text=[_short_tag(r.tag) if labelled else "" for r in selected],
             textposition="middle right" if name == "ILP priors" else "top center",
-            textfont={"size": 10}, marker=marker, hovertext=[_hover(r) for r in selected],
+            textfont={"size": 10}, marker=marker,
+            hovertext=[_hover(r, label) for r in selected],
             hoverinfo="text"))
     figure.add_trace(go.Scatter(
         x=[x_of(r) for r in front], y=[r.fid_excess for r in front], name="Pareto front",
         mode="lines+markers", marker={"color": "crimson", "size": 9},
-        hovertext=[_hover(r) for r in front], hoverinfo="text"))
+        hovertext=[_hover(r, label) for r in front], hoverinfo="text"))
     budget = study.user_attrs.get("budget", "")
     figure.update_layout(
-        title=f"{study.study_name}: FID-excess vs {second} (budget {budget})",
+        title=f"{study.study_name}: {label} vs {second} (budget {budget})",
         xaxis_title=f"{second} per denoiser call per sample" if second == "bops" else
-        "weight bytes", yaxis_title="FID-excess over FP (same noise)", yaxis_type="log",
+        "weight bytes", yaxis_title=f"{label} over FP (same noise)", yaxis_type="log",
         template="plotly_white")
     return figure
 
@@ -376,6 +387,7 @@ def heldout_figure(study: optuna.Study, all_rows: Sequence[Row] | None = None) -
         raise StudyError(f"study {study.study_name!r} has no held-out scores: run "
                          "`mpq-search confirm` first")
     rho = proxy_heldout_spearman(selected)
+    label = score_label(study)
     xs = [r.fid_excess for r in selected]
     ys = [float(r.heldout_fid_excess or 0.0) for r in selected]
     low, high = min(xs + ys), max(xs + ys)
@@ -388,13 +400,13 @@ def heldout_figure(study: optuna.Study, all_rows: Sequence[Row] | None = None) -
                    text=[str(r.trial) for r in selected], textposition="top center",
                    marker={"color": ["crimson" if r.pareto else "royalblue" for r in selected],
                            "size": 10},
-                   hovertext=[_hover(r) for r in selected], hoverinfo="text"),
+                   hovertext=[_hover(r, label) for r in selected], hoverinfo="text"),
     ])
     title = f"{study.study_name}: proxy vs held-out FID-excess"
     if rho is not None:
         title += f" (Spearman {rho:.2f} over {len(selected)} trials)"
     figure.update_layout(
-        title=title, xaxis_title="proxy FID-excess (the search's seeds)",
+        title=title, xaxis_title=f"proxy: {label} (the search's seeds)",
         yaxis_title=f"held-out FID-excess ({held})" if held else "held-out FID-excess",
         xaxis_type="log", yaxis_type="log", template="plotly_white")
     return figure
@@ -411,12 +423,13 @@ def proxy_heldout_spearman(selected: Sequence[Row]) -> float | None:
     return float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
 
 
-def pareto_table(selected: Sequence[Row], title: str = "Pareto front") -> Table:
-    """A rich Table of rows."""
+def pareto_table(selected: Sequence[Row], title: str = "Pareto front",
+                 score: str = "FID-excess") -> Table:
+    """A rich Table of rows; `score` names the study's proxy (`score_label`)."""
     from mpq_search.cost import format_bops, format_bytes
 
     table = Table(title=title)
-    for column in ("trial", "tag", "FID-excess", "held-out", "avg W", "avg A", "BOPs", "size",
+    for column in ("trial", "tag", score, "held-out", "avg W", "avg A", "BOPs", "size",
                    "in budget"):
         table.add_column(column, justify="left" if column == "tag" else "right")
     for r in selected:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -401,11 +402,15 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "2", "--study", "cli"])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output
+    # the wall time in the machine-independent unit: FP sampling passes of the proxy batch
+    assert re.search(r"\(\d+ s = \d+ FP sampling passes of the proxy batch, [\d.]+ s each",
+                     " ".join(result.output.split())), result.output
     made = load_study("cli", f"sqlite:///{tmp_path / 'studies' / 'cli' / 'study.db'}")
     tags = {t.user_attrs["tag"] for t in made.trials}
     assert {"prior:orthogonality@5bits", "prior:sensitivity@5bits", "uniform:W4A8"} <= tags
     finished = [t for t in made.trials if t.state.is_finished()]
     assert len(finished) == 2 + 2  # the two uniform references, then the 2 trials asked for
+    assert 0 < made.user_attrs["fp_pass_seconds"] < 60
     stored = made.user_attrs["importance"]
     assert set(stored) == {"weight", "activation", "sensitivity_weight",
                            "sensitivity_activation"}

@@ -149,6 +149,8 @@ def test_run_with_two_workers_on_a_journal_file(tmp_path: Path) -> None:
     # 24 trials + the 2 uniform baselines; two workers that finish together may add one more
     assert set(summary["trials"]) == {"COMPLETE"} and summary["trials"]["COMPLETE"] in (26, 27)
     assert summary["pareto"] and (config.study_dir / "report" / "pareto.csv").is_file()
+    assert summary["fp_pass_seconds"] > 0
+    assert summary["fp_passes"] == pytest.approx(summary["seconds"] / summary["fp_pass_seconds"])
     study = optuna.load_study(study_name="pair", storage=make_storage(config.storage_url))
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both took trials
     assert counted_trials(study) in (24, 25)

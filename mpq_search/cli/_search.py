@@ -79,6 +79,18 @@ def run_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the search's random choices.")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per trial.")] = None,
     steps: Annotated[int | None, typer.Option(help="DDIM steps per sample.")] = None,
+    proxy_steps: Annotated[int | None, typer.Option(
+        "--proxy-steps", help="DDIM steps of each trial's samples (default: the study's; "
+        "--steps is the sampler the maps are for).")] = None,
+    proxy: Annotated[str | None, typer.Option(
+        help="Trial score against the FP samples of the same noise: fid, kid, paired, pixel "
+        "or fid+paired (benchmarks/RESULTS.md section 9).")] = None,
+    promote_passes: Annotated[int | None, typer.Option(
+        "--promote-passes", help="Passes (on other noise) a promising map gets; its value is "
+        "their mean. 1: every map is scored once.")] = None,
+    promote_margin: Annotated[float | None, typer.Option(
+        "--promote-margin", help="A map is promising when its first score is within this "
+        "share of the best so far (0.1 = 10%).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
     guidance_scale: GuidanceOption = None,
@@ -99,18 +111,23 @@ def run_command(
 
     from mpq_search.api import run
     from mpq_search.api_commands import run_result
+    from mpq_search.evaluate import PROXY_LABELS
     from mpq_search.report import pareto_table
 
     cfg = _config(config, budget=budget, model=model, trials=trials, sampler=sampler,
                   objectives=objectives, storage=storage, study=study,
-                  timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, threads=threads,
+                  timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, proxy=proxy,
+                  proxy_steps=proxy_steps,
+                  promote_passes=promote_passes, promote_margin=promote_margin,
+                  threads=threads,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
                   device=device, prompts=str(prompts) if prompts else None)
     if workers < 1:
         raise fail(f"--workers must be at least 1, got {workers}")
     out = err_console if json_out else console
     started = time.perf_counter()
-    with stop_requests("the running trial") as stop, _trial_progress(out, quiet) as progress:
+    with stop_requests("the running trial") as stop, \
+            _trial_progress(out, quiet, PROXY_LABELS[cfg.proxy]) as progress:
         result = run(cfg, progress=progress.on_trial, stage=progress.on_stage,
                      should_stop=stop, workers=workers)
     summary = run_result(result, cfg, time.perf_counter() - started, stop())
@@ -118,10 +135,16 @@ def run_command(
         print_json(summary)
     else:
         if not quiet:
-            console.print(pareto_table(summary.references, title="Baselines and priors"))
-            console.print(pareto_table(summary.pareto, title=f"Pareto front ({cfg.budget})"))
+            label = PROXY_LABELS[cfg.proxy]
+            console.print(pareto_table(summary.references, title="Baselines and priors",
+                                       score=label))
+            console.print(pareto_table(summary.pareto, title=f"Pareto front ({cfg.budget})",
+                                       score=label))
+        passes = "" if summary.fp_passes is None else \
+            (f" = {summary.fp_passes:.0f} FP sampling passes of the proxy batch, "
+             f"{summary.fp_pass_seconds:.1f} s each on this machine")
         console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
-                      f"{summary.report_dir} ({summary.seconds:.0f} s)")
+                      f"{summary.report_dir} ({summary.seconds:.0f} s{passes})")
     if stop():
         done = summary.trials.get("COMPLETE", 0) + summary.trials.get("FAIL", 0)
         out.print(f"stopped by a signal: {done} finished trials are stored; run the same "
@@ -133,8 +156,10 @@ class _TrialProgress:
     """The run's progress as a person reads it: the phase, a trial bar with ETA, and a line per
     new best trial (score, bits, trial number). Off a terminal, only the best-so-far lines."""
 
-    def __init__(self, out: Console, bar: Progress | None, quiet: bool = False) -> None:
+    def __init__(self, out: Console, bar: Progress | None, quiet: bool = False,
+                 label: str = "FID-excess") -> None:
         self.out = out
+        self.label = label
         self.bar = bar
         self.quiet = quiet
         self.task = bar.add_task("preparing", total=None, best="") if bar else None
@@ -153,21 +178,22 @@ class _TrialProgress:
             self.best = event.best_trial
             bits = "" if event.best_bits is None else \
                 f" at W{event.best_bits[0]:.2f}/A{event.best_bits[1]:.2f} bits"
-            self.out.print(f"best so far: FID-excess {event.best:.3f}{bits} (trial "
+            self.out.print(f"best so far: {self.label} {event.best:.3f}{bits} (trial "
                            f"{event.best_trial}; {event.done}/{event.total} trials done)",
                            highlight=False)
 
 
 @contextmanager
-def _trial_progress(out: Console, quiet: bool) -> Iterator[_TrialProgress]:
+def _trial_progress(out: Console, quiet: bool,
+                    label: str = "FID-excess") -> Iterator[_TrialProgress]:
     if quiet:
-        yield _TrialProgress(out, None, quiet=True)
+        yield _TrialProgress(out, None, quiet=True, label=label)
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   TextColumn("{task.fields[best]}"), console=out, transient=True,
                   disable=not out.is_terminal) as bar:
-        yield _TrialProgress(out, bar if out.is_terminal else None)
+        yield _TrialProgress(out, bar if out.is_terminal else None, label=label)
 
 
 @app.command("worker")
@@ -225,6 +251,7 @@ def report_command(
 ) -> None:
     """Print the Pareto table and write pareto.csv, pareto.html, bit maps and grids."""
     from mpq_search.api_commands import study_report
+    from mpq_search.evaluate import PROXY_LABELS
     from mpq_search.report import pareto_table
 
     cfg, loaded = _open(study, storage, root, config)
@@ -232,8 +259,9 @@ def report_command(
     if json_out:
         print_json(result)
         return
-    console.print(pareto_table(result.references, title="Baselines and priors"))
-    console.print(pareto_table(result.pareto, title="Pareto front"))
+    label = PROXY_LABELS[cfg.proxy]
+    console.print(pareto_table(result.references, title="Baselines and priors", score=label))
+    console.print(pareto_table(result.pareto, title="Pareto front", score=label))
     files = result.files
     console.print(f"wrote {files.csv}, {files.html}, {len(files.bitmaps)} bit maps, "
                   f"{len(files.grids)} grids")

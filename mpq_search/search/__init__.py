@@ -33,7 +33,7 @@ from mpq_search.search._loop import (
 from mpq_search.search._prepare import ImportanceScores, SearchPlan, load, prepare
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._sampler import GuidedSampler, RepairingSampler, make_sampler
-from mpq_search.search._scorer import Scorer, calibrate
+from mpq_search.search._scorer import Scorer, calibrate, fp_pass_seconds
 from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._storage import Liveness, find_study, load_study, make_storage
 
@@ -56,6 +56,7 @@ __all__ = [
     "counted_trials",
     "create_study",
     "find_study",
+    "fp_pass_seconds",
     "heldout_settings",
     "join_study",
     "load",

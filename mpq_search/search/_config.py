@@ -21,6 +21,7 @@ from mpq_search.allocate import ALLOCATION_MODES, AllocationMode
 from mpq_search.bitmap import DEFAULT_A_BITS, DEFAULT_W_BITS, parse_bit_list
 from mpq_search.cost import canonical_budget
 from mpq_search.errors import StudyError
+from mpq_search.evaluate import PROXIES, ProxyName
 from mpq_search.fid import FEATURE_NETS, FeatureNetName
 from mpq_search.quant import ACT_CALIBRATIONS, ActCalibration
 from mpq_search.search._storage import Liveness
@@ -38,8 +39,11 @@ SECOND_OBJECTIVES: tuple[str, ...] = ("bops", "size")
 IDENTITY_FIELDS: tuple[str, ...] = (
     "budget", "objectives", "timestep_groups", "w_bits", "a_bits", "n", "steps", "sample_seed",
     "feature_net", "act_calibration", "calib_n", "calib_steps", "calib_timesteps", "tie_layers",
-    "guidance_scale", "prompts",
+    "guidance_scale", "prompts", "proxy", "proxy_steps", "promote_passes",
+    "promote_margin", "promote_seed",
 )
+# Identity fields a study made before they existed held at these values, not today's defaults.
+LEGACY_IDENTITY: dict[str, Any] = {"proxy": "fid", "proxy_steps": None, "promote_passes": 1}
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,27 @@ class StudyConfig:
     n: int = 128
     """Samples per trial (FID proxy)."""
     steps: int = 20
-    """DDIM steps per sample."""
+    """DDIM steps of the sampler the maps are for: calibration, profiling and held-out
+    confirmation sample with them."""
+    proxy_steps: int | None = None
+    """DDIM steps of each trial's samples (the proxy); None: `steps`. Fewer steps buy more
+    samples at the same cost, which ranks maps better (benchmarks/RESULTS.md section 9)."""
     sample_seed: int = 0
     """Noise seed shared by every trial and the FP reference (common random numbers)."""
+    proxy: ProxyName = "fid"
+    """The trial score (the study's first objective), measured against the FP model's samples
+    from the same noise: fid (FID-excess), kid, paired (mean squared feature distance of each
+    sample to its FP twin), pixel, fid+paired (`evaluate.PROXIES`). Every trial records all of
+    them in its `scores` attribute; held-out confirmation is always FID-excess."""
+    promote_passes: int = 1
+    """Multi-fidelity: passes (N samples each, on noise seeds `sample_seed`, `promote_seed`,
+    `promote_seed` + 1, ...) that a promising map gets before it is stored; its value is their
+    mean, so that one lucky draw does not steer the search. 1: every map is scored once."""
+    promote_margin: float = 0.1
+    """A map is promising when its first pass is within this share of the best in-budget value
+    so far (0.1: at most 10% worse), or it is the first in-budget map."""
+    promote_seed: int = 100
+    """Noise seed of the second pass of promoted maps (no trial's first pass, nor held-out)."""
     batch_size: int = 128
     feature_net: FeatureNetName | None = None
     """'lenet' or 'inception'; default lenet for 1-channel models, inception for RGB."""
@@ -162,6 +184,11 @@ class StudyConfig:
             return self.storage
         return f"sqlite:///{self.study_dir / 'study.db'}"
 
+    @property
+    def trial_steps(self) -> int:
+        """DDIM steps of each trial's samples: `proxy_steps`, else `steps`."""
+        return self.steps if self.proxy_steps is None else self.proxy_steps
+
     def liveness(self) -> Liveness:
         """Heartbeat and retry settings of the study's storage."""
         return Liveness(self.heartbeat_interval, self.heartbeat_grace, self.max_retry)
@@ -224,7 +251,7 @@ def _check(config: StudyConfig) -> None:
             f"objectives must be 'fid,bops' or 'fid,size', got {','.join(map(str, objectives))!r}"
         )
     for name in ("trials", "n", "steps", "batch_size", "timestep_groups", "grid_n", "heldout_n",
-                 "heartbeat_interval", "heartbeat_grace", "max_retry"):
+                 "heartbeat_interval", "heartbeat_grace", "max_retry", "promote_passes"):
         value = getattr(config, name)
         minimum = 0 if name in ("trials", "max_retry") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -237,6 +264,18 @@ def _check(config: StudyConfig) -> None:
         share = getattr(config, name)
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
             raise StudyError(f"{name} must be in [0, 1], got {share!r}")
+    if config.proxy_steps is not None and (isinstance(config.proxy_steps, bool) or not isinstance(
+            config.proxy_steps, int) or config.proxy_steps < 1):
+        raise StudyError(f"proxy_steps must be an integer >= 1, got {config.proxy_steps!r}")
+    if config.proxy not in PROXIES:
+        raise StudyError(f"unknown proxy {config.proxy!r}; supported: {', '.join(PROXIES)}")
+    margin = config.promote_margin
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 10:
+        raise StudyError(f"promote_margin must be a number in [0, 10], got {margin!r}")
+    extra = range(config.promote_seed, config.promote_seed + config.promote_passes - 1)
+    if config.sample_seed in extra:
+        raise StudyError(f"the promoted passes' seeds ({config.promote_seed}...) must not "
+                         f"include sample_seed ({config.sample_seed})")
     if config.parent_estimate not in PARENT_ESTIMATES:
         raise StudyError(f"unknown parent_estimate {config.parent_estimate!r}; supported: "
                          f"{', '.join(PARENT_ESTIMATES)}")

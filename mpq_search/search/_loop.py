@@ -36,7 +36,9 @@ from optuna.trial import FrozenTrial, TrialState
 from mpq_search.bitmap import BitMap
 from mpq_search.cost import Cost, cost_of
 from mpq_search.errors import NonFiniteSamplesError, StudyError
+from mpq_search.evaluate import SampleSettings
 from mpq_search.search._artifacts import artifact_store, upload_trial_artifacts
+from mpq_search.search._config import StudyConfig
 from mpq_search.search._notes import write_trial_note
 from mpq_search.search._prepare import SearchPlan
 from mpq_search.search._sampler import MapSampler, make_sampler
@@ -261,23 +263,59 @@ def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started:
 
 def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer: Scorer,
               store: FileSystemArtifactStore) -> float | None:
-    """Score a stored trial and tell the study; its FID-excess, or None when it failed."""
+    """Score a stored trial and tell the study; its value (the proxy's score), or None when it
+    failed. A promising map (`StudyConfig.promote_margin`) is scored on `promote_passes` - 1
+    more noise seeds before it is told, and its value is the mean of the passes."""
+    config = plan.config
     frozen = stored_trial(study, handle)
     bitmap = BitMap.from_dict(frozen.user_attrs["bitmap"])
     try:
         result = scorer.score(bitmap)
-        if not math.isfinite(result.fid_excess):
-            raise NonFiniteSamplesError(f"FID-excess is {result.fid_excess}")
+        passes = [_finite(result.value(config.proxy), config.proxy)]
+        if _promote(study, frozen, config, passes[0]):
+            for extra in range(config.promote_passes - 1):
+                settings = promote_settings(config, extra)
+                again = scorer.score(bitmap, settings, scorer.reference_for(settings))
+                passes.append(_finite(again.value(config.proxy), config.proxy))
     except NonFiniteSamplesError as e:
         set_trial_user_attr(study, handle, "fail_reason", str(e))
         study.tell(handle.number, state=TrialState.FAIL)
         write_trial_note(study, handle)
         return None
-    upload_trial_artifacts(store, study, frozen, bitmap, result.images[: plan.config.grid_n])
+    value = sum(passes) / len(passes)
+    set_trial_user_attr(study, handle, "scores", result.scores)
+    set_trial_user_attr(study, handle, "fidelity", {"passes": len(passes), "values": passes,
+                                                    "n": config.n})
+    upload_trial_artifacts(store, study, frozen, bitmap, result.images[: config.grid_n])
     cost = Cost(**frozen.user_attrs["cost"])
-    study.tell(handle.number, [result.fid_excess, second_objective(plan.config, cost)])
+    study.tell(handle.number, [value, second_objective(config, cost)])
     write_trial_note(study, handle)
-    return result.fid_excess
+    return value
+
+
+def _finite(value: float, proxy: str) -> float:
+    if not math.isfinite(value):
+        raise NonFiniteSamplesError(f"{proxy} score is {value}")
+    return value
+
+
+def promote_settings(config: StudyConfig, extra: int = 0) -> SampleSettings:
+    """Extra pass `extra` (0: the second pass) of a promoted map: the proxy's N and steps on
+    noise seed `promote_seed + extra`."""
+    return SampleSettings(n=config.n, steps=config.trial_steps,
+                          seed=config.promote_seed + extra, batch_size=config.batch_size)
+
+
+def _promote(study: optuna.Study, trial: FrozenTrial, config: StudyConfig, value: float) -> bool:
+    """Whether a map's first-pass score earns it a second pass: an in-budget search trial or
+    prior within `promote_margin` of the best in-budget value so far (or the first one), when
+    `promote_passes` > 1."""
+    if config.promote_passes < 2 or trial.user_attrs.get("role") == ROLE_BASELINE:
+        return False
+    if any(v > 0 for v in trial.constraints.values()):
+        return False
+    best = best_trial(study)
+    return best is None or value <= (1.0 + config.promote_margin) * best.values[0]
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:

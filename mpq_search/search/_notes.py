@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.bitmap import BitMap, LayerBits, is_float
 from mpq_search.cost import format_bops, format_bytes
+from mpq_search.evaluate import study_score_label
 from mpq_search.search._storage import TrialHandle, storage_of, stored_trial
 
 W4A8_TAG = "uniform:W4A8"
@@ -108,7 +109,13 @@ def _score_lines(study: optuna.Study, trial: FrozenTrial,
     if not trial.values:
         return ["- **score**: not scored yet"]
     fid = float(trial.values[0])
-    lines = [f"- **FID-excess** over FP (same noise): **{fid:.3f}**"]
+    label = study_score_label(study.user_attrs.get("config"))
+    lines = [f"- **{label}** over FP (same noise): **{fid:.3f}**"]
+    fidelity = trial.user_attrs.get("fidelity")
+    if isinstance(fidelity, Mapping) and fidelity.get("passes", 1) > 1:
+        values = ", ".join(f"{v:.3f}" for v in fidelity.get("values", []))
+        lines.append(f"- **promoted**: mean of {fidelity['passes']} passes on other noise "
+                     f"({values})")
     for label, ref in _references(trials, trial.number):
         lines.append(f"- vs {label}: {_ratio(fid, ref)}")
     heldout = study.user_attrs.get("heldout", {}).get(str(trial.number))

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 
 from mpq_search.bitmap import BitMap
 from mpq_search.cost import Cost
-from mpq_search.evaluate import SampleSettings, TrialResult, evaluate_current, fp_reference_stats
-from mpq_search.fid import FeatureNet, FeatureStats, get_feature_net
+from mpq_search.evaluate import (
+    Reference,
+    SampleSettings,
+    TrialResult,
+    evaluate_current,
+    fp_reference,
+)
+from mpq_search.fid import FeatureNet, get_feature_net
 from mpq_search.models import LoadedModel
 from mpq_search.quant import QuantConfig, QuantEngine
 from mpq_search.search._config import StudyConfig
@@ -27,7 +33,7 @@ class Scorer:
     engine: QuantEngine
     net: FeatureNet
     settings: SampleSettings
-    reference: FeatureStats
+    reference: Reference
 
     @property
     def model(self) -> LoadedModel:
@@ -35,9 +41,9 @@ class Scorer:
         return self.engine.model
 
     def score(self, bitmap: BitMap, settings: SampleSettings | None = None,
-              reference: FeatureStats | None = None) -> TrialResult:
-        """FID-excess of `bitmap` (default: the proxy's settings and FP reference); the model is
-        back in FP afterwards, whatever happens."""
+              reference: Reference | None = None) -> TrialResult:
+        """Every proxy's score of `bitmap` (default: the proxy's settings and FP reference); the
+        model is back in FP afterwards, whatever happens."""
         settings = settings or self.settings
         reference = reference or self.reference
         self.engine.apply(bitmap, steps=settings.steps)
@@ -47,9 +53,9 @@ class Scorer:
         finally:
             self.engine.remove()
 
-    def reference_for(self, settings: SampleSettings) -> FeatureStats:
-        """The FP reference statistics of other sample settings (cached on disk)."""
-        return fp_reference_stats(self.model, self.net, settings)
+    def reference_for(self, settings: SampleSettings) -> Reference:
+        """The FP reference of other sample settings (cached on disk)."""
+        return fp_reference(self.model, self.net, settings)
 
 
 def quant_config(config: StudyConfig) -> QuantConfig:
@@ -62,7 +68,7 @@ def quant_config(config: StudyConfig) -> QuantConfig:
 
 def proxy_settings(config: StudyConfig) -> SampleSettings:
     """The sample settings every trial and the FP reference share (common random numbers)."""
-    return SampleSettings(n=config.n, steps=config.steps, seed=config.sample_seed,
+    return SampleSettings(n=config.n, steps=config.trial_steps, seed=config.sample_seed,
                           batch_size=config.batch_size)
 
 
@@ -73,7 +79,21 @@ def calibrate(plan: SearchPlan, progress: Callable[[int], None] | None = None) -
     net = get_feature_net(config.feature_net or default_feature_net(plan.model),
                           device=str(plan.model.device))
     settings = proxy_settings(config)
-    return Scorer(engine, net, settings, fp_reference_stats(plan.model, net, settings))
+    return Scorer(engine, net, settings, fp_reference(plan.model, net, settings))
+
+
+def fp_pass_seconds(model: LoadedModel, config: StudyConfig) -> float:
+    """Seconds of one FP sampling pass of the proxy batch (N x steps) on this machine now: the
+    unit a run's wall time is reported in, so that machines compare (the model must be FP)."""
+    import time
+
+    from mpq_search.models import sample
+
+    settings = proxy_settings(config)
+    started = time.perf_counter()
+    sample(model, n=settings.n, steps=settings.steps, seed=settings.seed,
+           batch_size=settings.batch_size)
+    return time.perf_counter() - started
 
 
 def default_feature_net(model: LoadedModel) -> str:

@@ -15,7 +15,7 @@ import optuna
 
 from mpq_search.cost import canonical_budget
 from mpq_search.errors import StudyError
-from mpq_search.search._config import StudyConfig
+from mpq_search.search._config import LEGACY_IDENTITY, StudyConfig
 from mpq_search.search._space import Levels, SearchSpace
 from mpq_search.search._storage import create_or_load
 
@@ -51,7 +51,7 @@ def _check_same(stored: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
         )
     # A field added to the identity after the study was made compares as its default; a budget
     # stored before budgets were canonical compares in canonical form.
-    old = {**StudyConfig().identity(), **stored.get("identity", {})}
+    old = {**StudyConfig().identity(), **LEGACY_IDENTITY, **stored.get("identity", {})}
     if isinstance(old.get("budget"), str):
         old["budget"] = canonical_budget(old["budget"])
     new = attrs["identity"]
