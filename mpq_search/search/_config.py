@@ -71,14 +71,15 @@ class StudyConfig:
     w_bits: tuple[int, ...] = DEFAULT_W_BITS
     a_bits: tuple[int, ...] = DEFAULT_A_BITS
     tie_layers: bool = True
-    n: int = 128
-    """Samples per trial (FID proxy)."""
+    n: int = 256
+    """Samples per trial (the proxy), each of `proxy_steps` DDIM steps."""
     steps: int = 20
     """DDIM steps of the sampler the maps are for: calibration, profiling and held-out
     confirmation sample with them."""
-    proxy_steps: int | None = None
-    """DDIM steps of each trial's samples (the proxy); None: `steps`. Fewer steps buy more
-    samples at the same cost, which ranks maps better (benchmarks/RESULTS.md section 9)."""
+    proxy_steps: int | None = 10
+    """DDIM steps of each trial's samples (the proxy), at most `steps`; None: `steps`. Fewer
+    steps buy more samples at the same cost: N = 256 x 10 steps ranked near-best maps better
+    than N = 128 x 20 (benchmarks/RESULTS.md section 9)."""
     sample_seed: int = 0
     """Noise seed shared by every trial and the FP reference (common random numbers)."""
     proxy: ProxyName = "fid"
@@ -86,7 +87,7 @@ class StudyConfig:
     from the same noise: fid (FID-excess), kid, paired (mean squared feature distance of each
     sample to its FP twin), pixel, fid+paired (`evaluate.PROXIES`). Every trial records all of
     them in its `scores` attribute; held-out confirmation is always FID-excess."""
-    promote_passes: int = 1
+    promote_passes: int = 2
     """Multi-fidelity: passes (N samples each, on noise seeds `sample_seed`, `promote_seed`,
     `promote_seed` + 1, ...) that a promising map gets before it is stored; its value is their
     mean, so that one lucky draw does not steer the search. 1: every map is scored once."""
@@ -186,8 +187,8 @@ class StudyConfig:
 
     @property
     def trial_steps(self) -> int:
-        """DDIM steps of each trial's samples: `proxy_steps`, else `steps`."""
-        return self.steps if self.proxy_steps is None else self.proxy_steps
+        """DDIM steps of each trial's samples: `proxy_steps` (at most `steps`), else `steps`."""
+        return self.steps if self.proxy_steps is None else min(self.proxy_steps, self.steps)
 
     def liveness(self) -> Liveness:
         """Heartbeat and retry settings of the study's storage."""
