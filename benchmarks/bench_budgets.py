@@ -49,14 +49,17 @@ def _slug(budget: str) -> str:
 
 
 def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str]) -> None:
-    """The three studies of one (budget, seed) cell and the held-out scores they still lack."""
+    """The studies (`--variants`; the guided one always) of one (budget, seed) cell and the
+    held-out scores they still lack."""
     base = StudyConfig(model=args.model, budget=budget, seed=seed, root=args.root,
                        threads=args.threads, trials=args.trials or StudyConfig().trials,
                        **({"proxy": args.proxy} if args.proxy else {}),
                        **({"promote_passes": args.promote_passes}
                           if args.promote_passes is not None else {}))
     studies = {}
-    for variant, changes in VARIANTS.items():
+    wanted = ["guided", *(v for v in args.variants.split(",") if v != "guided")]
+    for variant in wanted:
+        changes = VARIANTS[variant]
         config = base.replace(study=f"{args.model}-{_slug(budget)}-s{seed}-{variant}", **changes)
         started = time.perf_counter()
         studies[variant] = (config, run(config))
@@ -74,7 +77,8 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str]) -
         tag = str(trial.user_attrs.get("tag", ""))
         if tag.startswith("prior:") and tag.endswith(f"@{study.user_attrs['budget']}"):
             maps[tag.split("@")[0]] = BitMap.from_dict(trial.user_attrs["bitmap"])
-    if f"{cell}|_complete" in done:
+    if all(f"{cell}|search:{variant}" in done for variant in wanted) \
+            and f"{cell}|_complete" in done:
         return
     model, specs = load(config)
     plan = prepare(config, model, specs,
@@ -173,6 +177,8 @@ def main() -> None:
     parser.add_argument("--proxy", default=None, help="default: the study default")
     parser.add_argument("--promote-passes", type=int, default=None,
                         help="default: the study default")
+    parser.add_argument("--variants", default="guided,random,no-orthogonality",
+                        help="studies per cell besides the guided one: random, no-orthogonality")
     parser.add_argument("--heldout-n", type=int, default=1000)
     parser.add_argument("--heldout-seed", type=int, default=1)
     parser.add_argument("--root", default="/tmp/mpq-bench-budgets")
