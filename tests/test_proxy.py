@@ -65,7 +65,7 @@ def test_promising_maps_get_a_second_pass_and_their_value_is_the_mean(tmp_path: 
     assert promoted and single
     for trial in promoted:
         first, second = trial.user_attrs["fidelity"]["values"]
-        assert first == pytest.approx(trial.user_attrs["scores"]["fid"])
+        assert first == pytest.approx(trial.user_attrs["scores"][config.proxy])
         assert trial.values[0] == pytest.approx((first + second) / 2)
         assert first != second  # another noise seed
         assert trial.user_attrs["role"] != "baseline"
@@ -83,7 +83,7 @@ def test_promising_maps_get_a_second_pass_and_their_value_is_the_mean(tmp_path: 
     settings = promote_settings(config)
     again = built.scorer.score(BitMap.from_dict(trial.user_attrs["bitmap"]), settings,
                                built.scorer.reference_for(settings))
-    assert again.fid_excess == pytest.approx(trial.user_attrs["fidelity"]["values"][1])
+    assert again.value(config.proxy) == pytest.approx(trial.user_attrs["fidelity"]["values"][1])
 
 
 def test_proxy_settings_are_checked_and_part_of_the_identity(tmp_path: Path) -> None:

@@ -23,7 +23,10 @@ STUDY_SCHEMA = "mpq-search/study/v1"
 ROLE_BASELINE = "baseline"
 ROLE_PRIOR = "prior"
 ROLE_SEARCH = "search"
-METRIC_NAMES = {"fid": "fid_excess", "bops": "bops", "size": "weight_bytes"}
+METRIC_NAMES = {"bops": "bops", "size": "weight_bytes"}
+PROXY_METRIC_NAMES = {"fid": "fid_excess", "kid": "kid_excess", "paired": "paired_distance",
+                      "pixel": "pixel_mse", "fid+paired": "fid_excess+paired"}
+"""The first objective's name, as optuna-dashboard shows it: the study's proxy."""
 
 
 def open_study(
@@ -33,7 +36,8 @@ def open_study(
     """Create the study, or resume it after checking that its settings agree with `attrs`."""
     study, _created = create_or_load(
         config.study_name, config.storage_url, sampler=sampler,
-        metric_names=[METRIC_NAMES[o] for o in config.objectives], liveness=config.liveness())
+        metric_names=[PROXY_METRIC_NAMES[config.proxy] if o == "fid" else METRIC_NAMES[o]
+                      for o in config.objectives], liveness=config.liveness())
     stored = study.user_attrs
     if stored.get("schema") == STUDY_SCHEMA:
         _check_same(stored, attrs)
