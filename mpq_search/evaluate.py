@@ -1,13 +1,12 @@
 """Stage (evaluate): score a (possibly quantized) model by its FID-excess over the FP model.
 
-FID-excess is the Frechet distance between the features of the model's samples and those of the FP
-model's samples *from the same initial noise* (common random numbers). With the same seeds,
-W8A8 sits
-near 0 while two FP sample sets with different seeds are far apart, which is what makes a few
-hundred
-samples a usable proxy (DESIGN.md, first probe). The FP reference statistics are cached on
-disk, keyed
-by weights hash, feature net, N, steps and seed.
+FID-excess is the Frechet distance between the features of the model's samples and those of the
+FP model's samples *from the same initial noise* (common random numbers). With the same seeds,
+W8A8 sits near 0 while two FP sample sets with different seeds are far apart, which is what makes
+a few hundred samples a usable proxy (DESIGN.md, first probe). The FP reference is cached on
+disk, keyed by weights hash, feature net, N, steps and seed. Beside FID-excess, `proxy_scores`
+gives the other trial proxies (KID, paired distances) from the same samples; the search picks
+one (`StudyConfig.proxy`).
 """
 
 from __future__ import annotations
@@ -71,6 +70,7 @@ PROXY_LABELS: dict[str, str] = {
   so unbiased in N);
 - pixel: mean squared pixel difference of the same pairs (images at most 32x32), x 1000;
 - fid+paired: the mean of fid and paired."""
+
 
 def study_score_label(config: Any) -> str:
     """The label of a study's first objective from its stored config (a dict): its proxy's
@@ -170,8 +170,8 @@ def fp_reference(
     settings: SampleSettings,
     progress: Callable[[int], None] | None = None,
 ) -> Reference:
-    """The FP model's samples as a `Reference`, cached on disk (features and small images:
-    128 x 128 floats plus 128 images of 32 x 32 for the default proxy); the model must not be
+    """The FP model's samples as a `Reference`, cached on disk (features and small images: for
+    the default proxy 512 x 128 floats and 512 images of 32 x 32); the model must not be
     quantized now."""
     import hashlib
     import json
