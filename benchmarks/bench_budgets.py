@@ -5,6 +5,7 @@ For each search seed (outer loop, so a partial run covers every budget) and budg
 1. `guided`: the default study (`StudyConfig` defaults, `--seed`);
 2. `no-orthogonality`: the same with no orthogonality at all (priors size + sensitivity, the
    surrogate starting from equal scores): is starting from orthogonality worth it?
+   `sensitivity-surrogate`: the default priors, the surrogate starting from output sensitivity;
 3. `random`: random search (budget-repaired) with the same trial count and no priors;
 4. held-out confirmation at N = `--heldout-n` on noise seed `--heldout-seed` (no trial uses it)
    of: each study's best map (by its proxy), every ILP prior at the budget (orthogonality,
@@ -40,6 +41,7 @@ from mpq_search.search import ImportanceScores, StudyConfig, calibrate, load, pr
 VARIANTS: dict[str, dict[str, Any]] = {
     "guided": {},
     "no-orthogonality": {"prior_modes": ("size", "sensitivity"), "surrogate_prior": "size"},
+    "sensitivity-surrogate": {"surrogate_prior": "sensitivity"},
     "random": {"sampler": "random", "prior_modes": ()},
 }
 
@@ -134,7 +136,8 @@ def table(path: Path) -> str:
             continue
         by.setdefault(row["budget"], {}).setdefault(row["seed"], {})[row["entry"]] = \
             row["heldout"]
-    entries = ["search:guided", "search:no-orthogonality", "search:random",
+    entries = ["search:guided", "search:no-orthogonality", "search:sensitivity-surrogate",
+               "search:random",
                "prior:orthogonality", "prior:sensitivity", "prior:size", "prior:random-best",
                "uniform"]
     lines = ["| budget | seeds | " + " | ".join(entries) +
@@ -177,8 +180,10 @@ def main() -> None:
     parser.add_argument("--proxy", default=None, help="default: the study default")
     parser.add_argument("--promote-passes", type=int, default=None,
                         help="default: the study default")
-    parser.add_argument("--variants", default="guided,random,no-orthogonality",
-                        help="studies per cell besides the guided one: random, no-orthogonality")
+    parser.add_argument("--variants",
+                        default="guided,no-orthogonality,sensitivity-surrogate,random",
+                        help="studies per cell besides the guided one: no-orthogonality, "
+                        "sensitivity-surrogate, random")
     parser.add_argument("--heldout-n", type=int, default=1000)
     parser.add_argument("--heldout-seed", type=int, default=1)
     parser.add_argument("--root", default="/tmp/mpq-bench-budgets")

@@ -93,7 +93,7 @@ def main() -> None:
                       width=900, height=520)]
 
     model, _specs = load(config)
-    fp = mq.sample(model, n=config.n, steps=config.steps, seed=config.sample_seed,
+    fp = mq.sample(model, n=config.n, steps=config.trial_steps, seed=config.sample_seed,
                    batch_size=config.batch_size)[: config.grid_n]  # the trials' grids' noise
     artifacts = config.study_dir / "artifacts"
     best = min(front, key=lambda r: r.fid_excess)
