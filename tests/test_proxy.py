@@ -99,3 +99,27 @@ def test_proxy_settings_are_checked_and_part_of_the_identity(tmp_path: Path) -> 
         StudyConfig(promote_passes=3, promote_seed=5, sample_seed=6)
     assert {"proxy", "promote_passes", "promote_margin", "promote_seed"} <= set(
         StudyConfig().identity())
+
+
+def test_a_study_made_before_proxies_resumes_with_its_own_settings(tmp_path: Path) -> None:
+    """Old studies stored no proxy fields: they read as fid, all steps, one pass, and resume
+    when the run asks for those settings (`--proxy fid --proxy-steps 20 --promote-passes 1`)."""
+    from mpq_search.search import create_study, load, prepare
+    from mpq_search.search._study import _check_same
+
+    config, built, study = build_study(tmp_path, trials=0, study="legacy", proxy="fid",
+                                       proxy_steps=None)
+    stored = dict(study.user_attrs)
+    identity = {k: v for k, v in stored["identity"].items()
+                if k not in ("proxy", "proxy_steps", "promote_passes", "promote_margin",
+                             "promote_seed")}
+    legacy = {**stored, "identity": identity}
+    same = config.replace(proxy_steps=config.steps, promote_passes=1)
+    model, specs = load(same)
+    _check_same(legacy, prepare(same, model, specs,
+                                importance=built.plan.importance).study_attrs())
+    with pytest.raises(StudyError, match="proxy="):
+        other = config.replace(proxy="fid+paired")
+        _check_same(legacy, prepare(other, model, specs,
+                                    importance=built.plan.importance).study_attrs())
+    assert create_study(built.plan).study_name == "legacy"

@@ -58,7 +58,11 @@ def _check_same(stored: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
     old = {**StudyConfig().identity(), **LEGACY_IDENTITY, **stored.get("identity", {})}
     if isinstance(old.get("budget"), str):
         old["budget"] = canonical_budget(old["budget"])
-    new = attrs["identity"]
+    new = dict(attrs["identity"])
+    for fields in (old, new):  # proxy_steps None (or above steps) samples with `steps`
+        proxy_steps, steps = fields.get("proxy_steps"), fields.get("steps")
+        if isinstance(steps, int):
+            fields["proxy_steps"] = steps if proxy_steps is None else min(proxy_steps, steps)
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise StudyError(
