@@ -24,7 +24,7 @@ from mpq_search.errors import NonFiniteSamplesError
 from mpq_search.fid import (
     FeatureNet,
     FeatureStats,
-    cache_dir,
+    cached_arrays,
     cached_stats,
     dataset_stats,
     frechet_distance,
@@ -173,30 +173,16 @@ def fp_reference(
     """The FP model's samples as a `Reference`, cached on disk (features and small images: for
     the default proxy 512 x 128 floats and 512 images of 32 x 32); the model must not be
     quantized now."""
-    import hashlib
-    import json
-    import os
-
     key = {"kind": "fp-reference", "model": model.identity.weights_hash, "net": net.name,
            **settings.key(), **model.sampling_key(),
            **({} if model.device.type == "cpu" else {"device": model.device.type}), "v": 1}
-    text = json.dumps(key, sort_keys=True)
-    path = cache_dir() / "references" / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as data:
-                features, thumbs = data["features"], data["thumbs"]
-            return Reference(stats_of_features(features), features, thumbs)
-        except (OSError, KeyError, ValueError):
-            pass  # a corrupt cache entry is recomputed
-    images = _sample(model, settings, progress=progress)
-    features = net.features(images)
-    reference = Reference(stats_of_features(features), features, _thumbs(images))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=features, thumbs=reference.thumbs, key=text)
-    tmp.replace(path)
-    return reference
+
+    def compute() -> dict[str, np.ndarray]:
+        images = _sample(model, settings, progress=progress)
+        return {"features": net.features(images), "thumbs": _thumbs(images)}
+
+    data = cached_arrays("references", key, ("features", "thumbs"), compute)
+    return Reference(stats_of_features(data["features"]), data["features"], data["thumbs"])
 
 
 def kid(features: np.ndarray, reference: np.ndarray) -> float:

@@ -241,23 +241,37 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def cached_stats(key: Mapping[str, Any], compute: Callable[[], FeatureStats]) -> FeatureStats:
-    """Return the stats stored under `key` (everything that determines them), computing once."""
+def cached_arrays(folder: str, key: Mapping[str, Any], names: tuple[str, ...],
+                  compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays `names` stored under `key` (everything that determines them) in
+    `cache_dir()/folder`, computing them once; written to a temporary file, then renamed, so a
+    reader never sees half a file, and a corrupt entry is recomputed."""
     text = json.dumps(dict(key), sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    path = cache_dir() / "stats" / f"{digest}.npz"
+    path = cache_dir() / folder / f"{digest}.npz"
     if path.is_file():
         try:
             with np.load(path) as data:
-                return FeatureStats(data["mu"], data["sigma"], int(data["n"]))
+                return {name: data[name] for name in names}
         except (OSError, KeyError, ValueError):
             pass  # a corrupt cache entry is recomputed
-    stats = compute()
+    arrays = dict(compute())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=text)
+    payload: dict[str, Any] = {**arrays, "key": text}
+    np.savez(tmp, **payload)
     tmp.replace(path)
-    return stats
+    return arrays
+
+
+def cached_stats(key: Mapping[str, Any], compute: Callable[[], FeatureStats]) -> FeatureStats:
+    """Return the stats stored under `key` (everything that determines them), computing once."""
+    def arrays() -> dict[str, np.ndarray]:
+        stats = compute()
+        return {"mu": stats.mu, "sigma": stats.sigma, "n": np.asarray(stats.n)}
+
+    data = cached_arrays("stats", key, ("mu", "sigma", "n"), arrays)
+    return FeatureStats(data["mu"], data["sigma"], int(data["n"]))
 
 
 def dataset_stats(split: Literal["train", "heldout"], net: FeatureNet, n: int) -> FeatureStats:
