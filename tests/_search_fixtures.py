@@ -35,6 +35,7 @@ def tiny_config(model_dir: Path, root: Path, **changes: Any) -> Any:
         steps=3, batch_size=8, calib_n=4, calib_steps=3, importance_n=8, importance_timesteps=2,
         grid_n=4, heldout_n=8, prior_modes=("size",), feature_net="lenet", threads=1,
         act_calibration="minmax", promote_passes=1,
+        surrogate_prior="orthogonality",  # the uniform test importance has no sensitivity
     )
     base.update(changes)
     return StudyConfig(**base)

@@ -207,7 +207,7 @@ def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
     plain = config.replace(prior_modes=("orthogonality",), surrogate_prior="orthogonality")
     plain_plan = prepare(plain, model, specs)
     assert plain_plan.importance.sensitivity_weight is None
-    with pytest.raises(StudyError, match="sensitivity profile"):
+    with pytest.raises(StudyError, match="sensitivity profile.*--surrogate-prior orthogonality"):
         plain_plan.with_config(plain.replace(surrogate_prior="sensitivity")).surrogate_prior()
 
 
@@ -399,13 +399,15 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
                          sensitivity_n=4, sensitivity_probes=2)
     write_config_toml(config, toml)
     runner = CliRunner()
-    result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "2", "--study", "cli"])
+    result = runner.invoke(app, ["run", "--config", str(toml), "--trials", "2", "--study", "cli",
+                                 "--surrogate-prior", "sensitivity"])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output
     # the wall time in the machine-independent unit: FP sampling passes of the proxy batch
     assert re.search(r"\(\d+ s = \d+ FP sampling passes of the proxy batch, [\d.]+ s each",
                      " ".join(result.output.split())), result.output
     made = load_study("cli", f"sqlite:///{tmp_path / 'studies' / 'cli' / 'study.db'}")
+    assert made.user_attrs["config"]["surrogate_prior"] == "sensitivity"  # the flag over the toml
     tags = {t.user_attrs["tag"] for t in made.trials}
     assert {"prior:orthogonality@5bits", "prior:sensitivity@5bits", "uniform:W4A8"} <= tags
     finished = [t for t in made.trials if t.state.is_finished()]

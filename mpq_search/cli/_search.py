@@ -91,6 +91,9 @@ def run_command(
     promote_margin: Annotated[float | None, typer.Option(
         "--promote-margin", help="A map is promising when its first score is within this "
         "share of the best so far (0.1 = 10%).")] = None,
+    surrogate_prior: Annotated[str | None, typer.Option(
+        "--surrogate-prior", help="Where the guided search's surrogate starts: sensitivity "
+        "(default), orthogonality or size.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
     guidance_scale: GuidanceOption = None,
@@ -119,7 +122,7 @@ def run_command(
                   timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, proxy=proxy,
                   proxy_steps=proxy_steps,
                   promote_passes=promote_passes, promote_margin=promote_margin,
-                  threads=threads,
+                  surrogate_prior=surrogate_prior, threads=threads,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
                   device=device, prompts=str(prompts) if prompts else None)
     if workers < 1:

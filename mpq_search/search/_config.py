@@ -121,10 +121,12 @@ class StudyConfig:
     parent_estimate: ParentEstimate = "smoothed"
     """Guided sampler: how the map to build on is ranked: its observed proxy score, or
     "smoothed", the mean of that score and the fitted surrogate's prediction."""
-    surrogate_prior: SurrogatePrior = "orthogonality"
-    """Where the search's surrogate starts: orthogonality, measured output sensitivity, or equal
-    scores (size-aware). Its fit to the finished trials corrects it as the study goes. The
-    default follows the priors' measured quality (benchmarks/RESULTS.md section 4)."""
+    surrogate_prior: SurrogatePrior = "sensitivity"
+    """Where the search's surrogate starts: measured output sensitivity, orthogonality, or equal
+    scores (size-aware). Its fit to the finished trials corrects it as the study goes, but 44
+    trials correct it only weakly: started from sensitivity, the search's best map beat the one
+    started from orthogonality on held-out noise in every cell of the budget benchmark
+    (benchmarks/RESULTS.md section 9.4)."""
     prior_budgets: tuple[str, ...] | None = None
     """Tighter budgets for extra priors; default: three evenly spaced below the budget."""
     baselines: tuple[str, ...] = ("W4A8", "W8A8")

@@ -75,7 +75,8 @@ class ImportanceScores:
             return self.weight, self.activation
         if self.sensitivity_weight is None:
             raise StudyError("the surrogate prior 'sensitivity' needs a sensitivity profile, "
-                             "and this study has none")
+                             "and this study has none (it was made without a sensitivity "
+                             "prior); resume it with --surrogate-prior orthogonality")
         return self.sensitivity_weight, self.sensitivity_activation
 
 
