@@ -207,7 +207,7 @@ def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
     plain = config.replace(prior_modes=("orthogonality",), surrogate_prior="orthogonality")
     plain_plan = prepare(plain, model, specs)
     assert plain_plan.importance.sensitivity_weight is None
-    with pytest.raises(StudyError, match="sensitivity profile.*--surrogate-prior orthogonality"):
+    with pytest.raises(StudyError, match=r"sensitivity profile.*--surrogate-prior orthogonality"):
         plain_plan.with_config(plain.replace(surrogate_prior="sensitivity")).surrogate_prior()
 
 
