@@ -2,10 +2,10 @@
 strongest baselines?
 
 For each search seed (outer loop, so a partial run covers every budget) and budget:
-1. `guided`: the default study up to 2026-11-28 (`--seed`; the guided sampler's surrogate
-   starts from orthogonality); its priors are every variant's held-out baselines;
-2. `sensitivity-surrogate`: the same with the surrogate starting from output sensitivity (the
-   default since); `no-orthogonality`: no orthogonality at all (priors size + sensitivity, the
+1. `sensitivity-surrogate`: the default study (`--seed`; the guided sampler's surrogate starts
+   from output sensitivity); `guided`: the default up to 2026-11-28, the surrogate starting from
+   orthogonality. Both enqueue the default ILP priors, the held-out baselines below;
+2. `no-orthogonality`: no orthogonality at all (priors size + sensitivity, the
    surrogate starting from equal scores): is starting from orthogonality worth it?
 3. `random`: random search (budget-repaired) with the same trial count and no priors;
 4. held-out confirmation at N = `--heldout-n` on noise seed `--heldout-seed` (no trial uses it)
@@ -66,20 +66,26 @@ def _slug(budget: str) -> str:
 
 def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
              scored: dict[str, float]) -> None:
-    """The studies (`--variants`; the guided one always) of one (budget, seed) cell and the
-    held-out scores they still lack."""
+    """The studies (`--variants`) of one (budget, seed) cell and the held-out scores they still
+    lack."""
     base = StudyConfig(model=args.model, budget=budget, seed=seed, root=args.root,
                        threads=args.threads, trials=args.trials or StudyConfig().trials,
                        **({"proxy": args.proxy} if args.proxy else {}),
                        **({"promote_passes": args.promote_passes}
                           if args.promote_passes is not None else {}))
     studies = {}
-    wanted = ["guided", *(v for v in args.variants.split(",") if v != "guided")]
+    wanted = args.variants.split(",")
     cell = f"{budget}|{seed}"
-    # A study whose best map is already scored held-out is not run again (its storage may be
-    # gone); the guided one is also needed for the priors until the cell is complete.
+    # The first variant with the default priors (orthogonality, sensitivity, size) also gives
+    # the cell's held-out baselines. A study whose best map is already scored held-out is not
+    # run again (its storage may be gone), unless the cell still lacks its baselines.
+    source = next((v for v in wanted if "prior_modes" not in VARIANTS[v]), None)
+    complete = f"{cell}|_complete" in done
+    if source is None and not complete:
+        raise SystemExit(f"{cell} has no held-out baselines yet: add guided or "
+                         "sensitivity-surrogate to --variants")
     to_run = [v for v in wanted if f"{cell}|search:{v}" not in done
-              or (v == "guided" and f"{cell}|_complete" not in done)]
+              or (v == source and not complete)]
     if not to_run:
         return
     for variant in to_run:
@@ -89,14 +95,14 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
         studies[variant] = (config, run(config))
         print(f"{budget} seed {seed} {variant}: {time.perf_counter() - started:.0f} s",
               flush=True)
-    config, study = studies.get("guided", next(iter(studies.values())))
+    config, study = studies[source] if source in studies else next(iter(studies.values()))
     maps: dict[str, BitMap] = {}
     proxies: dict[str, float] = {}
     for variant, (_, variant_study) in studies.items():
         best = min(variant_study.best_trials, key=lambda t: t.values[0])
         maps[f"search:{variant}"] = BitMap.from_dict(best.user_attrs["bitmap"])
         proxies[f"search:{variant}"] = best.values[0]
-    for trial in study.trials if "guided" in studies else ():
+    for trial in study.trials if source in studies else ():
         tag = str(trial.user_attrs.get("tag", ""))
         if tag.startswith("prior:") and tag.endswith(f"@{study.user_attrs['budget']}"):
             maps[tag.split("@")[0]] = BitMap.from_dict(trial.user_attrs["bitmap"])
@@ -230,9 +236,9 @@ def main() -> None:
     parser.add_argument("--promote-passes", type=int, default=None,
                         help="default: the study default")
     parser.add_argument("--variants",
-                        default="guided,no-orthogonality,sensitivity-surrogate,random",
-                        help="studies per cell besides the guided one: no-orthogonality, "
-                        "sensitivity-surrogate, random")
+                        default="sensitivity-surrogate,guided,no-orthogonality,random",
+                        help="studies per cell, of: " + ", ".join(VARIANTS) + " (the first of "
+                        "guided and sensitivity-surrogate also gives the priors)")
     parser.add_argument("--heldout-n", type=int, default=1000)
     parser.add_argument("--heldout-seed", type=int, default=1)
     parser.add_argument("--root", default="/tmp/mpq-bench-budgets")

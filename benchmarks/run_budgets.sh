@@ -3,11 +3,15 @@
 # each on a 2-core machine, the seeds split between them, appending to one JSON-lines file.
 # Resumable: run it again and it skips the studies and held-out scores already there.
 #
-#   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]      # default: mnist-dit guided
+#   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]   # default: mnist-dit sensitivity-surrogate
+#
+# VARIANTS (comma-separated, bench_budgets.VARIANTS): sensitivity-surrogate (the default study),
+# guided (the surrogate from orthogonality), no-orthogonality, random. A cell's held-out
+# baselines (the priors, uniform) come with the first of sensitivity-surrogate and guided.
 set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 MODEL=${1:-mnist-dit}
-VARIANTS=${2:-guided}
+VARIANTS=${2:-sensitivity-surrogate}
 OUT=benchmarks/results/budgets_${MODEL}.jsonl
 ROOT=${MPQ_BENCH_ROOT:-/tmp/mpq-bench-budgets}
 ALL="3bits,4bits,4.5bits,bops<=W4A8"
