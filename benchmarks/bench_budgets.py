@@ -151,10 +151,11 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
         done.add(f"{cell}|{key}")
         print(f"  {budget} seed {seed} {name}: held-out {value:.3f} "
               f"({row['seconds']:.0f} s)", flush=True)
-    with Path(args.out).open("a") as f:
-        f.write(json.dumps({"budget": budget, "seed": seed, "entry": "_complete",
-                            "model": args.model}) + "\n")
-    done.add(f"{cell}|_complete")
+    if not complete:  # the baselines are scored
+        with Path(args.out).open("a") as f:
+            f.write(json.dumps({"budget": budget, "seed": seed, "entry": "_complete",
+                                "model": args.model}) + "\n")
+        done.add(f"{cell}|_complete")
 
 
 def held_out(path: Path) -> dict[str, dict[int, dict[str, float]]]:

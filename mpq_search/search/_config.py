@@ -126,7 +126,7 @@ class StudyConfig:
     scores (size-aware). Its fit to the finished trials corrects it as the study goes, but 44
     trials correct it only weakly: started from sensitivity, the search's best map beat the one
     started from orthogonality on held-out noise in every cell of the budget benchmark
-    (benchmarks/RESULTS.md section 9.4)."""
+    (benchmarks/RESULTS.md section 9.5)."""
     prior_budgets: tuple[str, ...] | None = None
     """Tighter budgets for extra priors; default: three evenly spaced below the budget."""
     baselines: tuple[str, ...] = ("W4A8", "W8A8")
