@@ -37,12 +37,19 @@ from mpq_search.allocate import allocate
 from mpq_search.api import run
 from mpq_search.bitmap import BitMap, LayerBits
 from mpq_search.cost import cost_of
-from mpq_search.evaluate import SampleSettings
+from mpq_search.evaluate import Reference, SampleSettings
 from mpq_search.runtime import configure_process
-from mpq_search.search import ImportanceScores, StudyConfig, calibrate, load, prepare
+from mpq_search.search import (
+    ImportanceScores,
+    Scorer,
+    StudyConfig,
+    calibrate,
+    load,
+    prepare,
+)
 
 # "guided" is the study default up to 2026-11-28 (surrogate from orthogonality), pinned so that
-# its rows stay comparable; "sensitivity-surrogate" is the default since (RESULTS section 9.4).
+# its rows stay comparable; "sensitivity-surrogate" is the default since (RESULTS section 9.5).
 VARIANTS: dict[str, dict[str, Any]] = {
     "guided": {"surrogate_prior": "orthogonality"},
     "no-orthogonality": {"prior_modes": ("size", "sensitivity"), "surrogate_prior": "size"},
@@ -122,9 +129,8 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
         _, w, a = max(fits, key=lambda f: (f[0].bops, f[2]))  # W4A8 before W8A4
         maps[f"uniform:W{w}A{a}"] = BitMap.from_layers(
             model.identity, {s.name: LayerBits(w, a) for s in specs})
-    scorer = calibrate(plan)
     settings = SampleSettings(args.heldout_n, config.steps, args.heldout_seed, config.batch_size)
-    reference = scorer.reference_for(settings)
+    scoring: tuple[Scorer, Reference] | None = None  # calibrated once a map needs scoring
     for name, bitmap in maps.items():
         key = name if not name.startswith("uniform:") else "uniform"
         if f"{cell}|{key}" in done:
@@ -134,8 +140,11 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
         if key_of_map in scored:
             value = scored[key_of_map]
         else:
+            if scoring is None:
+                scorer = calibrate(plan)
+                scoring = scorer, scorer.reference_for(settings)
             try:
-                value = scorer.score(bitmap, settings, reference).fid_excess
+                value = scoring[0].score(bitmap, settings, scoring[1]).fid_excess
             except Exception as e:  # NaN samples: recorded as inf
                 print(f"  {name}: {e}", flush=True)
                 value = float("inf")
