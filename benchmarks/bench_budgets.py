@@ -255,6 +255,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/budgets_mnist-ddpm.jsonl")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--no-table", action="store_true",
+                        help="run the cells without printing the tables (run_budgets.sh)")
     args = parser.parse_args()
     configure_process(args.threads)
     out = Path(args.out)
@@ -272,6 +274,8 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             for budget in args.budgets.split(","):
                 run_cell(args, budget, seed, done, scored)
+    if args.no_table:
+        return
     print(table(out))
     print()
     print(variants_table(out))

@@ -1,24 +1,37 @@
 #!/bin/bash
-# The held-out budget benchmark (RESULTS section 9.3) as it was run: two processes of one thread
-# each on a 2-core machine, the seeds split between them, appending to one JSON-lines file.
+# The held-out budget benchmark (RESULTS section 9): two processes of one thread each on a 2-core
+# machine, appending to one JSON-lines file. The (seed, budget) cells form a queue in seed-major
+# order (so a partial run covers every budget before the next seed); each process claims the next
+# free cell and runs it as its own bench_budgets.py call, which rereads the file first, so a map
+# one process scored held-out is not scored again by the other.
 # Resumable: run it again and it skips the studies and held-out scores already there.
 #
-#   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]   # default: mnist-dit sensitivity-surrogate
+#   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]   # default: mnist-ddpm sensitivity-surrogate
 #
 # VARIANTS (comma-separated, bench_budgets.VARIANTS): sensitivity-surrogate (the default study),
 # guided (the surrogate from orthogonality), no-orthogonality, random. A cell's held-out
 # baselines (the priors, uniform) come with the first of sensitivity-surrogate and guided.
+# MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file.
 set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
-MODEL=${1:-mnist-dit}
+MODEL=${1:-mnist-ddpm}
 VARIANTS=${2:-sensitivity-surrogate}
-OUT=benchmarks/results/budgets_${MODEL}.jsonl
+OUT=${MPQ_BENCH_OUT:-benchmarks/results/budgets_${MODEL}.jsonl}
 ROOT=${MPQ_BENCH_ROOT:-/tmp/mpq-bench-budgets}
-ALL="3bits,4bits,4.5bits,bops<=W4A8"
-bench() { python benchmarks/bench_budgets.py --model "$MODEL" --variants "$VARIANTS" \
-            --threads 1 --root "$ROOT" --out "$OUT" "$@"; }
-(bench --seeds 0 --budgets "$ALL"; bench --seeds 2 --budgets "3bits,4bits") > "$ROOT.a.log" 2>&1 &
-(bench --seeds 1 --budgets "$ALL"; bench --seeds 2 --budgets "4.5bits,bops<=W4A8") \
-    > "$ROOT.b.log" 2>&1 &
+CLAIMS="$ROOT/claims/$MODEL-${VARIANTS//,/+}-$$"
+mkdir -p "$CLAIMS"
+CELLS=()
+for seed in 0 1 2; do
+  for budget in "3bits" "4bits" "4.5bits" "bops<=W4A8"; do CELLS+=("$seed|$budget"); done
+done
+worker() {
+  for cell in "${CELLS[@]}"; do
+    # mkdir is atomic: the first process to create the claim runs the cell
+    mkdir "$CLAIMS/${cell//[<=|]/_}" 2>/dev/null || continue
+    python benchmarks/bench_budgets.py --model "$MODEL" --variants "$VARIANTS" --threads 1 \
+      --root "$ROOT" --out "$OUT" --seeds "${cell%%|*}" --budgets "${cell#*|}" --no-table
+  done
+}
+for k in $(seq 1 "${MPQ_BENCH_PROCS:-2}"); do worker > "$ROOT.$MODEL.$k.log" 2>&1 & done
 wait
 python benchmarks/bench_budgets.py --model "$MODEL" --table-only --out "$OUT"

@@ -131,7 +131,8 @@ def _report_new_trials(study: optuna.Study, config: StudyConfig, seen: set[int],
     from optuna.trial import TrialState
 
     finished = study.get_trials(deepcopy=False,
-                                states=(TrialState.COMPLETE, TrialState.FAIL))
+                                states=(TrialState.COMPLETE, TrialState.FAIL,
+                                        TrialState.PRUNED))
     for trial in sorted(finished, key=lambda t: t.number):
         if trial.number in seen:
             continue

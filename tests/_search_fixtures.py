@@ -34,7 +34,7 @@ def tiny_config(model_dir: Path, root: Path, **changes: Any) -> Any:
         model=str(model_dir), root=str(root / "studies"), budget="5bits", trials=4, n=8,
         steps=3, batch_size=8, calib_n=4, calib_steps=3, importance_n=8, importance_timesteps=2,
         grid_n=4, heldout_n=8, prior_modes=("size",), feature_net="lenet", threads=1,
-        act_calibration="minmax", promote_passes=1,
+        act_calibration="minmax", promote_passes=1, guard_n=0,
         surrogate_prior="orthogonality",  # the uniform test importance has no sensitivity
     )
     base.update(changes)

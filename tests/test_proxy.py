@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from _search_fixtures import build_study
+from _search_fixtures import build_study, tiny_config, tiny_pipeline_dir, uniform_importance
 
 from mpq_search.errors import StudyError
 from mpq_search.evaluate import PROXIES, Reference, kid, proxy_scores
@@ -102,8 +104,9 @@ def test_proxy_settings_are_checked_and_part_of_the_identity(tmp_path: Path) -> 
 
 
 def test_a_study_made_before_proxies_resumes_with_its_own_settings(tmp_path: Path) -> None:
-    """Old studies stored no proxy fields: they read as fid, all steps, one pass, and resume
-    when the run asks for those settings (`--proxy fid --proxy-steps 20 --promote-passes 1`)."""
+    """Old studies stored no proxy fields: they read as fid, all steps, one pass, no guard, and
+    resume when the run asks for those settings (`--proxy fid --proxy-steps 20
+    --promote-passes 1 --guard-n 0`)."""
     from mpq_search.search import create_study, load, prepare
     from mpq_search.search._study import _check_same
 
@@ -112,7 +115,7 @@ def test_a_study_made_before_proxies_resumes_with_its_own_settings(tmp_path: Pat
     stored = dict(study.user_attrs)
     identity = {k: v for k, v in stored["identity"].items()
                 if k not in ("proxy", "proxy_steps", "promote_passes", "promote_margin",
-                             "promote_seed")}
+                             "promote_seed", "guard_n", "guard_ratio", "guard_seed")}
     legacy = {**stored, "identity": identity}
     same = config.replace(proxy_steps=config.steps, promote_passes=1)
     model, specs = load(same)
@@ -122,4 +125,92 @@ def test_a_study_made_before_proxies_resumes_with_its_own_settings(tmp_path: Pat
         other = config.replace(proxy="fid+paired")
         _check_same(legacy, prepare(other, model, specs,
                                     importance=built.plan.importance).study_attrs())
+    with pytest.raises(StudyError, match="guard_n=0"):  # made before the guard
+        guarded = same.replace(guard_n=128)
+        _check_same(legacy, prepare(guarded, model, specs,
+                                    importance=built.plan.importance).study_attrs())
     assert create_study(built.plan).study_name == "legacy"
+
+
+class _GuardScores:
+    """A real scorer whose full-steps guard scores come from a list, in call order (so the
+    test decides which would-be new best breaks at the sampler's steps)."""
+
+    def __init__(self, scorer: Any, guard: Any, values: list[float]) -> None:
+        self.scorer, self.guard, self.values = scorer, guard, list(values)
+        self.calls: list[tuple[int, float]] = []  # (trial number, guard score)
+
+    def score(self, bitmap: Any, settings: Any = None, reference: Any = None) -> Any:
+        result = self.scorer.score(bitmap, settings, reference)
+        if settings != self.guard:
+            return result
+        value = self.values.pop(0) if self.values else result.fid_excess
+        self.calls.append((int(bitmap.meta["trial"]), value))
+        return dataclasses.replace(result, fid_excess=value)
+
+    def reference_for(self, settings: Any) -> Any:
+        return self.scorer.reference_for(settings)
+
+
+def test_a_would_be_best_that_breaks_at_full_steps_is_pruned_and_never_leads(
+    tmp_path: Path,
+) -> None:
+    """The full-steps guard (`guard_n`): a map that would lead is sampled with the sampler's
+    steps; above `guard_ratio` x the lowest guard score kept so far it is PRUNED, with the
+    reason, and neither becomes the best nor a parent."""
+    from optuna.trial import TrialState
+
+    from mpq_search.search import calibrate, create_study, load, optimize, prepare
+    from mpq_search.search._loop import best_trial, guard_settings
+    from mpq_search.search._sampler import _History
+
+    model_dir = tmp_path / "tiny-ddpm"
+    tiny_pipeline_dir(tmp_path)
+    config = tiny_config(model_dir, tmp_path, trials=8, proxy_steps=2, guard_n=8,
+                         guard_ratio=2.0)
+    model, specs = load(config)
+    plan = prepare(config, model, specs, importance=uniform_importance(model_dir))
+    # 1st guarded map sets the floor (1.0); the 2nd breaks (10 > 2 x 1.0); then 1.5 passes
+    scorer = _GuardScores(calibrate(plan), guard_settings(config), [1.0, 10.0, 1.5])
+    study = create_study(plan)
+    optimize(study, plan, scorer)  # type: ignore[arg-type]
+    assert len(scorer.calls) >= 2, "the tiny study must have at least two would-be bests"
+    by_number = {t.number: t for t in study.trials}
+    first, broken = scorer.calls[0][0], scorer.calls[1][0]
+    assert by_number[first].state == TrialState.COMPLETE
+    assert by_number[first].user_attrs["fidelity"]["guard"] == {
+        "fid_excess": 1.0, "n": 8, "steps": config.steps}
+    pruned = by_number[broken]
+    assert pruned.state == TrialState.PRUNED and pruned.values is None
+    assert "10.000" in pruned.user_attrs["prune_reason"]
+    assert "10.0x the lowest a map passed with (1.000)" in pruned.user_attrs["prune_reason"]
+    best = best_trial(study)
+    assert best is not None and best.number != broken
+    assert broken not in {t.number for t in study.best_trials}
+    # the sampler builds only on scored maps, and never proposes the pruned one again
+    history = _History(plan.space)
+    assert all(plan.space.key(levels) != plan.space.key(history.levels(pruned))
+               for levels, _ in history.scored(study))
+    keys = [plan.space.key(history.levels(t)) for t in study.trials
+            if history.levels(t) is not None and t.user_attrs.get("role") != "baseline"]
+    assert len(keys) == len(set(keys))
+    for number, value in scorer.calls[2:]:
+        assert by_number[number].state == (TrialState.COMPLETE if value <= 2.0
+                                           else TrialState.PRUNED)
+    # only would-be bests are guarded: a trial worse than the best before it has no guard
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE and trial.number not in dict(scorer.calls):
+            assert "guard" not in trial.user_attrs["fidelity"]
+
+
+def test_the_guard_is_checked_and_part_of_the_identity() -> None:
+    from mpq_search.search import StudyConfig
+
+    with pytest.raises(StudyError, match="guard_ratio"):
+        StudyConfig(guard_ratio=0.5)
+    with pytest.raises(StudyError, match="guard_n"):
+        StudyConfig(guard_n=-1)
+    with pytest.raises(StudyError, match="guard_seed"):
+        StudyConfig(guard_seed=0)
+    assert {"guard_n", "guard_ratio", "guard_seed"} <= set(StudyConfig().identity())
+    assert StudyConfig(guard_n=0, guard_seed=0).guard_n == 0  # off: its seed is unused

@@ -91,6 +91,9 @@ def run_command(
     promote_margin: Annotated[float | None, typer.Option(
         "--promote-margin", help="A map is promising when its first score is within this "
         "share of the best so far (0.1 = 10%).")] = None,
+    guard_n: Annotated[int | None, typer.Option(
+        "--guard-n", help="Samples of the full-steps guard: a would-be new best is also "
+        "sampled with --steps, and pruned when it breaks there. 0: off.")] = None,
     surrogate_prior: Annotated[str | None, typer.Option(
         "--surrogate-prior", help="Where the guided search's surrogate starts: sensitivity "
         "(default), orthogonality or size.")] = None,
@@ -122,7 +125,7 @@ def run_command(
                   timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, proxy=proxy,
                   proxy_steps=proxy_steps,
                   promote_passes=promote_passes, promote_margin=promote_margin,
-                  surrogate_prior=surrogate_prior, threads=threads,
+                  guard_n=guard_n, surrogate_prior=surrogate_prior, threads=threads,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
                   device=device, prompts=str(prompts) if prompts else None)
     if workers < 1:
@@ -149,7 +152,7 @@ def run_command(
         console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
                       f"{summary.report_dir} ({summary.seconds:.0f} s{passes})")
     if stop():
-        done = summary.trials.get("COMPLETE", 0) + summary.trials.get("FAIL", 0)
+        done = sum(summary.trials.get(s, 0) for s in ("COMPLETE", "FAIL", "PRUNED"))
         out.print(f"stopped by a signal: {done} finished trials are stored; run the same "
                   "command again to resume the study")
         raise typer.Exit(stop.exit_code)
@@ -177,6 +180,8 @@ class _TrialProgress:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, total=event.total, completed=event.done, best=best,
                             description=f"trial {event.number} ({event.tag or event.role})")
+        if not self.quiet and event.pruned is not None:
+            self.out.print(f"trial {event.number} pruned: {event.pruned}", highlight=False)
         if not self.quiet and event.best_trial is not None and event.best_trial != self.best:
             self.best = event.best_trial
             bits = "" if event.best_bits is None else \

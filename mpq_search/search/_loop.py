@@ -85,6 +85,8 @@ class TrialEvent:
     best_trial: int | None = None
     best_bits: tuple[float, float] | None = None
     """(average weight bits, average activation bits) of the best trial."""
+    pruned: str | None = None
+    """Why the full-steps guard pruned this trial (None: it did not)."""
 
 
 ProgressFn = Callable[[TrialEvent], None]
@@ -264,29 +266,48 @@ def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started:
 def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer: Scorer,
               store: FileSystemArtifactStore) -> float | None:
     """Score a stored trial and tell the study; its value (the proxy's score), or None when it
-    failed. A promising map (`StudyConfig.promote_margin`) is scored on `promote_passes` - 1
-    more noise seeds before it is told, and its value is the mean of the passes."""
+    failed or was pruned. A promising map (`StudyConfig.promote_margin`) is scored on
+    `promote_passes` - 1 more noise seeds before it is told, and its value is the mean of the
+    passes; one that still leads is checked at the sampler's full steps (`guard_n`) and pruned
+    when it breaks there."""
     config = plan.config
     frozen = stored_trial(study, handle)
     bitmap = BitMap.from_dict(frozen.user_attrs["bitmap"])
+    guard: float | None = None
     try:
         result = scorer.score(bitmap)
         passes = [_finite(result.value(config.proxy), config.proxy)]
-        if _promote(study, frozen, config, passes[0]):
+        if config.promote_passes > 1 and _leads(study, frozen, config, passes[0]):
             for extra in range(config.promote_passes - 1):
                 settings = promote_settings(config, extra)
                 again = scorer.score(bitmap, settings, scorer.reference_for(settings))
                 passes.append(_finite(again.value(config.proxy), config.proxy))
+        value = sum(passes) / len(passes)
+        if config.guard_n and _leads(study, frozen, config, value):
+            settings = guard_settings(config)
+            guard = scorer.score(bitmap, settings, scorer.reference_for(settings)).fid_excess
+            guard = _finite(guard, "full-steps guard FID-excess")
     except NonFiniteSamplesError as e:
         set_trial_user_attr(study, handle, "fail_reason", str(e))
         study.tell(handle.number, state=TrialState.FAIL)
         write_trial_note(study, handle)
         return None
-    value = sum(passes) / len(passes)
+    fidelity: dict[str, Any] = {"passes": len(passes), "values": passes, "n": config.n,
+                                "steps": config.trial_steps}
+    if guard is not None:
+        fidelity["guard"] = {"fid_excess": guard, "n": config.guard_n, "steps": config.steps}
     set_trial_user_attr(study, handle, "scores", result.scores)
-    set_trial_user_attr(study, handle, "fidelity", {"passes": len(passes), "values": passes,
-                                                    "n": config.n})
+    set_trial_user_attr(study, handle, "fidelity", fidelity)
     upload_trial_artifacts(store, study, frozen, bitmap, result.images[: config.grid_n])
+    floor = guard_floor(study)
+    if guard is not None and floor is not None and guard > config.guard_ratio * floor:
+        set_trial_user_attr(study, handle, "prune_reason", (
+            f"{config.proxy} {value:.3f} would lead the study, but at the sampler's "
+            f"{config.steps} steps its FID-excess is {guard:.3f} (N = {config.guard_n}), "
+            f"{guard / floor:.1f}x the lowest a map passed with ({floor:.3f})"))
+        study.tell(handle.number, state=TrialState.PRUNED)
+        write_trial_note(study, handle)
+        return None
     cost = Cost(**frozen.user_attrs["cost"])
     study.tell(handle.number, [value, second_objective(config, cost)])
     write_trial_note(study, handle)
@@ -306,11 +327,25 @@ def promote_settings(config: StudyConfig, extra: int = 0) -> SampleSettings:
                           seed=config.promote_seed + extra, batch_size=config.batch_size)
 
 
-def _promote(study: optuna.Study, trial: FrozenTrial, config: StudyConfig, value: float) -> bool:
-    """Whether a map's first-pass score earns it a second pass: an in-budget search trial or
-    prior within `promote_margin` of the best in-budget value so far (or the first one), when
-    `promote_passes` > 1."""
-    if config.promote_passes < 2 or trial.user_attrs.get("role") == ROLE_BASELINE:
+def guard_settings(config: StudyConfig) -> SampleSettings:
+    """The full-steps guard: `guard_n` samples with the sampler's steps on `guard_seed`."""
+    return SampleSettings(n=config.guard_n, steps=config.steps, seed=config.guard_seed,
+                          batch_size=config.batch_size)
+
+
+def guard_floor(study: optuna.Study) -> float | None:
+    """The lowest full-steps guard score of a map the study kept (None before the first)."""
+    scores = [t.user_attrs["fidelity"]["guard"]["fid_excess"]
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if isinstance(t.user_attrs.get("fidelity"), dict)
+              and "guard" in t.user_attrs["fidelity"]]
+    return min(scores) if scores else None
+
+
+def _leads(study: optuna.Study, trial: FrozenTrial, config: StudyConfig, value: float) -> bool:
+    """Whether a map's score would make it (within `promote_margin`) the study's best: an
+    in-budget search trial or prior, never a baseline; the first in-budget map leads."""
+    if trial.user_attrs.get("role") == ROLE_BASELINE:
         return False
     if any(v > 0 for v in trial.constraints.values()):
         return False
@@ -330,10 +365,13 @@ def trial_event(study: optuna.Study, target: int, number: int, role: str, tag: s
     """A progress event for trial `number`, with the study's progress and best trial."""
     done, total = study_progress(study, target)
     best = best_trial(study)
+    trial = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                  if t.number == number), None)
+    pruned = None if trial is None else str(trial.user_attrs.get("prune_reason", "pruned"))
     bits = None
     if best is not None:
         cost = best.user_attrs.get("cost", {})
         bits = (float(cost.get("avg_w_bits", math.nan)), float(cost.get("avg_a_bits", math.nan)))
     return TrialEvent(number, done, total, role, tag, fid,
                       None if best is None else best.values[0], seconds, sampler_seconds,
-                      None if best is None else best.number, bits)
+                      None if best is None else best.number, bits, pruned)

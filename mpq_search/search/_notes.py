@@ -54,7 +54,7 @@ def refresh_notes(study: optuna.Study) -> int:
     """Rewrite the notes of every finished trial whose text changed (e.g. a prior or W4A8
     scored after it, or held-out scores from `confirm`); return how many were written."""
     trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    finished = [t for t in trials if t.state.is_finished()]
     return sum(_save(study, t, trials, count=True) != "" for t in finished)
 
 
@@ -106,6 +106,9 @@ def _score_lines(study: optuna.Study, trial: FrozenTrial,
     if trial.state == TrialState.FAIL:
         reason = trial.user_attrs.get("fail_reason", "no reason stored")
         return [f"- **failed**: {reason}"]
+    if trial.state == TrialState.PRUNED:
+        reason = trial.user_attrs.get("prune_reason", "no reason stored")
+        return [f"- **pruned** by the full-steps guard: {reason}"]
     if not trial.values:
         return ["- **score**: not scored yet"]
     fid = float(trial.values[0])
@@ -116,6 +119,10 @@ def _score_lines(study: optuna.Study, trial: FrozenTrial,
         values = ", ".join(f"{v:.3f}" for v in fidelity.get("values", []))
         lines.append(f"- **promoted**: mean of {fidelity['passes']} passes on other noise "
                      f"({values})")
+    guard = fidelity.get("guard") if isinstance(fidelity, Mapping) else None
+    if isinstance(guard, Mapping):
+        lines.append(f"- **full-steps guard**: FID-excess {guard['fid_excess']:.3f} at "
+                     f"{guard['steps']} steps, N = {guard['n']} (passed)")
     for label, ref in _references(trials, trial.number):
         lines.append(f"- vs {label}: {_ratio(fid, ref)}")
     heldout = study.user_attrs.get("heldout", {}).get(str(trial.number))
