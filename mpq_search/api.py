@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from mpq_search.errors import StudyError
 from mpq_search.report import ReportFiles, write_report
@@ -128,8 +129,6 @@ def run_workers(
 def _report_new_trials(study: optuna.Study, config: StudyConfig, seen: set[int],
                        progress: Callable[[TrialEvent], None] | None) -> None:
     """Progress events for the trials that finished since the last call."""
-    from optuna.trial import TrialState
-
     finished = study.get_trials(deepcopy=False,
                                 states=(TrialState.COMPLETE, TrialState.FAIL,
                                         TrialState.PRUNED))
@@ -218,7 +217,9 @@ def confirm_trials(
     settings = StudyConfig().replace(**stored).replace(
         storage=config.storage_url, root=config.root, heldout_n=n, heldout_seed=seed,
         threads=threads, device=device)
-    done = {t.number for t in study.trials if t.values is not None}
+    # a pruned trial holds its map too: confirming it shows whether the guard was right
+    done = {t.number for t in study.trials if t.values is not None
+            or (t.state == TrialState.PRUNED and "bitmap" in t.user_attrs)}
     numbers = sorted(t.number for t in study.best_trials) if trials is None else trials
     missing = [str(number) for number in numbers if number not in done]
     if missing:

@@ -201,6 +201,14 @@ def test_a_would_be_best_that_breaks_at_full_steps_is_pruned_and_never_leads(
     for trial in study.trials:
         if trial.state == TrialState.COMPLETE and trial.number not in dict(scorer.calls):
             assert "guard" not in trial.user_attrs["fidelity"]
+    # a pruned map can be confirmed on held-out noise (was the guard right?); its note says so
+    from mpq_search.api import confirm_trials
+    from mpq_search.search._notes import trial_note
+
+    scores = confirm_trials(study, config, trials=[broken], n=8, seed=1)
+    assert study.user_attrs["heldout"][str(broken)] == pytest.approx(scores[broken])
+    note = trial_note(study, study.trials[broken])
+    assert "**pruned** by the full-steps guard" in note and "**held-out**" in note
 
 
 def test_the_guard_is_checked_and_part_of_the_identity() -> None:

@@ -2,8 +2,9 @@
 
 A trial applies its (already repaired) map to the calibrated quantizer, samples N images with S
 steps from the shared noise seed, and scores the FID-excess over the cached FP reference. Samples
-with NaN/Inf make the trial FAIL with the reason in its user attributes; the study goes on. Each
-trial's sample grid and bit map go to the study's artifact store.
+with NaN/Inf make the trial FAIL with the reason in its user attributes; the study goes on. A map
+that would lead the study but breaks at the sampler's full steps (the guard) is PRUNED, with the
+reason. Each trial's sample grid and bit map go to the study's artifact store.
 
 Several processes (`mpq-search worker`, `run --workers K`) may run one study's loop at once:
 - the study's creator enqueues the priors and baselines once, as WAITING trials; whichever

@@ -108,7 +108,7 @@ def _score_lines(study: optuna.Study, trial: FrozenTrial,
         return [f"- **failed**: {reason}"]
     if trial.state == TrialState.PRUNED:
         reason = trial.user_attrs.get("prune_reason", "no reason stored")
-        return [f"- **pruned** by the full-steps guard: {reason}"]
+        return [f"- **pruned** by the full-steps guard: {reason}", *_heldout_lines(study, trial)]
     if not trial.values:
         return ["- **score**: not scored yet"]
     fid = float(trial.values[0])
@@ -125,10 +125,14 @@ def _score_lines(study: optuna.Study, trial: FrozenTrial,
                      f"{guard['steps']} steps, N = {guard['n']} (passed)")
     for label, ref in _references(trials, trial.number):
         lines.append(f"- vs {label}: {_ratio(fid, ref)}")
+    return lines + _heldout_lines(study, trial)
+
+
+def _heldout_lines(study: optuna.Study, trial: FrozenTrial) -> list[str]:
     heldout = study.user_attrs.get("heldout", {}).get(str(trial.number))
-    if heldout is not None:
-        lines.append(f"- **held-out** FID-excess (`mpq-search confirm`): {heldout:.3f}")
-    return lines
+    if heldout is None:
+        return []
+    return [f"- **held-out** FID-excess (`mpq-search confirm`): {heldout:.3f}"]
 
 
 def _references(trials: list[FrozenTrial], number: int) -> list[tuple[str, FrozenTrial]]:
