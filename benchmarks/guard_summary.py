@@ -1,0 +1,110 @@
+"""What the full-steps guard (`StudyConfig.guard_n`) did in a folder of studies: how many maps
+it checked and pruned, what it cost, and how its N = 128 full-steps score ranks maps against
+their held-out scores.
+
+    .venv/bin/python benchmarks/guard_summary.py --root /tmp/mpq-bench-budgets \
+        --heldout benchmarks/results/budgets_mnist-ddpm-guard.jsonl
+
+Per study: trials, guarded maps, pruned maps (with the guard's score over the lowest kept one),
+the guard's share of the study's sampling (each guard pass samples guard_n x steps, against
+n x proxy_steps for a trial's pass) and the study's wall time in FP passes of the proxy batch.
+With `--heldout` (bench_budgets JSON lines), the Spearman rank correlation between the guard
+score and the held-out FID-excess of the maps that have both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from scipy.stats import spearmanr
+
+from mpq_search.bitmap import BitMap
+
+
+def _guard(trial: FrozenTrial) -> dict[str, Any] | None:
+    fidelity = trial.user_attrs.get("fidelity")
+    guard = fidelity.get("guard") if isinstance(fidelity, dict) else None
+    return guard if isinstance(guard, dict) else None
+
+
+def study_row(study: optuna.Study) -> dict[str, Any]:
+    """One study's guard counts and costs."""
+    config = study.user_attrs.get("config", {})
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    guarded = [t for t in trials if _guard(t) is not None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    trial_passes = sum(t.user_attrs.get("fidelity", {}).get("passes", 1) for t in trials
+                       if isinstance(t.user_attrs.get("fidelity"), dict))
+    pass_cost = config.get("n", 1) * min(config.get("proxy_steps") or config.get("steps", 1),
+                                         config.get("steps", 1))
+    guard_cost = config.get("guard_n", 0) * config.get("steps", 1)
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    seconds = (max(ends) - min(starts)).total_seconds() if starts and ends else float("nan")
+    fp_pass = study.user_attrs.get("fp_pass_seconds")
+    kept = [_guard(t)["fid_excess"] for t in guarded  # type: ignore[index]
+            if t.state == TrialState.COMPLETE]
+    return {
+        "study": study.study_name, "trials": len(trials), "guarded": len(guarded),
+        "pruned": [(t.number, round(_guard(t)["fid_excess"], 2)) for t in pruned],  # type: ignore[index]
+        "lowest_kept": round(min(kept), 2) if kept else None,
+        "guard_share": len(guarded) * guard_cost / max(1, trial_passes * pass_cost
+                                                       + len(guarded) * guard_cost),
+        "trial_seconds": round(seconds),
+        "fp_passes": round(seconds / fp_pass, 1) if fp_pass else None,
+    }
+
+
+def _map_key(bitmap: BitMap) -> str:
+    import hashlib
+
+    data = bitmap.to_dict()
+    data.pop("meta")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="folder of study folders (study.db each)")
+    parser.add_argument("--heldout", default=None, help="bench_budgets JSON lines")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    heldout: dict[str, float] = {}
+    if args.heldout:
+        for line in Path(args.heldout).read_text().splitlines():
+            row = json.loads(line)
+            if "map" in row:
+                heldout[row["map"]] = row["heldout"]
+    print("| study | trials | guarded | pruned (trial, guard score) | lowest kept | "
+          "guard share of sampling | trial time (s) | FP passes |")
+    print("|---|---|---|---|---|---|---|---|")
+    pairs: dict[str, tuple[float, float]] = {}
+    for db in sorted(Path(args.root).glob("*/study.db")):
+        study = optuna.load_study(study_name=db.parent.name, storage=f"sqlite:///{db}")
+        row = study_row(study)
+        print(f"| {row['study']} | {row['trials']} | {row['guarded']} | {row['pruned'] or '-'} "
+              f"| {row['lowest_kept']} | {row['guard_share']:.1%} | {row['trial_seconds']} | "
+              f"{row['fp_passes']} |")
+        for trial in study.get_trials(deepcopy=False):
+            guard = _guard(trial)
+            if guard is None or "bitmap" not in trial.user_attrs:
+                continue
+            key = _map_key(BitMap.from_dict(trial.user_attrs["bitmap"]))
+            if key in heldout:
+                pairs[key] = (guard["fid_excess"], heldout[key])
+    if pairs:
+        guards, held = zip(*pairs.values(), strict=True)
+        rho = spearmanr(guards, held).statistic
+        print(f"\nguard score vs held-out FID-excess: Spearman {rho:.2f} over {len(pairs)} "
+              "distinct maps")
+        for g, h in sorted(pairs.values()):
+            print(f"  guard {g:8.2f}  held-out {h:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
