@@ -222,3 +222,19 @@ def test_the_guard_is_checked_and_part_of_the_identity() -> None:
         StudyConfig(guard_seed=0)
     assert {"guard_n", "guard_ratio", "guard_seed"} <= set(StudyConfig().identity())
     assert StudyConfig(guard_n=0, guard_seed=0).guard_n == 0  # off: its seed is unused
+
+
+def test_the_run_prints_a_line_for_a_pruned_trial() -> None:
+    from rich.console import Console
+
+    from mpq_search.cli._search import _TrialProgress
+    from mpq_search.search._loop import TrialEvent
+
+    out = Console(record=True, width=200)
+    progress = _TrialProgress(out, None)
+    progress.on_trial(TrialEvent(17, 18, 46, "search", "search", None, 231.7, 30.0, 0.1,
+                                 best_trial=3, best_bits=(3.0, 8.0),
+                                 pruned="fid+paired 208.449 would lead the study, but ..."))
+    text = out.export_text()
+    assert "trial 17 pruned: fid+paired 208.449 would lead the study" in text
+    assert "best so far: FID-excess 231.700 at W3.00/A8.00 bits (trial 3" in text
