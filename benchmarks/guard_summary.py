@@ -20,23 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from bench_budgets import map_key
+from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
 from mpq_search.bitmap import BitMap
-
-
-def _guard(trial: FrozenTrial) -> dict[str, Any] | None:
-    fidelity = trial.user_attrs.get("fidelity")
-    guard = fidelity.get("guard") if isinstance(fidelity, dict) else None
-    return guard if isinstance(guard, dict) else None
+from mpq_search.search._loop import guard_score
 
 
 def study_row(study: optuna.Study) -> dict[str, Any]:
     """One study's guard counts and costs."""
     config = study.user_attrs.get("config", {})
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    guarded = [t for t in trials if _guard(t) is not None]
+    guarded = [t for t in trials if guard_score(t) is not None]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     trial_passes = sum(t.user_attrs.get("fidelity", {}).get("passes", 1) for t in trials
                        if isinstance(t.user_attrs.get("fidelity"), dict))
@@ -47,25 +43,17 @@ def study_row(study: optuna.Study) -> dict[str, Any]:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     seconds = (max(ends) - min(starts)).total_seconds() if starts and ends else float("nan")
     fp_pass = study.user_attrs.get("fp_pass_seconds")
-    kept = [_guard(t)["fid_excess"] for t in guarded  # type: ignore[index]
-            if t.state == TrialState.COMPLETE]
+    kept = [s for t in guarded if t.state == TrialState.COMPLETE
+            and (s := guard_score(t)) is not None]
     return {
         "study": study.study_name, "trials": len(trials), "guarded": len(guarded),
-        "pruned": [(t.number, round(_guard(t)["fid_excess"], 2)) for t in pruned],  # type: ignore[index]
+        "pruned": [(t.number, round(guard_score(t) or float("nan"), 2)) for t in pruned],
         "lowest_kept": round(min(kept), 2) if kept else None,
         "guard_share": len(guarded) * guard_cost / max(1, trial_passes * pass_cost
                                                        + len(guarded) * guard_cost),
         "trial_seconds": round(seconds),
         "fp_passes": round(seconds / fp_pass, 1) if fp_pass else None,
     }
-
-
-def _map_key(bitmap: BitMap) -> str:
-    import hashlib
-
-    data = bitmap.to_dict()
-    data.pop("meta")
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def main() -> None:
@@ -91,12 +79,12 @@ def main() -> None:
               f"| {row['lowest_kept']} | {row['guard_share']:.1%} | {row['trial_seconds']} | "
               f"{row['fp_passes']} |")
         for trial in study.get_trials(deepcopy=False):
-            guard = _guard(trial)
+            guard = guard_score(trial)
             if guard is None or "bitmap" not in trial.user_attrs:
                 continue
-            key = _map_key(BitMap.from_dict(trial.user_attrs["bitmap"]))
+            key = map_key(BitMap.from_dict(trial.user_attrs["bitmap"]))
             if key in heldout:
-                pairs[key] = (guard["fid_excess"], heldout[key])
+                pairs[key] = (guard, heldout[key])
     if pairs:
         guards, held = zip(*pairs.values(), strict=True)
         rho = spearmanr(guards, held).statistic

@@ -278,13 +278,14 @@ def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer
     try:
         result = scorer.score(bitmap)
         passes = [_finite(result.value(config.proxy), config.proxy)]
-        if config.promote_passes > 1 and _leads(study, frozen, config, passes[0]):
+        best = best_trial(study)  # trials told by other workers meanwhile do not matter here
+        if config.promote_passes > 1 and _leads(frozen, config, passes[0], best):
             for extra in range(config.promote_passes - 1):
                 settings = promote_settings(config, extra)
                 again = scorer.score(bitmap, settings, scorer.reference_for(settings))
                 passes.append(_finite(again.value(config.proxy), config.proxy))
         value = sum(passes) / len(passes)
-        if config.guard_n and _leads(study, frozen, config, value):
+        if config.guard_n and _leads(frozen, config, value, best):
             settings = guard_settings(config)
             guard = scorer.score(bitmap, settings, scorer.reference_for(settings)).fid_excess
             guard = _finite(guard, "full-steps guard FID-excess")
@@ -300,7 +301,7 @@ def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer
     set_trial_user_attr(study, handle, "scores", result.scores)
     set_trial_user_attr(study, handle, "fidelity", fidelity)
     upload_trial_artifacts(store, study, frozen, bitmap, result.images[: config.grid_n])
-    floor = guard_floor(study)
+    floor = None if guard is None else guard_floor(study)
     if guard is not None and floor is not None and guard > config.guard_ratio * floor:
         set_trial_user_attr(study, handle, "prune_reason", (
             f"{config.proxy} {value:.3f} would lead the study, but at the sampler's "
@@ -334,23 +335,28 @@ def guard_settings(config: StudyConfig) -> SampleSettings:
                           batch_size=config.batch_size)
 
 
+def guard_score(trial: FrozenTrial) -> float | None:
+    """A trial's full-steps guard FID-excess (None: it was not guarded)."""
+    fidelity = trial.user_attrs.get("fidelity")
+    guard = fidelity.get("guard") if isinstance(fidelity, dict) else None
+    return float(guard["fid_excess"]) if isinstance(guard, dict) else None
+
+
 def guard_floor(study: optuna.Study) -> float | None:
     """The lowest full-steps guard score of a map the study kept (None before the first)."""
-    scores = [t.user_attrs["fidelity"]["guard"]["fid_excess"]
-              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if isinstance(t.user_attrs.get("fidelity"), dict)
-              and "guard" in t.user_attrs["fidelity"]]
+    scores = [s for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if (s := guard_score(t)) is not None]
     return min(scores) if scores else None
 
 
-def _leads(study: optuna.Study, trial: FrozenTrial, config: StudyConfig, value: float) -> bool:
-    """Whether a map's score would make it (within `promote_margin`) the study's best: an
-    in-budget search trial or prior, never a baseline; the first in-budget map leads."""
+def _leads(trial: FrozenTrial, config: StudyConfig, value: float,
+           best: FrozenTrial | None) -> bool:
+    """Whether a map's score would make it (within `promote_margin`) the study's best (`best`):
+    an in-budget search trial or prior, never a baseline; the first in-budget map leads."""
     if trial.user_attrs.get("role") == ROLE_BASELINE:
         return False
     if any(v > 0 for v in trial.constraints.values()):
         return False
-    best = best_trial(study)
     return best is None or value <= (1.0 + config.promote_margin) * best.values[0]
 
 
