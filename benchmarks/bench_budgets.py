@@ -8,6 +8,8 @@ For each search seed (outer loop, so a partial run covers every budget) and budg
 2. `no-orthogonality`: no orthogonality at all (priors size + sensitivity, the
    surrogate starting from equal scores): is starting from orthogonality worth it?
 3. `random`: random search (budget-repaired) with the same trial count and no priors;
+   `best-prior`: the default priors, the surrogate started from whichever of them scored best
+   on the proxy (a prior row's `proxy` field holds its score in the cell's first study);
 4. held-out confirmation at N = `--heldout-n` on noise seed `--heldout-seed` (no trial uses it)
    of: each study's best map (by its proxy), every ILP prior at the budget (orthogonality,
    sensitivity, size-aware), the best of 3 random-importance ILPs, and the strongest uniform
@@ -55,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-orthogonality": {"prior_modes": ("size", "sensitivity"), "surrogate_prior": "size"},
     "sensitivity-surrogate": {"surrogate_prior": "sensitivity"},
     "random": {"sampler": "random", "prior_modes": (), "surrogate_prior": "orthogonality"},
+    "best-prior": {"surrogate_prior": "best-prior"},
 }
 
 
@@ -113,6 +116,8 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
         tag = str(trial.user_attrs.get("tag", ""))
         if tag.startswith("prior:") and tag.endswith(f"@{study.user_attrs['budget']}"):
             maps[tag.split("@")[0]] = BitMap.from_dict(trial.user_attrs["bitmap"])
+            if trial.values:  # the proxy score decides where "best-prior" starts
+                proxies[tag.split("@")[0]] = trial.values[0]
     model, specs = load(config)
     stored = study.user_attrs.get("importance")
     plan = prepare(config, model, specs,

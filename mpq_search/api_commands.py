@@ -40,7 +40,13 @@ from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model, sample
 from mpq_search.quant import QuantConfig, QuantEngine, apply
 from mpq_search.report import ReportFiles, Row, pareto_rows, reference_rows
-from mpq_search.search import StudyConfig, load_config, load_study
+from mpq_search.search import (
+    StudyConfig,
+    best_prior_mode,
+    load_config,
+    load_study,
+    surrogate_modes,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -542,6 +548,9 @@ class RunResult:
     fp_pass_seconds: float | None = None
     """One FP sampling pass of the proxy batch (N x steps), timed in the same run: the unit in
     which run times compare across machines (`seconds / fp_pass_seconds`)."""
+    surrogate_start: str | None = None
+    """Where the search's surrogate started (`surrogate_prior`; for "best-prior", the prior
+    mode it chose; None while no prior has been scored)."""
 
     @property
     def fp_passes(self) -> float | None:
@@ -554,7 +563,7 @@ class RunResult:
             "study": self.study, "storage": self.storage, "report_dir": self.report_dir,
             "seconds": self.seconds, "fp_pass_seconds": self.fp_pass_seconds,
             "fp_passes": self.fp_passes, "trials": dict(self.trials),
-            "stopped_by_signal": self.stopped_by_signal,
+            "stopped_by_signal": self.stopped_by_signal, "surrogate_start": self.surrogate_start,
             "references": _rows(self.references), "pareto": _rows(self.pareto)})
 
 
@@ -568,7 +577,17 @@ def run_result(study: optuna.Study, config: StudyConfig, seconds: float,
     return RunResult(study.study_name, config.storage_url, config.study_dir / "report", seconds,
                      dict(sorted(states.items())), tuple(reference_rows(study)),
                      tuple(pareto_rows(study)), stopped,
-                     float(fp_pass) if isinstance(fp_pass, int | float) else None)
+                     float(fp_pass) if isinstance(fp_pass, int | float) else None,
+                     surrogate_start(study, config))
+
+
+def surrogate_start(study: optuna.Study, config: StudyConfig) -> str | None:
+    """Where the study's surrogate started: the configured source, or for "best-prior" the
+    prior mode whose ILP prior at the budget scored best (as the sampler chose it)."""
+    if config.surrogate_prior != "best-prior":
+        return config.surrogate_prior
+    return best_prior_mode(study, str(study.user_attrs.get("budget", config.budget)),
+                           surrogate_modes(config))
 
 
 def study_report(study: optuna.Study, config: StudyConfig) -> StudyReport:

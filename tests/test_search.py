@@ -25,6 +25,8 @@ from mpq_search.search import (
     SpaceCost,
     StudyConfig,
     Surrogate,
+    best_prior_mode,
+    calibrate,
     counted_trials,
     create_study,
     load,
@@ -209,6 +211,64 @@ def test_profiled_priors_and_surrogate_sources(tmp_path: Path) -> None:
     assert plain_plan.importance.sensitivity_weight is None
     with pytest.raises(StudyError, match=r"sensitivity profile.*--surrogate-prior orthogonality"):
         plain_plan.with_config(plain.replace(surrogate_prior="sensitivity")).surrogate_prior()
+
+
+def test_best_prior_mode_is_the_lowest_finished_prior_at_the_budget() -> None:
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study()
+    x = {"x": FloatDistribution(0, 1)}
+
+    def add(tag: str, value: float | None, state: TrialState = TrialState.COMPLETE) -> None:
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params={"x": 0.5}, distributions=x,
+            user_attrs={"tag": tag}))
+
+    modes = ("orthogonality", "sensitivity", "size")
+    assert best_prior_mode(study, "5bits", modes) is None  # nothing scored yet
+    add("prior:orthogonality@5bits", 3.0)
+    add("prior:sensitivity@5bits", 2.0)
+    add("prior:size@5bits", None, TrialState.FAIL)  # a failed prior does not count
+    add("prior:size@4.5bits", 0.1)  # a tighter budget's prior does not count
+    add("search", 0.2)  # nor a search trial
+    assert best_prior_mode(study, "5bits", modes) == "sensitivity"
+    assert best_prior_mode(study, "5bits", ("orthogonality", "size")) == "orthogonality"
+    assert best_prior_mode(study, "4.5bits", modes) == "size"
+
+
+def test_best_prior_start_runs_the_search_of_the_prior_that_scored_best(tmp_path: Path) -> None:
+    """surrogate_prior = "best-prior" makes the same proposals as a study started from the
+    surrogate of its best-scoring prior, and other ones than from the other prior."""
+    model_dir = tiny_pipeline_dir(tmp_path)
+    modes = ("orthogonality", "size")
+    config = tiny_config(model_dir, tmp_path, prior_modes=modes, surrogate_prior="best-prior",
+                         trials=11, study="best-prior")
+    model, specs = load(config)
+    plan = prepare(config, model, specs)
+    assert list(plan.surrogate_starts()) == list(modes)
+    scorer = calibrate(plan)
+
+    def search_maps(source: str) -> tuple[optuna.Study, list[dict[str, Any]]]:
+        fixed = plan if source == "best-prior" else plan.with_config(
+            config.replace(surrogate_prior=source, study=f"from-{source}"))
+        study = create_study(fixed)
+        optimize(study, fixed, scorer)
+        return study, [t.params for t in study.trials if t.user_attrs["role"] == "search"]
+
+    study, chosen_maps = search_maps("best-prior")
+    values = {t.user_attrs["tag"]: t.values[0] for t in study.trials
+              if t.state == TrialState.COMPLETE}
+    chosen = best_prior_mode(study, plan.budget, modes)
+    other = next(m for m in modes if m != chosen)
+    assert chosen is not None
+    assert values[f"prior:{chosen}@5bits"] < values[f"prior:{other}@5bits"]
+    assert len(chosen_maps) >= 4
+    from mpq_search.api_commands import surrogate_start
+    assert surrogate_start(study, config) == chosen  # what the run reports
+    assert search_maps(chosen)[1] == chosen_maps
+    assert search_maps(other)[1] != chosen_maps
+    with pytest.raises(StudyError, match=r"best-prior.*has none of them"):
+        config.replace(prior_modes=("random",))
 
 
 def test_profiles_take_every_step_of_a_run_shorter_than_importance_timesteps(

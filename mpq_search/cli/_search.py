@@ -96,7 +96,8 @@ def run_command(
         "sampled with --steps, and pruned when it breaks there. 0: off.")] = None,
     surrogate_prior: Annotated[str | None, typer.Option(
         "--surrogate-prior", help="Where the guided search's surrogate starts: sensitivity "
-        "(default), orthogonality or size.")] = None,
+        "(default), orthogonality, size, or best-prior (the ILP prior that scores best on the "
+        "proxy).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
     guidance_scale: GuidanceOption = None,
@@ -149,6 +150,9 @@ def run_command(
         passes = "" if summary.fp_passes is None else \
             (f" = {summary.fp_passes:.0f} FP sampling passes of the proxy batch, "
              f"{summary.fp_pass_seconds:.1f} s each on this machine")
+        if cfg.surrogate_prior == "best-prior" and summary.surrogate_start is not None:
+            console.print(f"the surrogate started from {summary.surrogate_start}: its ILP prior "
+                          "scored best on the proxy", highlight=False)
         console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
                       f"{summary.report_dir} ({summary.seconds:.0f} s{passes})")
     if stop():

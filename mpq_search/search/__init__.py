@@ -20,7 +20,7 @@ Public API (implementation in private modules):
 * `load_study`, `find_study`, `make_storage` - storage helpers.
 """
 
-from mpq_search.search._config import SAMPLERS, StudyConfig, load_config
+from mpq_search.search._config import SAMPLERS, StudyConfig, load_config, surrogate_modes
 from mpq_search.search._confirm import confirm, heldout_settings
 from mpq_search.search._loop import (
     TrialEvent,
@@ -32,7 +32,12 @@ from mpq_search.search._loop import (
 )
 from mpq_search.search._prepare import ImportanceScores, SearchPlan, load, prepare
 from mpq_search.search._repair import Repairer, Surrogate
-from mpq_search.search._sampler import GuidedSampler, RepairingSampler, make_sampler
+from mpq_search.search._sampler import (
+    GuidedSampler,
+    RepairingSampler,
+    best_prior_mode,
+    make_sampler,
+)
 from mpq_search.search._scorer import Scorer, calibrate, fp_pass_seconds
 from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._storage import Liveness, find_study, load_study, make_storage
@@ -51,6 +56,7 @@ __all__ = [
     "StudyConfig",
     "Surrogate",
     "TrialEvent",
+    "best_prior_mode",
     "calibrate",
     "confirm",
     "counted_trials",
@@ -66,5 +72,6 @@ __all__ = [
     "make_storage",
     "optimize",
     "prepare",
+    "surrogate_modes",
     "trial_event",
 ]

@@ -28,7 +28,7 @@ from mpq_search.search._storage import Liveness
 
 SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
 ObjectiveName = Literal["fid", "bops", "size"]
-SurrogatePrior = Literal["sensitivity", "orthogonality", "size"]
+SurrogatePrior = Literal["sensitivity", "orthogonality", "size", "best-prior"]
 SURROGATE_PRIORS: tuple[str, ...] = get_args(SurrogatePrior)
 ParentEstimate = Literal["observed", "smoothed"]
 PARENT_ESTIMATES: tuple[str, ...] = get_args(ParentEstimate)
@@ -138,7 +138,9 @@ class StudyConfig:
     scores (size-aware). Its fit to the finished trials corrects it as the study goes, but 44
     trials correct it only weakly: started from sensitivity, the search's best map beat the one
     started from orthogonality on held-out noise in every cell of the budget benchmark
-    (benchmarks/RESULTS.md section 9.5)."""
+    (benchmarks/RESULTS.md section 9.5). "best-prior": start from the scores of whichever ILP
+    prior at the budget (orthogonality, sensitivity or size) scored best on the proxy, so the
+    start follows the model (section 9.8)."""
     prior_budgets: tuple[str, ...] | None = None
     """Tighter budgets for extra priors; default: three evenly spaced below the budget."""
     baselines: tuple[str, ...] = ("W4A8", "W8A8")
@@ -306,6 +308,9 @@ def _check(config: StudyConfig) -> None:
     if config.surrogate_prior not in SURROGATE_PRIORS:
         raise StudyError(f"unknown surrogate_prior {config.surrogate_prior!r}; supported: "
                          f"{', '.join(SURROGATE_PRIORS)}")
+    if config.surrogate_prior == "best-prior" and not surrogate_modes(config):
+        raise StudyError("surrogate_prior 'best-prior' chooses among the priors orthogonality, "
+                         "sensitivity and size, and prior_modes has none of them")
     if config.feature_net is not None and config.feature_net not in FEATURE_NETS:
         raise StudyError(f"unknown feature net {config.feature_net!r}; supported: "
                          f"{', '.join(FEATURE_NETS)}")
@@ -326,6 +331,15 @@ def _check(config: StudyConfig) -> None:
             or config.calib_timesteps < 1:
         raise StudyError(f"calib_timesteps must be an integer >= 1, got "
                          f"{config.calib_timesteps!r}")
+
+
+def surrogate_modes(config: StudyConfig) -> tuple[str, ...]:
+    """The surrogate starts a study may use, in order of preference: the configured one, or for
+    "best-prior" each ILP prior mode that has a surrogate, in the order of `prior_modes` (the
+    first is used until a prior has been scored)."""
+    if config.surrogate_prior != "best-prior":
+        return (config.surrogate_prior,)
+    return tuple(m for m in config.prior_modes if m in ("orthogonality", "sensitivity", "size"))
 
 
 def _jsonable(value: Any) -> Any:

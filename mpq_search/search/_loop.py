@@ -130,7 +130,8 @@ def join_study(plan: SearchPlan, wait: float = 0.0) -> optuna.Study:
 
 def _sampler(plan: SearchPlan) -> optuna.samplers.BaseSampler:
     return make_sampler(plan.config, space=plan.space, cost=plan.cost,
-                        prior=plan.surrogate_prior(), front_budgets=plan.front_budgets)
+                        prior=plan.surrogate_prior(), starts=plan.surrogate_starts(),
+                        front_budgets=plan.front_budgets)
 
 
 def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,

@@ -15,7 +15,7 @@ from mpq_search.cost import Budget, check_feasible, parse_budget
 from mpq_search.errors import InfeasibleBudgetError, StudyError
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model
-from mpq_search.search._config import StudyConfig
+from mpq_search.search._config import StudyConfig, surrogate_modes
 from mpq_search.search._repair import Surrogate
 from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._study import ROLE_BASELINE, ROLE_PRIOR, Seed
@@ -109,9 +109,18 @@ class SearchPlan:
         }
 
     def surrogate_prior(self) -> Surrogate:
-        """The surrogate the search starts from (`config.surrogate_prior`)."""
-        weight, activation = self.importance.surrogate_scores(self.config.surrogate_prior)
-        return Surrogate.prior(self.space, weight, activation)
+        """The surrogate the search starts from (`config.surrogate_prior`; for "best-prior",
+        the one it uses before any prior is scored)."""
+        return next(iter(self.surrogate_starts().values()))
+
+    def surrogate_starts(self) -> dict[str, Surrogate]:
+        """Every surrogate the search may start from, by source (`surrogate_modes`): one, or
+        for "best-prior" one per prior mode, the sampler choosing by the priors' scores."""
+        starts = {}
+        for mode in surrogate_modes(self.config):
+            weight, activation = self.importance.surrogate_scores(mode)
+            starts[mode] = Surrogate.prior(self.space, weight, activation)
+        return starts
 
     def with_config(self, config: StudyConfig) -> SearchPlan:
         """The same plan under another study name, sampler or search setting; fields that change

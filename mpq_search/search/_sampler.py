@@ -20,7 +20,7 @@ map it evaluated. Enqueued trials (priors, uniform baselines) pass through untou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,12 +84,14 @@ class MapSampler(BaseSampler):
     """Shared plumbing: the whole space is 'relative'; enqueued trials are left alone."""
 
     def __init__(
-        self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int
+        self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int,
+        starts: Mapping[str, Surrogate] | None = None,
     ) -> None:
         self._space = space
         self._cost = cost
         self._budget = cost.budget
         self._prior = prior
+        self._starts = dict(starts) if starts and len(starts) > 1 else {}
         self._seed = seed
         self._repairer = Repairer(cost)
         self._history = _History(space)
@@ -106,19 +108,28 @@ class MapSampler(BaseSampler):
     ) -> Any:
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
+    def _start(self, study: Study) -> Surrogate:
+        """The surrogate to start from: the given prior, or with several `starts` the one whose
+        ILP prior at the budget has scored best so far (`best_prior_mode`)."""
+        if not self._starts:
+            return self._prior
+        mode = best_prior_mode(study, self._budget, self._starts)
+        return self._prior if mode is None else self._starts[mode]
+
     def _rng(self, trial: FrozenTrial) -> np.random.Generator:
         # Seeded by trial number: a resumed study draws what an uninterrupted one would.
         return np.random.default_rng([self._seed, trial.number])
 
     def _unique(
         self, study: Study, child: Levels, parent: Levels, rng: np.random.Generator,
+        prior: Surrogate,
     ) -> Levels:
         """The child, or if it was evaluated before, a random exchange away from it."""
         seen = self._history.seen(study)
         for attempt in range(UNIQUE_ATTEMPTS):
             if self._space.key(child) not in seen:
                 return child
-            noisy = self._prior.perturbed(rng, 1.0 + attempt)
+            noisy = prior.perturbed(rng, 1.0 + attempt)
             child = self._repairer.exchange(parent, self._budget, noisy, 1 + attempt // 4)
         return child
 
@@ -141,6 +152,21 @@ class MapSampler(BaseSampler):
         raise NotImplementedError
 
 
+def best_prior_mode(study: Study, budget: Budget | str, modes: Iterable[str]) -> str | None:
+    """Of `modes`, the one whose ILP prior at `budget` (tag `prior:<mode>@<budget>`) has the
+    lowest finished score in the study; None while none has one. On `mnist-dit` that is the
+    sensitivity prior, on `mnist-ddpm` at 4-4.5 bits the orthogonality prior (RESULTS 9.7)."""
+    tags = {f"prior:{mode}@{budget}": mode for mode in modes}
+    best: tuple[float, str] | None = None
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        mode = tags.get(str(trial.user_attrs.get("tag", "")))
+        if mode is None or not trial.values or not np.isfinite(trial.values[0]):
+            continue
+        if best is None or trial.values[0] < best[0]:
+            best = (float(trial.values[0]), mode)
+    return None if best is None else best[1]
+
+
 def _placeholder(number: int) -> FrozenTrial:
     return FrozenTrial(number=number, state=TrialState.RUNNING, value=None, datetime_start=None,
                        datetime_complete=None, params={}, distributions={}, user_attrs={},
@@ -152,11 +178,12 @@ class GuidedSampler(MapSampler):
 
     def __init__(
         self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = _DEFAULTS.seed,
+        starts: Mapping[str, Surrogate] | None = None,
         front_budgets: Sequence[Budget] = (), front_share: float = _DEFAULTS.front_share,
         sigma: float = 0.5, max_moves: int = 3, global_share: float = _DEFAULTS.global_share,
         global_sigma: float = 1.0, parent_estimate: str = _DEFAULTS.parent_estimate,
     ) -> None:
-        super().__init__(space=space, cost=cost, prior=prior, seed=seed)
+        super().__init__(space=space, cost=cost, prior=prior, seed=seed, starts=starts)
         for name, share in (("front_share", front_share), ("global_share", global_share)):
             if not 0.0 <= share <= 1.0:
                 raise StudyError(f"{name} must be in [0, 1], got {share}")
@@ -179,7 +206,8 @@ class GuidedSampler(MapSampler):
         if self._front and rng.random() < self._front_share:
             budget = self._front[int(rng.integers(len(self._front)))]
         scored = self._history.scored(study)
-        surrogate = self._prior.fit(self._space, [m for m, _ in scored], [y for _, y in scored])
+        prior = self._start(study)
+        surrogate = prior.fit(self._space, [m for m, _ in scored], [y for _, y in scored])
         parent = self._parent(scored, budget, rng, surrogate)
         if parent is None or rng.random() < self._global_share:
             # A global proposal: the whole budget re-allocated (greedy knapsack from the lowest
@@ -187,11 +215,11 @@ class GuidedSampler(MapSampler):
             # from the best one in many layers at once, which local exchanges cannot.
             draw = surrogate.perturbed(rng, self._global_sigma)
             child = self._repairer.fill(self._space.empty(), budget, draw)
-            return self._unique(study, child, child, rng)
+            return self._unique(study, child, child, rng, prior)
         draw = surrogate.perturbed(rng, self._sigma)
         moves = int(rng.integers(1, self._max_moves + 1))
         child = self._repairer.exchange(parent, budget, draw, moves)
-        return self._unique(study, child, parent, rng)
+        return self._unique(study, child, parent, rng, prior)
 
     def _parent(
         self, scored: list[tuple[Levels, float]], budget: Budget, rng: np.random.Generator,
@@ -220,9 +248,9 @@ class RepairingSampler(MapSampler):
 
     def __init__(
         self, base: BaseSampler, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate,
-        seed: int = _DEFAULTS.seed,
+        seed: int = _DEFAULTS.seed, starts: Mapping[str, Surrogate] | None = None,
     ) -> None:
-        super().__init__(space=space, cost=cost, prior=prior, seed=seed)
+        super().__init__(space=space, cost=cost, prior=prior, seed=seed, starts=starts)
         self._base = base
         # Only the random sampler is stateless enough to propose without a stored trial; NSGA-II
         # keeps its generation in the trial's system attributes.
@@ -235,8 +263,9 @@ class RepairingSampler(MapSampler):
             if name not in raw:
                 raw[name] = self._base.sample_independent(study, trial, name, distribution)
         levels = self._space.from_params(raw)
-        repaired = self._repairer.repair(levels, self._budget, self._prior)
-        return self._unique(study, repaired, repaired, self._rng(trial))
+        prior = self._start(study)
+        repaired = self._repairer.repair(levels, self._budget, prior)
+        return self._unique(study, repaired, repaired, self._rng(trial), prior)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self._base.before_trial(study, trial)
@@ -252,13 +281,15 @@ class RepairingSampler(MapSampler):
 
 def make_sampler(
     config: StudyConfig, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate,
+    starts: Mapping[str, Surrogate] | None = None,
     front_budgets: Sequence[Budget] = (), population: int = 16,
 ) -> BaseSampler:
     """The sampler `config.sampler` names ('guided', 'nsga2', 'tpe', 'gp' or 'random'), made
-    budget-safe, with the config's seed and guided-search settings."""
+    budget-safe, with the config's seed and guided-search settings. With several `starts`
+    (surrogate_prior "best-prior") it starts from the one whose prior scored best."""
     name, seed = config.sampler, config.seed
     if name == "guided":
-        return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed,
+        return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed, starts=starts,
                              front_budgets=front_budgets, global_share=config.global_share,
                              front_share=config.front_share,
                              parent_estimate=config.parent_estimate)
@@ -273,4 +304,4 @@ def make_sampler(
         base = optuna.samplers.RandomSampler(seed=seed)
     else:
         raise StudyError(f"unknown sampler {name!r}; supported: {', '.join(SAMPLERS)}")
-    return RepairingSampler(base, space=space, cost=cost, prior=prior, seed=seed)
+    return RepairingSampler(base, space=space, cost=cost, prior=prior, seed=seed, starts=starts)
