@@ -9,7 +9,8 @@
 #   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]   # default: mnist-ddpm sensitivity-surrogate
 #
 # VARIANTS (comma-separated, bench_budgets.VARIANTS): sensitivity-surrogate (the default study),
-# guided (the surrogate from orthogonality), no-orthogonality, random. A cell's held-out
+# guided (the surrogate from orthogonality), no-orthogonality, random, best-prior (the surrogate
+# from the prior that scores best on the proxy). A cell's held-out
 # baselines (the priors, uniform) come with the first of sensitivity-surrogate and guided.
 # MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file.
 set -u
@@ -32,6 +33,6 @@ worker() {
       --root "$ROOT" --out "$OUT" --seeds "${cell%%|*}" --budgets "${cell#*|}" --no-table
   done
 }
-for k in $(seq 1 "${MPQ_BENCH_PROCS:-2}"); do worker > "$ROOT.$MODEL.$k.log" 2>&1 & done
+for k in $(seq 1 "${MPQ_BENCH_PROCS:-2}"); do worker > "$ROOT.$MODEL.${VARIANTS//,/+}.$k.log" 2>&1 & done
 wait
 python benchmarks/bench_budgets.py --model "$MODEL" --table-only --out "$OUT"
