@@ -11,7 +11,7 @@
 # VARIANTS (comma-separated, bench_budgets.VARIANTS): sensitivity-surrogate (the default study),
 # guided (the surrogate from orthogonality), no-orthogonality, random, best-prior (the surrogate
 # from the prior that scores best on the proxy). A cell's held-out
-# baselines (the priors, uniform) come with the first of sensitivity-surrogate and guided.
+# baselines (the priors, uniform) come with the first variant that has the default priors.
 # MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file.
 set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
