@@ -115,9 +115,10 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
     for trial in study.trials if source in studies else ():
         tag = str(trial.user_attrs.get("tag", ""))
         if tag.startswith("prior:") and tag.endswith(f"@{study.user_attrs['budget']}"):
-            maps[tag.split("@")[0]] = BitMap.from_dict(trial.user_attrs["bitmap"])
+            name = tag.split("@")[0]
+            maps[name] = BitMap.from_dict(trial.user_attrs["bitmap"])
             if trial.values:  # the proxy score decides where "best-prior" starts
-                proxies[tag.split("@")[0]] = trial.values[0]
+                proxies[name] = trial.values[0]
     model, specs = load(config)
     stored = study.user_attrs.get("importance")
     plan = prepare(config, model, specs,

@@ -30,6 +30,8 @@ SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
 ObjectiveName = Literal["fid", "bops", "size"]
 SurrogatePrior = Literal["sensitivity", "orthogonality", "size", "best-prior"]
 SURROGATE_PRIORS: tuple[str, ...] = get_args(SurrogatePrior)
+SURROGATE_SOURCES: tuple[str, ...] = tuple(p for p in SURROGATE_PRIORS if p != "best-prior")
+"""The prior modes that have scores to start a surrogate from (what "best-prior" chooses among)."""
 ParentEstimate = Literal["observed", "smoothed"]
 PARENT_ESTIMATES: tuple[str, ...] = get_args(ParentEstimate)
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
@@ -339,7 +341,7 @@ def surrogate_modes(config: StudyConfig) -> tuple[str, ...]:
     first is used until a prior has been scored)."""
     if config.surrogate_prior != "best-prior":
         return (config.surrogate_prior,)
-    return tuple(m for m in config.prior_modes if m in ("orthogonality", "sensitivity", "size"))
+    return tuple(m for m in config.prior_modes if m in SURROGATE_SOURCES)
 
 
 def _jsonable(value: Any) -> Any:

@@ -129,8 +129,9 @@ def join_study(plan: SearchPlan, wait: float = 0.0) -> optuna.Study:
 
 
 def _sampler(plan: SearchPlan) -> optuna.samplers.BaseSampler:
+    starts = plan.surrogate_starts()  # built once: the first is the start before any prior
     return make_sampler(plan.config, space=plan.space, cost=plan.cost,
-                        prior=plan.surrogate_prior(), starts=plan.surrogate_starts(),
+                        prior=next(iter(starts.values())), starts=starts,
                         front_budgets=plan.front_budgets)
 
 
