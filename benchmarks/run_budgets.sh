@@ -12,7 +12,9 @@
 # guided (the surrogate from orthogonality), no-orthogonality, random, best-prior (the surrogate
 # from the prior that scores best on the proxy). A cell's held-out
 # baselines (the priors, uniform) come with the first variant that has the default priors.
-# MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file.
+# MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file,
+# MPQ_BENCH_SEEDS (default "0 1 2") the search seeds, MPQ_BENCH_ROOT the studies' folder (use one
+# per concurrent invocation).
 set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 MODEL=${1:-mnist-ddpm}
@@ -22,7 +24,7 @@ ROOT=${MPQ_BENCH_ROOT:-/tmp/mpq-bench-budgets}
 CLAIMS="$ROOT/claims/$MODEL-${VARIANTS//,/+}-$$"
 mkdir -p "$CLAIMS"
 CELLS=()
-for seed in 0 1 2; do
+for seed in ${MPQ_BENCH_SEEDS:-0 1 2}; do
   for budget in "3bits" "4bits" "4.5bits" "bops<=W4A8"; do CELLS+=("$seed|$budget"); done
 done
 worker() {

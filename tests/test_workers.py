@@ -134,6 +134,22 @@ def test_kill_9_mid_trial_loses_nothing_and_the_resume_finishes(tmp_path: Path) 
                        and t.user_attrs["role"] != "baseline"]
     assert len(complete_search) == 8
 
+    # the same config run without the kill evaluates the same maps to the same scores: the
+    # sampler's random draws skip the killed trial's number (`died_unscored`)
+    whole = config.replace(study="k9-whole")
+    toml = write_config_toml(whole, tmp_path / "k9-whole.toml")
+    done = subprocess.run([*CLI, "run", "--config", str(toml), "--quiet"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    uninterrupted = optuna.load_study(study_name="k9-whole",
+                                      storage=f"sqlite:///{whole.study_dir / 'study.db'}")
+
+    def evaluated(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[str, list[float]]]:
+        return sorted((json.dumps(t.params, sort_keys=True), list(t.values)) for t in trials
+                      if t.state == TrialState.COMPLETE)
+
+    assert evaluated(study.trials) == evaluated(uninterrupted.trials)
+
 
 def test_run_with_two_workers_on_a_journal_file(tmp_path: Path) -> None:
     """`run --workers 2` on a JournalStorage file: this process seeds, two worker processes

@@ -116,9 +116,13 @@ class MapSampler(BaseSampler):
         mode = best_prior_mode(study, self._budget, self._starts)
         return self._prior if mode is None else self._starts[mode]
 
-    def _rng(self, trial: FrozenTrial) -> np.random.Generator:
-        # Seeded by trial number: a resumed study draws what an uninterrupted one would.
-        return np.random.default_rng([self._seed, trial.number])
+    def _rng(self, study: Study, trial: FrozenTrial) -> np.random.Generator:
+        """Seeded by the trial's place in the study, not counting trials that died unscored: a
+        study resumed after a stop, or after a kill -9 (the killed trial is failed and retried
+        under a new number), draws what an uninterrupted one would."""
+        place = sum(1 for t in study.get_trials(deepcopy=False)
+                    if t.number < trial.number and not died_unscored(t))
+        return np.random.default_rng([self._seed, place])
 
     def _unique(
         self, study: Study, child: Levels, parent: Levels, rng: np.random.Generator,
@@ -167,6 +171,12 @@ def best_prior_mode(study: Study, budget: Budget | str, modes: Iterable[str]) ->
     return None if best is None else best[1]
 
 
+def died_unscored(trial: FrozenTrial) -> bool:
+    """A trial whose process died while it ran (failed by the stale-heartbeat check, without
+    the `fail_reason` a NaN trial records); its map is evaluated again by its retry."""
+    return trial.state == TrialState.FAIL and "fail_reason" not in trial.user_attrs
+
+
 def _placeholder(number: int) -> FrozenTrial:
     return FrozenTrial(number=number, state=TrialState.RUNNING, value=None, datetime_start=None,
                        datetime_complete=None, params={}, distributions={}, user_attrs={},
@@ -201,7 +211,7 @@ class GuidedSampler(MapSampler):
         self._max_moves = max_moves
 
     def _propose(self, study: Study, trial: FrozenTrial) -> Levels:
-        rng = self._rng(trial)
+        rng = self._rng(study, trial)
         budget = self._budget
         if self._front and rng.random() < self._front_share:
             budget = self._front[int(rng.integers(len(self._front)))]
@@ -265,7 +275,7 @@ class RepairingSampler(MapSampler):
         levels = self._space.from_params(raw)
         prior = self._start(study)
         repaired = self._repairer.repair(levels, self._budget, prior)
-        return self._unique(study, repaired, repaired, self._rng(trial), prior)
+        return self._unique(study, repaired, repaired, self._rng(study, trial), prior)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self._base.before_trial(study, trial)
