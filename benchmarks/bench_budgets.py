@@ -2,14 +2,15 @@
 strongest baselines?
 
 For each search seed (outer loop, so a partial run covers every budget) and budget:
-1. `sensitivity-surrogate`: the default study (`--seed`; the guided sampler's surrogate starts
-   from output sensitivity); `guided`: the default up to 2026-11-28, the surrogate starting from
-   orthogonality. Both enqueue the default ILP priors, the held-out baselines below;
+1. `best-prior`: the default study since 2026-12-02 (`--seed`; the guided sampler's surrogate
+   starts from whichever default ILP prior scored best on the proxy; a prior row's `proxy`
+   field holds its score in the cell's first study); `sensitivity-surrogate`: the default
+   2026-11-28 to 2026-12-02, the surrogate from output sensitivity; `guided`: the default
+   before, the surrogate from orthogonality. All enqueue the default ILP priors, the held-out
+   baselines below;
 2. `no-orthogonality`: no orthogonality at all (priors size + sensitivity, the
    surrogate starting from equal scores): is starting from orthogonality worth it?
 3. `random`: random search (budget-repaired) with the same trial count and no priors;
-   `best-prior`: the default priors, the surrogate started from whichever of them scored best
-   on the proxy (a prior row's `proxy` field holds its score in the cell's first study);
 4. held-out confirmation at N = `--heldout-n` on noise seed `--heldout-seed` (no trial uses it)
    of: each study's best map (by its proxy), every ILP prior at the budget (orthogonality,
    sensitivity, size-aware), the best of 3 random-importance ILPs, and the strongest uniform
@@ -50,8 +51,9 @@ from mpq_search.search import (
     prepare,
 )
 
-# "guided" is the study default up to 2026-11-28 (surrogate from orthogonality), pinned so that
-# its rows stay comparable; "sensitivity-surrogate" is the default since (RESULTS section 9.5).
+# Every variant pins its surrogate start, so that its rows stay comparable when the study
+# default moves: "guided" was the default up to 2026-11-28, "sensitivity-surrogate" up to
+# 2026-12-02 (RESULTS section 9.5), "best-prior" since (section 9.9).
 VARIANTS: dict[str, dict[str, Any]] = {
     "guided": {"surrogate_prior": "orthogonality"},
     "no-orthogonality": {"prior_modes": ("size", "sensitivity"), "surrogate_prior": "size"},
@@ -92,8 +94,8 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
     source = next((v for v in wanted if "prior_modes" not in VARIANTS[v]), None)
     complete = f"{cell}|_complete" in done
     if source is None and not complete:
-        raise SystemExit(f"{cell} has no held-out baselines yet: add guided or "
-                         "sensitivity-surrogate to --variants")
+        raise SystemExit(f"{cell} has no held-out baselines yet: add best-prior, "
+                         "sensitivity-surrogate or guided to --variants")
     to_run = [v for v in wanted if f"{cell}|search:{v}" not in done
               or (v == source and not complete)]
     if not to_run:
@@ -252,9 +254,9 @@ def main() -> None:
     parser.add_argument("--promote-passes", type=int, default=None,
                         help="default: the study default")
     parser.add_argument("--variants",
-                        default="sensitivity-surrogate,guided,no-orthogonality,random",
-                        help="studies per cell, of: " + ", ".join(VARIANTS) + " (the first of "
-                        "guided and sensitivity-surrogate also gives the priors)")
+                        default="best-prior,no-orthogonality,random",
+                        help="studies per cell, of: " + ", ".join(VARIANTS) + " (the first "
+                        "with the default priors also gives the held-out baselines)")
     parser.add_argument("--heldout-n", type=int, default=1000)
     parser.add_argument("--heldout-seed", type=int, default=1)
     parser.add_argument("--root", default="/tmp/mpq-bench-budgets")

@@ -6,11 +6,11 @@
 # one process scored held-out is not scored again by the other.
 # Resumable: run it again and it skips the studies and held-out scores already there.
 #
-#   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]   # default: mnist-ddpm sensitivity-surrogate
+#   bash benchmarks/run_budgets.sh [MODEL] [VARIANTS]   # default: mnist-ddpm best-prior
 #
-# VARIANTS (comma-separated, bench_budgets.VARIANTS): sensitivity-surrogate (the default study),
-# guided (the surrogate from orthogonality), no-orthogonality, random, best-prior (the surrogate
-# from the prior that scores best on the proxy). A cell's held-out
+# VARIANTS (comma-separated, bench_budgets.VARIANTS): best-prior (the default study since
+# 2026-12-02: the surrogate from the prior that scores best on the proxy), sensitivity-surrogate
+# (the default before), guided (the surrogate from orthogonality), no-orthogonality, random. A cell's held-out
 # baselines (the priors, uniform) come with the first variant that has the default priors.
 # MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file,
 # MPQ_BENCH_SEEDS (default "0 1 2") the search seeds, MPQ_BENCH_ROOT the studies' folder (use one
@@ -18,7 +18,7 @@
 set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 MODEL=${1:-mnist-ddpm}
-VARIANTS=${2:-sensitivity-surrogate}
+VARIANTS=${2:-best-prior}
 OUT=${MPQ_BENCH_OUT:-benchmarks/results/budgets_${MODEL}.jsonl}
 ROOT=${MPQ_BENCH_ROOT:-/tmp/mpq-bench-budgets}
 CLAIMS="$ROOT/claims/$MODEL-${VARIANTS//,/+}-$$"

@@ -35,6 +35,7 @@ from mpq_search.search import (
     make_storage,
     optimize,
     prepare,
+    surrogate_modes,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -267,8 +268,9 @@ def test_best_prior_start_runs_the_search_of_the_prior_that_scored_best(tmp_path
     assert surrogate_start(study, config) == chosen  # what the run reports
     assert search_maps(chosen)[1] == chosen_maps
     assert search_maps(other)[1] != chosen_maps
-    with pytest.raises(StudyError, match=r"best-prior.*has none of them"):
-        config.replace(prior_modes=("random",))
+    # without an orthogonality, sensitivity or size prior it starts from sensitivity
+    assert surrogate_modes(config.replace(prior_modes=("random",))) == ("sensitivity",)
+    assert surrogate_modes(config) == modes
 
 
 def test_profiles_take_every_step_of_a_run_shorter_than_importance_timesteps(

@@ -95,9 +95,9 @@ def run_command(
         "--guard-n", help="Samples of the full-steps guard: a would-be new best is also "
         "sampled with --steps, and pruned when it breaks there. 0: off.")] = None,
     surrogate_prior: Annotated[str | None, typer.Option(
-        "--surrogate-prior", help="Where the guided search's surrogate starts: sensitivity "
-        "(default), orthogonality, size, or best-prior (the ILP prior that scores best on the "
-        "proxy).")] = None,
+        "--surrogate-prior", help="Where the guided search's surrogate starts: best-prior "
+        "(default: the ILP prior that scores best on the proxy), sensitivity, orthogonality or "
+        "size.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
     guidance_scale: GuidanceOption = None,

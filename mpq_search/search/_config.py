@@ -135,14 +135,14 @@ class StudyConfig:
     parent_estimate: ParentEstimate = "smoothed"
     """Guided sampler: how the map to build on is ranked: its observed proxy score, or
     "smoothed", the mean of that score and the fitted surrogate's prediction."""
-    surrogate_prior: SurrogatePrior = "sensitivity"
-    """Where the search's surrogate starts: measured output sensitivity, orthogonality, or equal
-    scores (size-aware). Its fit to the finished trials corrects it as the study goes, but 44
-    trials correct it only weakly: started from sensitivity, the search's best map beat the one
-    started from orthogonality on held-out noise in every cell of the budget benchmark
-    (benchmarks/RESULTS.md section 9.5). "best-prior": start from the scores of whichever ILP
-    prior at the budget (orthogonality, sensitivity or size) scored best on the proxy, so the
-    start follows the model (section 9.8)."""
+    surrogate_prior: SurrogatePrior = "best-prior"
+    """Where the search's surrogate starts: measured output sensitivity, orthogonality, equal
+    scores (size-aware), or "best-prior": the scores of whichever ILP prior at the budget
+    (orthogonality, sensitivity or size) scored best on the proxy, so that the start follows the
+    model (the sensitivity start when prior_modes has none of them). Its fit to the finished
+    trials corrects the start as the study goes, but 44 trials correct it only weakly, and the
+    best start differs between models: sensitivity on `mnist-dit`, orthogonality on `mnist-ddpm`
+    at 4-4.5 bits (benchmarks/RESULTS.md sections 9.5, 9.8, 9.9)."""
     prior_budgets: tuple[str, ...] | None = None
     """Tighter budgets for extra priors; default: three evenly spaced below the budget."""
     baselines: tuple[str, ...] = ("W4A8", "W8A8")
@@ -310,9 +310,6 @@ def _check(config: StudyConfig) -> None:
     if config.surrogate_prior not in SURROGATE_PRIORS:
         raise StudyError(f"unknown surrogate_prior {config.surrogate_prior!r}; supported: "
                          f"{', '.join(SURROGATE_PRIORS)}")
-    if config.surrogate_prior == "best-prior" and not surrogate_modes(config):
-        raise StudyError("surrogate_prior 'best-prior' chooses among the priors orthogonality, "
-                         "sensitivity and size, and prior_modes has none of them")
     if config.feature_net is not None and config.feature_net not in FEATURE_NETS:
         raise StudyError(f"unknown feature net {config.feature_net!r}; supported: "
                          f"{', '.join(FEATURE_NETS)}")
@@ -338,10 +335,10 @@ def _check(config: StudyConfig) -> None:
 def surrogate_modes(config: StudyConfig) -> tuple[str, ...]:
     """The surrogate starts a study may use, in order of preference: the configured one, or for
     "best-prior" each ILP prior mode that has a surrogate, in the order of `prior_modes` (the
-    first is used until a prior has been scored)."""
+    first is used until a prior has been scored), or sensitivity when there is none."""
     if config.surrogate_prior != "best-prior":
         return (config.surrogate_prior,)
-    return tuple(m for m in config.prior_modes if m in SURROGATE_SOURCES)
+    return tuple(m for m in config.prior_modes if m in SURROGATE_SOURCES) or ("sensitivity",)
 
 
 def _jsonable(value: Any) -> Any:
