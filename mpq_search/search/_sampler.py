@@ -120,9 +120,9 @@ class MapSampler(BaseSampler):
         """Seeded by the trial's place in the study, not counting trials that died unscored: a
         study resumed after a stop, or after a kill -9 (the killed trial is failed and retried
         under a new number), draws what an uninterrupted one would."""
-        place = sum(1 for t in study.get_trials(deepcopy=False)
-                    if t.number < trial.number and not died_unscored(t))
-        return np.random.default_rng([self._seed, place])
+        died = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if t.number < trial.number and died_unscored(t))
+        return np.random.default_rng([self._seed, trial.number - died])
 
     def _unique(
         self, study: Study, child: Levels, parent: Levels, rng: np.random.Generator,
