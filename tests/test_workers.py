@@ -135,7 +135,7 @@ def test_kill_9_mid_trial_loses_nothing_and_the_resume_finishes(tmp_path: Path) 
     assert len(complete_search) == 8
 
     # the same config run without the kill evaluates the same maps to the same scores: the
-    # sampler's random draws skip the killed trial's number (`died_unscored`)
+    # sampler's random draws skip the killed trial's number (`retried_numbers`)
     whole = config.replace(study="k9-whole")
     toml = write_config_toml(whole, tmp_path / "k9-whole.toml")
     done = subprocess.run([*CLI, "run", "--config", str(toml), "--quiet"], capture_output=True,

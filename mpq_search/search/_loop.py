@@ -55,6 +55,7 @@ from mpq_search.search._storage import (
     pop_waiting_trial,
     record_heartbeat,
     reserve_trial,
+    retried_numbers,
     set_trial_user_attr,
     stored_trial,
     write_proposal,
@@ -171,16 +172,11 @@ def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
     return ran
 
 
-def _retried(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of failed trials that a retry replaced (`RetryHeartbeatStaleTrialCallback`)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-
-
 def counted_trials(study: optuna.Study) -> int:
     """Search trials (priors included) the study holds towards its `trials`: finished or
     running, not waiting, and not a failed trial that a retry replaced."""
     trials = study.get_trials(deepcopy=False)
-    retried = _retried(trials)
+    retried = retried_numbers(trials)
     return sum(1 for t in trials if t.state != TrialState.WAITING
                and t.user_attrs.get("role") != ROLE_BASELINE and t.number not in retried)
 
@@ -188,7 +184,7 @@ def counted_trials(study: optuna.Study) -> int:
 def study_progress(study: optuna.Study, target: int) -> tuple[int, int]:
     """(finished, total) trials of the study, baselines included, for progress bars."""
     trials = study.get_trials(deepcopy=False)
-    retried = _retried(trials)
+    retried = retried_numbers(trials)
     baselines = sum(1 for t in trials if t.user_attrs.get("role") == ROLE_BASELINE
                     and t.number not in retried)
     finished = sum(1 for t in trials if t.state.is_finished() and t.number not in retried)

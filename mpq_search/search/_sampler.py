@@ -35,6 +35,7 @@ from mpq_search.errors import StudyError
 from mpq_search.search._config import PARENT_ESTIMATES, SAMPLERS, StudyConfig
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
+from mpq_search.search._storage import retried_numbers
 
 _DEFAULTS = StudyConfig()
 UNIQUE_ATTEMPTS = 16
@@ -117,12 +118,12 @@ class MapSampler(BaseSampler):
         return self._prior if mode is None else self._starts[mode]
 
     def _rng(self, study: Study, trial: FrozenTrial) -> np.random.Generator:
-        """Seeded by the trial's place in the study, not counting trials that died unscored: a
-        study resumed after a stop, or after a kill -9 (the killed trial is failed and retried
-        under a new number), draws what an uninterrupted one would."""
-        died = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                   if t.number < trial.number and died_unscored(t))
-        return np.random.default_rng([self._seed, trial.number - died])
+        """Seeded by the trial's number less the earlier trials a retry replaced: a study
+        resumed after a stop, or after a kill -9 (the killed trial is failed and retried under a
+        new number), draws what an uninterrupted one would."""
+        retried = retried_numbers(study.get_trials(deepcopy=False))
+        return np.random.default_rng([self._seed, trial.number - sum(
+            1 for n in retried if n < trial.number)])
 
     def _unique(
         self, study: Study, child: Levels, parent: Levels, rng: np.random.Generator,
@@ -169,12 +170,6 @@ def best_prior_mode(study: Study, budget: Budget | str, modes: Iterable[str]) ->
         if best is None or trial.values[0] < best[0]:
             best = (float(trial.values[0]), mode)
     return None if best is None else best[1]
-
-
-def died_unscored(trial: FrozenTrial) -> bool:
-    """A trial whose process died while it ran (failed by the stale-heartbeat check, without
-    the `fail_reason` a NaN trial records); its map is evaluated again by its retry."""
-    return trial.state == TrialState.FAIL and "fail_reason" not in trial.user_attrs
 
 
 def _placeholder(number: int) -> FrozenTrial:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -247,6 +247,12 @@ def pop_waiting_trial(
 def handle_of_frozen(trial: FrozenTrial) -> TrialHandle:
     """The handle of a stored trial. Private: `FrozenTrial._trial_id` (no public accessor)."""
     return TrialHandle(trial._trial_id, trial.number)
+
+
+def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that a retry replaced (`RetryHeartbeatStaleTrialCallback` records
+    them in the retry's `retry_history`): trials whose process died, evaluated again."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
 
 
 def fail_dead_workers_trials(study: optuna.Study) -> None:
