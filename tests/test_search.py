@@ -156,6 +156,38 @@ def test_guided_global_proposals_fill_the_budget_and_are_seeded(specs: list[Any]
         GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), global_share=2.0)
 
 
+def test_guided_explore_proposals_are_repaired_random_maps(specs: list[Any]) -> None:
+    """explore_share = 1: every proposal is a random map repaired into the budget, so they
+    spread over many more distinct maps than the greedy re-allocations of global proposals,
+    and explore_share = 0 draws exactly what the sampler drew before the option existed."""
+    from mpq_search.search._sampler import GuidedSampler
+
+    space = _space(specs)
+    budget = parse_budget("4.5bits", specs)
+    cost = SpaceCost.build(space, budget)
+
+    def proposals(**options: float) -> list[Any]:
+        sampler = GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), seed=0,
+                                **options)
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        return [sampler.propose(study, number) for number in range(8)]
+
+    explored = proposals(explore_share=1.0)
+    for levels in explored:
+        assert budget.is_met(cost.cost(levels))
+        _moves, (bw, ba) = Repairer(cost).neighbours(levels, +1, set())
+        assert (cost.violation(bw, ba) > 0).all()  # filled
+    assert len({space.key(m) for m in explored}) == 8
+    # Far apart: on average more than a quarter of the weight levels differ between two.
+    differ = [float((x[0] != y[0]).mean()) for i, x in enumerate(explored)
+              for y in explored[i + 1:]]
+    assert np.mean(differ) > 0.25
+    before = [space.key(m) for m in proposals(global_share=1.0)]
+    assert [space.key(m) for m in proposals(global_share=1.0, explore_share=0.0)] == before
+    with pytest.raises(StudyError, match="explore_share"):
+        GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), explore_share=-0.1)
+
+
 def test_smoothed_parent_discounts_a_lucky_score(specs: list[Any]) -> None:
     """Two maps: one whose proxy score is slightly better than the other's but far below what the
     surrogate predicts for it. The observed rule builds on it, the smoothed rule on the map whose

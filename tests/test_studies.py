@@ -11,7 +11,7 @@ import pytest
 from mpq_search.search import StudyConfig, load_config
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-EXAMPLES = ("default.toml", "quick.toml", "tight-3bit.toml", "timestep-groups.toml")
+EXAMPLES = ("default.toml", "quick.toml", "tight-3bit.toml", "timestep-groups.toml", "bops.toml")
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +56,7 @@ def test_what_each_example_changes() -> None:
     assert tight.budget == "3bits" and {"W2A8", "W3A8"} <= set(tight.baselines)
     groups = load_config(STUDIES / "timestep-groups.toml")
     assert groups.timestep_groups == 2 and groups.budget == default.budget
+    bops = load_config(STUDIES / "bops.toml")
+    assert bops.budget.startswith("bops<=") and bops.explore_share > default.explore_share == 0
     # command-line flags still override a config's values
     assert load_config(STUDIES / "quick.toml", trials=3).trials == 3

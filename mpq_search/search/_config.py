@@ -129,6 +129,12 @@ class StudyConfig:
     the fitted surrogate (the rest make 1-3 local exchanges around the best map). Global
     proposals reach maps that differ from the best in many layers at once, which local exchanges
     cannot; most of them score worse, so a small share (RESULTS.md section 4)."""
+    explore_share: float = 0.0
+    """Guided sampler: share of trials that are uniformly random maps repaired into the budget
+    under the fitted surrogate (what the random sampler proposes), drawn before the local and
+    global moves. On mnist-ddpm at bops<=W4A8, where random search beat the guided one, 0.3
+    beat the guided one on 3 of 3 seeds and random search on 2; at 3 bits it did not help
+    (benchmarks/RESULTS.md sections 9.10-9.11)."""
     front_share: float = 0.1
     """Guided sampler: share of trials that search at one of the tighter prior budgets, to push
     the rest of the Pareto front (the others search at the budget)."""
@@ -282,7 +288,7 @@ def _check(config: StudyConfig) -> None:
         bits = getattr(config, name)
         if not bits or any(not isinstance(b, int) or not 2 <= b <= 8 for b in bits):
             raise StudyError(f"{name} must be a non-empty list of bits in 2..8, got {bits!r}")
-    for name in ("global_share", "front_share"):
+    for name in ("global_share", "front_share", "explore_share"):
         share = getattr(config, name)
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
             raise StudyError(f"{name} must be in [0, 1], got {share!r}")

@@ -9,7 +9,9 @@
   Some trials instead re-allocate the whole budget under such a draw (`global_share`). "Best" can
   be ranked by the observed proxy score or by its mean with the surrogate's prediction
   (`parent_estimate="smoothed"`), so that one lucky score on the proxy's noise does not become
-  the parent of every later trial.
+  the parent of every later trial. With `explore_share` > 0, that share of trials is instead a
+  uniformly random map repaired into the budget under the fitted surrogate: the random
+  sampler's proposal, which reaches maps far from anything the surrogate would build.
 * `RepairingSampler` wraps any optuna sampler (NSGA-II, TPE, GP, random): the base sampler
   proposes a full map, which is projected into the budget and filled using the importance prior.
 
@@ -187,9 +189,11 @@ class GuidedSampler(MapSampler):
         front_budgets: Sequence[Budget] = (), front_share: float = _DEFAULTS.front_share,
         sigma: float = 0.5, max_moves: int = 3, global_share: float = _DEFAULTS.global_share,
         global_sigma: float = 1.0, parent_estimate: str = _DEFAULTS.parent_estimate,
+        explore_share: float = _DEFAULTS.explore_share,
     ) -> None:
         super().__init__(space=space, cost=cost, prior=prior, seed=seed, starts=starts)
-        for name, share in (("front_share", front_share), ("global_share", global_share)):
+        for name, share in (("front_share", front_share), ("global_share", global_share),
+                            ("explore_share", explore_share)):
             if not 0.0 <= share <= 1.0:
                 raise StudyError(f"{name} must be in [0, 1], got {share}")
         if parent_estimate not in PARENT_ESTIMATES:
@@ -197,6 +201,7 @@ class GuidedSampler(MapSampler):
                              f"got {parent_estimate!r}")
         self._parent_estimate = parent_estimate
         self._global_share = global_share
+        self._explore_share = explore_share
         self._global_sigma = global_sigma
         if max_moves < 1:
             raise StudyError(f"max_moves must be >= 1, got {max_moves}")
@@ -213,6 +218,10 @@ class GuidedSampler(MapSampler):
         scored = self._history.scored(study)
         prior = self._start(study)
         surrogate = prior.fit(self._space, [m for m, _ in scored], [y for _, y in scored])
+        # Drawn only when exploring, so that a study without it draws what it always drew.
+        if self._explore_share > 0 and rng.random() < self._explore_share:
+            child = self._repairer.repair(self._space.random(rng), budget, surrogate)
+            return self._unique(study, child, child, rng, prior)
         parent = self._parent(scored, budget, rng, surrogate)
         if parent is None or rng.random() < self._global_share:
             # A global proposal: the whole budget re-allocated (greedy knapsack from the lowest
@@ -297,7 +306,8 @@ def make_sampler(
         return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed, starts=starts,
                              front_budgets=front_budgets, global_share=config.global_share,
                              front_share=config.front_share,
-                             parent_estimate=config.parent_estimate)
+                             parent_estimate=config.parent_estimate,
+                             explore_share=config.explore_share)
     base: BaseSampler
     if name == "nsga2":
         base = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)

@@ -168,6 +168,11 @@ class SearchSpace:
         """Zero levels (lowest candidate bits everywhere)."""
         return np.zeros(self.shape, dtype=np.int64), np.zeros(self.shape, dtype=np.int64)
 
+    def random(self, rng: np.random.Generator) -> Levels:
+        """Uniformly random levels for every unit and group (the random sampler's proposal)."""
+        return (rng.integers(0, len(self.w_bits), self.shape, dtype=np.int64),
+                rng.integers(0, len(self.a_bits), self.shape, dtype=np.int64))
+
     def key(self, levels: Levels) -> bytes:
         """Hashable identity of a level pair (to avoid evaluating one map twice)."""
         return np.concatenate([levels[0].ravel(), levels[1].ravel()]).astype(np.int8).tobytes()
