@@ -10,8 +10,9 @@
 #
 # VARIANTS (comma-separated, bench_budgets.VARIANTS): best-prior (the default study since
 # 2026-12-02: the surrogate from the prior that scores best on the proxy), sensitivity-surrogate
-# (the default before), explore (best-prior with 30% random repaired maps), guided (the surrogate from orthogonality), no-orthogonality, random. A cell's held-out
-# baselines (the priors, uniform) come with the first variant that has the default priors.
+# (the default before), explore (best-prior with 30% random repaired maps), guided (the
+# surrogate from orthogonality), no-orthogonality, random. A cell's held-out baselines (the
+# priors, uniform) come with the first variant that has the default priors.
 # MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file,
 # MPQ_BENCH_SEEDS (default "0 1 2") the search seeds, MPQ_BENCH_BUDGETS (default
 # "3bits 4bits 4.5bits bops<=W4A8") the budgets, MPQ_BENCH_ROOT the studies' folder (use one

@@ -59,11 +59,6 @@ def _space(specs: list[Any], groups: int = 1) -> SearchSpace:
                        (2, 3, 4, 5, 6, 7, 8), (4, 5, 6, 7, 8), groups)
 
 
-def _random_levels(space: SearchSpace, rng: np.random.Generator) -> tuple[Any, Any]:
-    return (rng.integers(0, len(space.w_bits), space.shape),
-            rng.integers(0, len(space.a_bits), space.shape))
-
-
 def _recomputed_feasible(study: optuna.Study, specs: list[Any], budget_text: str) -> None:
     budget = parse_budget(budget_text, specs)
     for trial in study.best_trials:
@@ -79,7 +74,7 @@ def test_space_cost_equals_cost_of(specs: list[Any], groups: int) -> None:
     rng = np.random.default_rng(0)
     identity = load_model.__globals__["ModelIdentity"]("m", "h")
     for _ in range(5):
-        levels = _random_levels(space, rng)
+        levels = space.random(rng)
         exact = cost_of(specs, space.to_bitmap(levels, identity))
         got = fast.cost(levels)
         for field in ("avg_w_bits", "avg_a_bits", "bops", "weight_bytes"):
@@ -88,7 +83,7 @@ def test_space_cost_equals_cost_of(specs: list[Any], groups: int) -> None:
 
 def test_params_bitmap_round_trip(specs: list[Any]) -> None:
     space = _space(specs, 2)
-    levels = _random_levels(space, np.random.default_rng(1))
+    levels = space.random(np.random.default_rng(1))
     identity = load_model.__globals__["ModelIdentity"]("m", "h")
     again = space.from_bitmap(space.to_bitmap(levels, identity))
     assert space.key(again) == space.key(levels)
@@ -108,7 +103,7 @@ def test_repair_meets_budget_and_fills_it(specs: list[Any], budget_text: str) ->
     prior = Surrogate.prior(space)
     rng = np.random.default_rng(2)
     for _ in range(4):
-        w, a = repairer.repair(_random_levels(space, rng), budget, prior)
+        w, a = repairer.repair(space.random(rng), budget, prior)
         assert budget.is_met(cost.cost((w, a)))
         _moves, (bw, ba) = repairer.neighbours((w, a), +1, set())
         # filled: no single level can go up without breaking the budget
@@ -121,7 +116,7 @@ def test_surrogate_fit_learns_a_sensitive_unit(specs: list[Any]) -> None:
     truth = prior.cw.copy()
     truth[0, 3] *= 50.0
     rng = np.random.default_rng(3)
-    maps = [_random_levels(space, rng) for _ in range(40)]
+    maps = [space.random(rng) for _ in range(40)]
     scores = [float(Surrogate(truth, prior.ca).predict(space, *m)) for m in maps]
     fitted = prior.fit(space, maps, scores)
     ratio = fitted.cw[0] / prior.cw[0]
@@ -202,7 +197,7 @@ def test_smoothed_parent_discounts_a_lucky_score(specs: list[Any]) -> None:
     surrogate = Surrogate.prior(space)
     repairer = Repairer(cost)
     rng = np.random.default_rng(0)
-    maps = [repairer.repair(_random_levels(space, rng), budget, surrogate) for _ in range(2)]
+    maps = [repairer.repair(space.random(rng), budget, surrogate) for _ in range(2)]
     predicted = [float(surrogate.predict(space, *m)) for m in maps]
     good, lucky = (0, 1) if predicted[0] < predicted[1] else (1, 0)
     gap = predicted[lucky] - predicted[good]
