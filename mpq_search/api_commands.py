@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from mpq_search.bitmap import BitMap, LayerBits
+from mpq_search.bitmap import BitMap, LayerBits, quantizer_meta
 from mpq_search.cost import Cost, check_feasible, cost_of, parse_budget, uniform_cost
 from mpq_search.data import HELD_OUT_PER_CLASS
 from mpq_search.evaluate import (
@@ -38,7 +38,7 @@ from mpq_search.fid import dataset_stats, frechet_distance, get_feature_net, sta
 from mpq_search.images import save_grid
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model, sample
-from mpq_search.quant import QuantConfig, QuantEngine, apply
+from mpq_search.quant import QuantConfig, QuantEngine, apply, weight_tables
 from mpq_search.report import ReportFiles, Row, pareto_rows, reference_rows
 from mpq_search.search import (
     StudyConfig,
@@ -47,6 +47,7 @@ from mpq_search.search import (
     load_study,
     surrogate_modes,
 )
+from mpq_search.search._config import quant_config
 
 if TYPE_CHECKING:
     import optuna
@@ -230,6 +231,8 @@ class UniformScore(_JsonRecord):
     n: int
     steps: int
     seed: int
+    rounding: str
+    weight_grid: str
     fp_fid: float
     fid: float
     fid_excess: float
@@ -243,7 +246,8 @@ def quantize_uniform(
     steps: int = _STUDY.steps, seed: int = _STUDY.sample_seed,
     batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
-    split_skip: bool = _QUANT.split_skip, guidance_scale: float | None = None,
+    split_skip: bool = _QUANT.split_skip, rounding: str = _QUANT.rounding,
+    weight_grid: str = _QUANT.weight_grid, guidance_scale: float | None = None,
     device: str = _STUDY.device, progress: Phases | None = None,
 ) -> UniformScore:
     """Quantize every layer as `setting` (e.g. "W4A8") says and score it against FP and held-out.
@@ -259,7 +263,8 @@ def quantize_uniform(
     reference = fp_reference_stats(loaded, net, settings, phase("FP reference", n))
     heldout = dataset_stats("heldout", net, _HELDOUT_SPLIT)
     bitmap = BitMap.uniform(loaded.identity, [s.name for s in specs], bits.w, bits.a)
-    config = QuantConfig.for_bitmap(bitmap, split_skip=split_skip,
+    config = QuantConfig.for_bitmap(bitmap, split_skip=split_skip, rounding=rounding,
+                                    weight_grid=weight_grid,
                                     **_calibration(act_calibration, calib_n, steps))
     started = time.perf_counter()
     engine = QuantEngine(loaded, specs, config).calibrate(phase("calibrating", calib_n))
@@ -270,8 +275,8 @@ def quantize_uniform(
     finally:
         engine.remove()
     return UniformScore(
-        loaded.identity.name, str(bits), net.name, n, steps, seed,
-        fp_fid=frechet_distance(reference, heldout),
+        loaded.identity.name, str(bits), net.name, n, steps, seed, config.rounding,
+        config.weight_grid, fp_fid=frechet_distance(reference, heldout),
         fid=frechet_distance(stats_of_images(result.images, net), heldout),
         fid_excess=result.fid_excess, calibration_seconds=calibration_s,
         sampling_seconds=result.seconds)
@@ -287,6 +292,8 @@ class ApplyResult(_JsonRecord):
     n: int
     steps: int
     seed: int
+    rounding: str
+    weight_grid: str
     path: Path
 
 
@@ -295,14 +302,22 @@ def apply_bitmap(
     bitmap_path: Path, *, model: str, path: Path, n: int, steps: int = _STUDY.steps,
     seed: int = _STUDY.sample_seed, batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
+    rounding: str | None = None, weight_grid: str | None = None,
     guidance_scale: float | None = None, device: str = _STUDY.device,
     progress: Phases | None = None,
 ) -> ApplyResult:
-    """Sample with the bit map at `bitmap_path` applied (only its bit-widths are calibrated)."""
+    """Sample with the bit map at `bitmap_path` applied (only its bit-widths are calibrated).
+
+    The weight rounding and grid are the map's own unless given (`QuantConfig.for_bitmap`:
+    others than the map records warn); a map that records none gets the quantizer's defaults.
+    """
     bitmap = BitMap.load(bitmap_path)
     loaded = load_model(model, guidance_scale=guidance_scale, device=device)
-    engine = apply(loaded, bitmap, QuantConfig.for_bitmap(
-        bitmap, **_calibration(act_calibration, calib_n, steps)))
+    chosen = {k: v for k, v in (("rounding", rounding), ("weight_grid", weight_grid))
+              if v is not None}
+    config = QuantConfig.for_bitmap(bitmap, **chosen,
+                                    **_calibration(act_calibration, calib_n, steps))
+    engine = apply(loaded, bitmap, config)
     try:
         images = sample(loaded, n=n, steps=steps, seed=seed, batch_size=batch_size,
                         step_hook=engine.step_hook, progress=(progress or _silent)("sampling", n))
@@ -310,7 +325,7 @@ def apply_bitmap(
         engine.remove()
     save_grid(images, path)
     return ApplyResult(loaded.identity.name, bitmap_path, len(bitmap.groups), n, steps, seed,
-                       path)
+                       config.rounding, config.weight_grid, path)
 
 
 # --- budget, profile, allocate ------------------------------------------------------------------
@@ -463,6 +478,7 @@ def allocate_prior(
     n: int = _STUDY.importance_n, sensitivity_n: int = _STUDY.sensitivity_n,
     seed: int = _STUDY.seed, w_bits: Sequence[int] = _STUDY.w_bits,
     a_bits: Sequence[int] = _STUDY.a_bits, ties: bool = _STUDY.tie_layers,
+    rounding: str = _STUDY.rounding, weight_grid: str = _STUDY.weight_grid,
     guidance_scale: float | None = None, device: str = _STUDY.device,
     progress: Phases | None = None,
 ) -> AllocationResult:
@@ -470,7 +486,8 @@ def allocate_prior(
 
     Modes orthogonality/inverted/random profile orthogonality importance (`n` samples);
     sensitivity profiles the output sensitivity (`sensitivity_n` samples). `measured` uses the
-    real quantizer's weight errors instead of the 4^-b model.
+    real quantizer's weight errors instead of the 4^-b model. Both measure the quantizer of
+    `rounding` on `weight_grid` (with a study's default calibration), which the map records.
     """
     from mpq_search.allocate import ALLOCATION_MODES, AllocationError, allocate
     from mpq_search.importance import profile_orthogonality, profile_sensitivity, weight_errors
@@ -482,6 +499,11 @@ def allocate_prior(
     loaded, specs = _load(model, device, guidance_scale)
     parsed = parse_budget(budget, specs)
     check_feasible(parsed, specs, w_bits, a_bits)  # before the slow profiling, not after
+    quantizer = quant_config(_STUDY.replace(rounding=rounding, weight_grid=weight_grid,
+                                            w_bits=tuple(w_bits), a_bits=tuple(a_bits),
+                                            steps=steps))
+    tables = (weight_tables(loaded, specs, quantizer) if mode == "sensitivity" or measured
+              else None)
     importance = None
     if mode in ("orthogonality", "inverted", "random"):
         importance = profile_orthogonality(
@@ -491,12 +513,14 @@ def allocate_prior(
     if mode == "sensitivity":
         sensitivity = profile_sensitivity(
             loaded, specs, w_bits=w_bits, a_bits=a_bits, timesteps=timesteps, steps=steps,
-            n=sensitivity_n, probes=_STUDY.sensitivity_probes, seed=seed,
+            n=sensitivity_n, probes=_STUDY.sensitivity_probes, seed=seed, weights=tables,
             progress=phase("profiling output sensitivity", steps))
-    errors = weight_errors(loaded, specs, w_bits) if measured else None
+    errors = weight_errors(loaded, specs, w_bits, tables) if measured else None
     bitmap = allocate(specs, parsed, importance, w_bits=w_bits, a_bits=a_bits, ties=ties,
                       mode=cast("AllocationMode", mode), seed=seed, weight_error=errors,
                       model=loaded.identity, sensitivity=sensitivity)
+    if tables is not None:
+        bitmap = bitmap.with_meta(quantizer=quantizer_meta(tables.rounding, tables.grid))
     bitmap.save(path)
     return AllocationResult(bitmap, str(parsed), mode, cost_of(specs, bitmap), bit_tally(bitmap),
                             path)

@@ -35,6 +35,10 @@ DEFAULT_W_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 DEFAULT_A_BITS: tuple[int, ...] = (4, 5, 6, 7, 8)
 """Candidate activation bit-widths when none are given (the one definition; others read it)."""
 
+QUANTIZER_META = "quantizer"
+"""Key of a map's `meta` that records the quantizer it was made for: {"rounding": "gptq",
+"weight_grid": "minmax"} (`mpq_search.quant`: how weights are rounded onto which grid)."""
+
 _SETTING = re.compile(r"\s*W(\d+)\s*A(\d+)\s*", re.IGNORECASE)
 
 
@@ -83,6 +87,31 @@ class LayerBits:
 
 
 FLOAT = LayerBits(32, 32)
+
+
+def quantizer_meta(rounding: str, grid: str) -> dict[str, str]:
+    """What a bit map records of the quantizer it was made for (under `QUANTIZER_META`)."""
+    return {"rounding": rounding, "weight_grid": grid}
+
+
+def recorded_quantizer(meta: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(rounding, weight grid) a bit map's meta records, or None when it records none.
+
+    A study's exported map also carries the study's identity under "settings"; a study made
+    before the rounding was selectable has none there, and ran round-to-nearest ("rtn") on the
+    MSE grid.
+    """
+    recorded = meta.get(QUANTIZER_META)
+    if not isinstance(recorded, Mapping):
+        settings = meta.get("settings")
+        if not isinstance(settings, Mapping):
+            return None
+        recorded = {"rounding": settings.get("rounding", "rtn"),
+                    "weight_grid": settings.get("weight_grid", "mse")}
+    rounding, grid = recorded.get("rounding"), recorded.get("weight_grid")
+    if isinstance(rounding, str) and isinstance(grid, str):
+        return rounding, grid
+    return None
 
 
 def parse_bit_list(text: str, option: str) -> tuple[int, ...]:

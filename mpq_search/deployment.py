@@ -18,9 +18,10 @@ Closest torchao 0.18 config for each (w, a) entry of a map (`plan_layers`):
 * any layer, w in 2..8, a float: `IntxWeightOnlyConfig(int<w>)`, exactly as mapped;
 * w float: float (torchao has no activation-only config).
 
-`qparams="calibrated"` (the default) then replaces torchao's min-max weight grid by the one the
-simulation uses (per output channel, clipping range searched by MSE), so that deployed weights
-are bit-identical to simulated ones and any difference comes from activations alone;
+`qparams="calibrated"` (the default) then replaces torchao's min-max weight grid and codes by the
+simulation's (per output channel, on the study's grid, with its rounding: round-to-nearest or
+GPTQ; `quant.weight_tables`), so that deployed weights are bit-identical to simulated ones and
+any difference comes from activations alone;
 `qparams="torchao"` keeps torchao's own grid (for a conv: one scale per output channel and kernel
 position, not per output channel).
 
@@ -47,7 +48,8 @@ from mpq_search.cost import Cost, cost_of
 from mpq_search.errors import BitMapError, MPQSearchError
 from mpq_search.layers import LayerKind, LayerSpec, discover_layers, quantizable_modules
 from mpq_search.models import LoadedModel
-from mpq_search.quant._quantizers import quantize_weight
+from mpq_search.quant import QuantConfig, WeightQuant, WeightTables, weight_tables
+from mpq_search.quant._rounding import warn_if_other_quantizer
 
 Backend = Literal["torchao"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -214,8 +216,9 @@ def torchao_config(plan: Sequence[LayerDeployment]) -> Any:
     return ao.FqnToConfig(configs)
 
 
-def calibrated_weight(weight: torch.Tensor, bits: int, template: Any) -> Any:
-    """An `IntxUnpackedToInt8Tensor` holding the simulation's codes and grid for `weight`.
+def calibrated_weight(weight: torch.Tensor, stored: WeightQuant, template: Any) -> Any:
+    """An `IntxUnpackedToInt8Tensor` holding the simulation's codes and grid (`stored`, from the
+    quantizer's weight tables) for `weight`.
 
     Our grid has codes 0..2^b-1 and zero point z; torchao's has codes -2^(b-1)..2^(b-1)-1, so
     both shift by 2^(b-1) and (q - z) * s is unchanged: the dequantized weight is bit-identical
@@ -223,7 +226,7 @@ def calibrated_weight(weight: torch.Tensor, bits: int, template: Any) -> Any:
     constructor (arguments as in torchao 0.18; tests/test_deploy.py fails loudly if they change).
     """
     ao = _torchao()
-    stored = quantize_weight(weight, bits)
+    bits = stored.bits
     offset = 1 << (bits - 1)
     blocks = (weight.shape[0],) + (1,) * (weight.dim() - 1)
     return ao.IntxUnpackedToInt8Tensor(
@@ -342,8 +345,15 @@ class TorchaoDeployer:
         """Whether a map is deployed now."""
         return bool(self._originals)
 
-    def apply(self, bitmap: BitMap, *, qparams: QParams = "calibrated") -> DeployReport:
-        """Deploy `bitmap` (layers it does not list stay float) and report what runs."""
+    def apply(self, bitmap: BitMap, *, qparams: QParams = "calibrated",
+              weights: WeightTables | None = None) -> DeployReport:
+        """Deploy `bitmap` (layers it does not list stay float) and report what runs.
+
+        With `qparams="calibrated"` the integer codes are the simulation's: `weights` (a
+        `QuantEngine`'s `weights`, so that deployed and simulated weights are bit-identical), by
+        default the tables of the rounding the map records (`QuantConfig.for_bitmap`, whose GPTQ
+        calibration is the quantizer's default).
+        """
         if qparams not in QPARAMS:
             raise DeployError(f"unknown qparams {qparams!r}; supported: {', '.join(QPARAMS)}")
         denoiser = self.model.denoiser
@@ -356,14 +366,19 @@ class TorchaoDeployer:
         self.remove()
         plan = probe(plan_layers(self.specs, bitmap), self.specs, self._modules)
         config = torchao_config(plan)
+        if qparams == "calibrated":  # the codes come from the float weights: before quantize_
+            if weights is None:
+                weights = weight_tables(self.model, self.specs, QuantConfig.for_bitmap(bitmap))
+            else:
+                warn_if_other_quantizer(bitmap.meta, weights.rounding, weights.grid)
         for p in plan:
             if p.config is not None:
                 module = self._modules[p.name]
                 self._originals[p.name] = (module.weight, module.bias)
         setattr(denoiser, _DEPLOYER_ATTR, self)
         _torchao().quantize_(denoiser, config, filter_fn=None)
-        if qparams == "calibrated":
-            self._use_calibrated(plan)
+        if weights is not None:
+            self._use_calibrated(plan, weights)
         sizes = [stored_bytes(self._modules[s.name]) for s in self.specs]
         return DeployReport(backend="torchao", version=torchao_version(), qparams=qparams,
                             layout=LAYOUT, layers=plan,
@@ -371,13 +386,14 @@ class TorchaoDeployer:
                             stored_bytes=sum(s for s, _ in sizes),
                             packed_bytes=sum(p for _, p in sizes))
 
-    def _use_calibrated(self, plan: Sequence[LayerDeployment]) -> None:
+    def _use_calibrated(self, plan: Sequence[LayerDeployment], weights: WeightTables) -> None:
         for p in plan:
             if p.config is None:
                 continue
             module = self._modules[p.name]
             original = self._originals[p.name][0]
-            new = calibrated_weight(original.detach(), p.runs.w, module.weight)
+            new = calibrated_weight(original.detach(), weights.quant(p.name, p.runs.w),
+                                    module.weight)
             module.weight = nn.Parameter(new, requires_grad=False)
 
     def remove(self) -> None:
@@ -393,7 +409,7 @@ class TorchaoDeployer:
 
 
 def deploy(model: LoadedModel, bitmap: BitMap, backend: Backend = "torchao", *,
-           qparams: QParams = "calibrated") -> DeployReport:
+           qparams: QParams = "calibrated", weights: WeightTables | None = None) -> DeployReport:
     """Quantize `model`'s denoiser in place as `bitmap` says, with real integer weights.
 
     `undeploy(model)` restores the FP model. See the module docstring for how each entry maps
@@ -401,7 +417,7 @@ def deploy(model: LoadedModel, bitmap: BitMap, backend: Backend = "torchao", *,
     """
     if backend not in BACKENDS:
         raise DeployError(f"unknown backend {backend!r}; supported: {', '.join(BACKENDS)}")
-    return TorchaoDeployer(model).apply(bitmap, qparams=qparams)
+    return TorchaoDeployer(model).apply(bitmap, qparams=qparams, weights=weights)
 
 
 def undeploy(model: LoadedModel) -> None:

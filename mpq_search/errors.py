@@ -51,3 +51,12 @@ class StudyError(MPQSearchError):
 
 class StudyNotFoundError(StudyError):
     """The storage holds no study of the requested name (the storage itself was reachable)."""
+
+
+class MPQSearchWarning(UserWarning):
+    """Root of the warnings this package emits; the CLI prints each as one line."""
+
+
+class RoundingMismatchWarning(MPQSearchWarning):
+    """A bit map is applied with another weight rounding or grid than the one it records (it
+    was searched for that quantizer: its layers' errors were ranked under it)."""

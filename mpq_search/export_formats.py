@@ -1,8 +1,10 @@
 """Bit maps in the formats other tools read: torchao, ModelOpt-style `quantized_layers`, YAML.
 
-Each writer has a reader that gives the map back (tests read every format back). Every file
-carries a schema string; a reader refuses another one. Only single-group maps can be written:
-none of these consumers switches plans between sampling steps.
+Each writer has a reader that gives the map back (tests read every format back). Every format
+records the weight rounding and grid the map was made for ("quantizer", when the map records
+one: `bitmap.recorded_quantizer`); the torchao file carries it in its copy of the map's meta.
+Every file carries a schema string; a reader refuses another one. Only single-group maps can be
+written: none of these consumers switches plans between sampling steps.
 
 torchao (`*.torchao.json`, schema `mpq-search/torchao/v1`)::
 
@@ -24,7 +26,8 @@ modelopt (`*.modelopt.json`, producer `mpq-search`), shaped as ModelOpt's mixed-
                       "quantized_layers": {"conv_in": {"quant_algo": "W4A8", "weight_bits": 4,
                                            "activation_bits": 8, "granularity": "per_channel",
                                            "activations": "per_tensor_static"}},
-                      "exclude_modules": ["..."]}}
+                      "exclude_modules": ["..."],
+                      "quantizer": {"rounding": "gptq", "weight_grid": "minmax"}}}
 
   `quant_algo` is `W<w>A<a>` (A16/A32: float activations), not one of ModelOpt's named recipes
   (W4A16_AWQ, FP8, ...): a consumer that knows only those must map it.
@@ -33,6 +36,7 @@ yaml (`*.yaml`, schema `mpq-search/bits-yaml/v1`), layer -> bits as in MixDQ's c
 
     schema: mpq-search/bits-yaml/v1
     model: {name: mnist-ddpm, weights_hash: ...}
+    quantizer: {rounding: gptq, weight_grid: minmax}
     weight_bits: {conv_in: 8, ...}
     act_bits: {conv_in: 8, ...}
 """
@@ -46,7 +50,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from mpq_search import __version__
-from mpq_search.bitmap import FLOAT, BitMap, LayerBits, ModelIdentity, is_float
+from mpq_search.bitmap import (
+    FLOAT,
+    QUANTIZER_META,
+    BitMap,
+    LayerBits,
+    ModelIdentity,
+    is_float,
+    quantizer_meta,
+    recorded_quantizer,
+)
 from mpq_search.deployment import (
     LayerDeployment,
     check_single_group,
@@ -104,6 +117,19 @@ def _identity(data: Any, where: str) -> ModelIdentity:
 
 def _model(identity: ModelIdentity) -> dict[str, str]:
     return {"name": identity.name, "weights_hash": identity.weights_hash}
+
+
+def _quantizer(bitmap: BitMap) -> dict[str, Any]:
+    """The weight rounding and grid the map was made for, as a format records it ({} when the
+    map records none): integer codes from another rounding are other weights."""
+    recorded = recorded_quantizer(bitmap.meta)
+    return {} if recorded is None else {QUANTIZER_META: quantizer_meta(*recorded)}
+
+
+def _quantizer_back(data: dict[str, Any]) -> dict[str, Any]:
+    """The map meta of what `_quantizer` wrote."""
+    recorded = recorded_quantizer({QUANTIZER_META: data.get(QUANTIZER_META)})
+    return {} if recorded is None else {QUANTIZER_META: quantizer_meta(*recorded)}
 
 
 # --- torchao ----------------------------------------------------------------------------------
@@ -167,7 +193,8 @@ def write_modelopt(bitmap: BitMap, path: str | Path) -> Exported:
         "model": _model(bitmap.model),
         "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
                          "quantized_layers": quantized,
-                         "exclude_modules": sorted(n for n, b in layers.items() if b == FLOAT)},
+                         "exclude_modules": sorted(n for n, b in layers.items() if b == FLOAT),
+                         **_quantizer(bitmap)},
     }
     return Exported(_write(path, json.dumps(data, indent=1) + "\n"))
 
@@ -189,7 +216,8 @@ def read_modelopt(path: str | Path) -> BitMap:
         if not isinstance(entry, dict):
             raise BitMapError(f"{path}: layer {name!r} must be an object")
         layers[name] = LayerBits(entry.get("weight_bits", 0), entry.get("activation_bits", 0))
-    return BitMap.from_layers(_identity(data.get("model"), str(path)), layers)
+    return BitMap.from_layers(_identity(data.get("model"), str(path)), layers,
+                              meta=_quantizer_back(quantization))
 
 
 # --- yaml -------------------------------------------------------------------------------------
@@ -198,7 +226,7 @@ def write_yaml(bitmap: BitMap, path: str | Path) -> Exported:
     import yaml
 
     layers = check_single_group(bitmap, "a YAML bit map")
-    data = {"schema": YAML_SCHEMA, "model": _model(bitmap.model),
+    data = {"schema": YAML_SCHEMA, "model": _model(bitmap.model), **_quantizer(bitmap),
             "weight_bits": {n: b.w for n, b in layers.items()},
             "act_bits": {n: b.a for n, b in layers.items()}}
     return Exported(_write(path, yaml.safe_dump(data, sort_keys=False)))
@@ -219,7 +247,8 @@ def read_yaml(path: str | Path) -> BitMap:
     if not isinstance(w, dict) or not isinstance(a, dict) or set(w) != set(a):
         raise BitMapError(f"{path}: 'weight_bits' and 'act_bits' must map the same layers")
     layers = {name: LayerBits(w[name], a[name]) for name in w}
-    return BitMap.from_layers(_identity(data.get("model"), str(path)), layers)
+    return BitMap.from_layers(_identity(data.get("model"), str(path)), layers,
+                              meta=_quantizer_back(data))
 
 
 def read_format(path: str | Path, fmt: Format) -> BitMap:

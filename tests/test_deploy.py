@@ -14,6 +14,7 @@ Tolerances (stated once, asserted below), per layer on the same FP input:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,20 @@ def rms(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt())
 
 
-def test_deployed_layers_match_the_simulation(tiny: tuple[LoadedModel, list[LayerSpec]]) -> None:
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_deployed_layers_match_the_simulation(tiny: tuple[LoadedModel, list[LayerSpec]],
+                                              rounding: str) -> None:
+    """The deployed integer codes are the simulation's, whichever rounding made them."""
     model, specs = tiny
     bitmap = mixed_map(model, specs)
     inputs = layer_inputs(model)
     fp = run_layers(model, inputs)
-    engine = QuantEngine(model, specs, CALIB).calibrate()
+    config = replace(CALIB, rounding=rounding, weight_grid="minmax" if rounding == "gptq"
+                     else "mse")
+    engine = QuantEngine(model, specs, config).calibrate()
     deployer = TorchaoDeployer(model, specs)
-    report = deployer.apply(bitmap)
+    # rtn: the default tables of the map (the same rounding); gptq: the engine's own tables
+    report = deployer.apply(bitmap, weights=engine.weights if rounding == "gptq" else None)
     deployed = run_layers(model, inputs)
     modules = quantizable_modules(model.denoiser)
     dequantized = {p.name: modules[p.name].weight.dequantize() for p in report.layers

@@ -119,6 +119,10 @@ def allocate(
     a_bits: str = typer.Option(_bit_list(STUDY.a_bits), help="Candidate activation bits."),
     ties: bool = typer.Option(STUDY.tie_layers, help="Tie q/k/v and shortcut/main-path bits."),
     measured: bool = typer.Option(True, help="Use measured weight errors (else the 4^-b model)."),
+    rounding: str = typer.Option(STUDY.rounding, help="Weight rounding the measured errors and "
+                                 "sensitivities are of: rtn or gptq (recorded in the map)."),
+    weight_grid: str = typer.Option(STUDY.weight_grid, "--weight-grid",
+                                    help="Weight grid: mse or minmax (recorded in the map)."),
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
     json_out: JsonOption = False,
@@ -132,8 +136,9 @@ def allocate(
         result = allocate_prior(
             model, budget_text, path=output, mode=mode, beta=beta, measured=measured,
             timesteps=timesteps, steps=steps, n=n, sensitivity_n=sensitivity_n, seed=seed,
-            w_bits=w_list, a_bits=a_list, ties=ties, guidance_scale=guidance_scale,
-            device=device, progress=phases)
+            w_bits=w_list, a_bits=a_list, ties=ties, rounding=rounding,
+            weight_grid=weight_grid, guidance_scale=guidance_scale, device=device,
+            progress=phases)
     if json_out:
         print_json(result)
         return

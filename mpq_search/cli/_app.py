@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, Protocol, TypeVar
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mpq_search.errors import MPQSearchError
+from mpq_search.errors import MPQSearchError, MPQSearchWarning
 
 if TYPE_CHECKING:
     from mpq_search.api_commands import Phases
@@ -71,7 +72,9 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
 
         configure_process()
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # restores the handler below when the command ends
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+                return func(*args, **kwargs)
         except MPQSearchError as e:
             raise fail(str(e)) from None
         except OSError as e:
@@ -82,6 +85,21 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise
 
     return wrapper
+
+
+def _one_line_warnings(previous: Callable[..., None]) -> Callable[..., None]:
+    """A `warnings.showwarning` that prints the package's own warnings as one line on stderr,
+    and hands others to `previous` (Python's printer)."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, MPQSearchWarning):
+            err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False,
+                              soft_wrap=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
 
 
 class StopRequest:

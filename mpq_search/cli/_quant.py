@@ -39,6 +39,12 @@ ActCalibrationOption = Annotated[
 CalibNOption = Annotated[
     int, typer.Option(help="FP trajectories sampled for activation calibration.", min=1)
 ]
+RoundingOption = Annotated[str, typer.Option(
+    "--rounding", help="Weight rounding: rtn (round to nearest) or gptq (error-compensating, "
+    "from the calibration inputs' Hessians).")]
+WeightGridOption = Annotated[str, typer.Option(
+    "--weight-grid", help="Per-channel weight grid: mse (clipping searched by weight MSE) or "
+    "minmax (full range).")]
 SplitOption = Annotated[
     bool, typer.Option(help="Separate activation ranges for concatenated skip inputs.")
 ]
@@ -57,6 +63,8 @@ def quantize_command(
     act_calibration: ActCalibrationOption = QUANT.act_calibration,
     calib_n: CalibNOption = QUANT.calib_n,
     split_skip: SplitOption = QUANT.split_skip,
+    rounding: RoundingOption = QUANT.rounding,
+    weight_grid: WeightGridOption = QUANT.weight_grid,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
     json_out: JsonOption = False,
@@ -68,12 +76,14 @@ def quantize_command(
         result = quantize_uniform(
             model, setting=uniform, feature_net=features, n=n, steps=steps, seed=seed,
             batch_size=batch_size, act_calibration=act_calibration, calib_n=calib_n,
-            split_skip=split_skip, guidance_scale=guidance_scale, device=device, progress=phases)
+            split_skip=split_skip, rounding=rounding, weight_grid=weight_grid,
+            guidance_scale=guidance_scale, device=device, progress=phases)
     if json_out:
         print_json(result)
         return
     table = Table(title=f"{result.model}: uniform {result.setting} ({features}, N={result.n}, "
-                        f"{result.steps} DDIM steps, seed {result.seed})")
+                        f"{result.steps} DDIM steps, seed {result.seed}; {result.rounding} "
+                        f"weights on the {result.weight_grid} grid)")
     for column in ("model", "FID vs held-out", "FID-excess vs FP"):
         table.add_column(column, justify="right" if column != "model" else "left")
     table.add_row("FP", f"{result.fp_fid:.2f}", "0")
@@ -95,6 +105,12 @@ def apply_command(
     batch_size: BatchOption = BATCH_SIZE,
     act_calibration: ActCalibrationOption = QUANT.act_calibration,
     calib_n: CalibNOption = QUANT.calib_n,
+    rounding: Annotated[str | None, typer.Option(
+        "--rounding", help="Weight rounding (rtn or gptq); default: the one the map records, "
+        "else rtn. Another than the map's warns.")] = None,
+    weight_grid: Annotated[str | None, typer.Option(
+        "--weight-grid", help="Weight grid (mse or minmax); default: the map's, else mse.")]
+    = None,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
 ) -> None:
@@ -104,8 +120,9 @@ def apply_command(
     with progress_bars() as phases:
         result = apply_bitmap(bitmap_path, model=model, path=out, n=n, steps=steps, seed=seed,
                               batch_size=batch_size, act_calibration=act_calibration,
-                              calib_n=calib_n, guidance_scale=guidance_scale, device=device,
-                              progress=phases)
+                              calib_n=calib_n, rounding=rounding, weight_grid=weight_grid,
+                              guidance_scale=guidance_scale, device=device, progress=phases)
     plural = "s" if result.groups > 1 else ""
     console.print(f"wrote {result.n} samples of {result.model} with {result.bitmap} "
-                  f"({result.groups} timestep group{plural}) to {result.path}")
+                  f"({result.groups} timestep group{plural}; {result.rounding} weights on the "
+                  f"{result.weight_grid} grid) to {result.path}")

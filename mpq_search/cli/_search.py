@@ -98,6 +98,12 @@ def run_command(
         "--surrogate-prior", help="Where the guided search's surrogate starts: best-prior "
         "(default: the ILP prior that scores best on the proxy), sensitivity, orthogonality or "
         "size.")] = None,
+    rounding: Annotated[str | None, typer.Option(
+        "--rounding", help="Weight rounding: rtn (round to nearest) or gptq (error-"
+        "compensating, from the calibration inputs' Hessians). Part of the study.")] = None,
+    weight_grid: Annotated[str | None, typer.Option(
+        "--weight-grid", help="Per-channel weight grid: mse (clipping searched by weight MSE) "
+        "or minmax (full range). Part of the study.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
     guidance_scale: GuidanceOption = None,
@@ -127,6 +133,7 @@ def run_command(
                   proxy_steps=proxy_steps,
                   promote_passes=promote_passes, promote_margin=promote_margin,
                   guard_n=guard_n, surrogate_prior=surrogate_prior, threads=threads,
+                  rounding=rounding, weight_grid=weight_grid,
                   root=str(root) if root else None, guidance_scale=guidance_scale,
                   device=device, prompts=str(prompts) if prompts else None)
     if workers < 1:

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from mpq_search.importance._cka import uniform_steps
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel, ModelIdentity
 from mpq_search.trajectory import DenoiserCall, initial_noise, trajectory_for
+
+if TYPE_CHECKING:
+    from mpq_search.quant import WeightTables
 
 
 @dataclass(frozen=True)
@@ -50,25 +53,35 @@ class Sensitivity:
         }
 
 
+def _tables_for(model: LoadedModel, specs: Sequence[LayerSpec], w_bits: Sequence[int],
+                weights: WeightTables | None) -> WeightTables:
+    """The given tables, or round-to-nearest on the MSE grid (the quantizer's default)."""
+    if weights is not None:
+        return weights
+    from mpq_search.quant import QuantConfig, weight_tables
+
+    return weight_tables(model, specs, QuantConfig(w_bits=tuple(sorted(set(w_bits)))))
+
+
 @torch.no_grad()
 def weight_errors(
-    model: LoadedModel, specs: Sequence[LayerSpec], w_bits: Sequence[int]
+    model: LoadedModel, specs: Sequence[LayerSpec], w_bits: Sequence[int],
+    weights: WeightTables | None = None,
 ) -> dict[str, dict[int, float]]:
     """Relative weight error |W - Q_b(W)|^2 / |W|^2 of every layer with the real quantizer.
 
-    The quantizer is the quant engine's per-channel MSE-clipped one, so these are the weight
-    perturbations the allocation's objective should see (allocate(weight_error=...)).
+    `weights` are the quantizer's rounded weights (`quant.weight_tables`, the rounding a study
+    uses); default: round-to-nearest on the MSE grid. So these are the weight perturbations the
+    allocation's objective should see (allocate(weight_error=...)).
     """
-    from mpq_search.quant._quantizers import quantize_weight
-
+    tables = _tables_for(model, specs, w_bits, weights)
     modules = quantizable_modules(model.denoiser)
     out: dict[str, dict[int, float]] = {}
     for spec in specs:
         weight = torch.as_tensor(modules[spec.name].weight).detach().float()
         norm = float(weight.square().sum()) or 1e-30
         out[spec.name] = {
-            b: float((quantize_weight(weight, b).dequantize() - weight).square().sum()) / norm
-            for b in w_bits
+            b: float(tables.delta(spec.name, b, weight).square().sum()) / norm for b in w_bits
         }
     return out
 
@@ -112,13 +125,11 @@ class _Accumulator:
 
 
 def _accumulator(model: LoadedModel, names: Sequence[str], w_bits: Sequence[int],
-                 seed: int) -> _Accumulator:
-    from mpq_search.quant._quantizers import quantize_weight
-
+                 seed: int, tables: WeightTables) -> _Accumulator:
     modules = quantizable_modules(model.denoiser)
     params = {name: modules[name].weight for name in names}
-    deltas = {name: torch.stack([quantize_weight(w.detach(), b).dequantize() - w.detach()
-                                 for b in w_bits]) for name, w in params.items()}
+    deltas = {name: torch.stack([tables.delta(name, b, w).to(w.dtype) for b in w_bits])
+              for name, w in params.items()}
     sens_w = {name: torch.zeros(len(w_bits), dtype=torch.float64) for name in names}
     return _Accumulator(
         params=params, deltas=deltas, grabber=_InputGrabber({n: modules[n] for n in names}),
@@ -138,6 +149,7 @@ def profile_sensitivity(
     n: int = 16,
     probes: int = 8,
     seed: int = 0,
+    weights: WeightTables | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Sensitivity:
     """Per-layer, per-bit-width output perturbation, every layer from the same backward passes.
@@ -147,13 +159,16 @@ def profile_sensitivity(
     gradient of that projection for every weight and every layer input at once. Then
     E_v (g_W . dW)^2 = |J_W dW|^2 (Hutchinson) for the real quantizer's dW at each bit-width, and
     E (g_x . dx)^2 = |g_x|^2 step^2 / 12 for uniform rounding noise on the input. Inputs x_t come
-    from a real FP trajectory of n samples, at `timesteps` uniformly spaced steps.
+    from a real FP trajectory of n samples, at `timesteps` uniformly spaced steps. dW is the
+    quantizer's own rounding: `weights` (`quant.weight_tables` of the study's rounding), by
+    default round-to-nearest on the MSE grid.
     """
     if n < 1 or probes < 1:
         raise MPQSearchError(f"sensitivity needs n >= 1 and probes >= 1, got {n}, {probes}")
     started = time.perf_counter()
     names = [s.name for s in specs]
-    acc = _accumulator(model, names, w_bits, seed)
+    tables = _tables_for(model, specs, w_bits, weights)
+    acc = _accumulator(model, names, w_bits, seed, tables)
     profiled = set(uniform_steps(steps, timesteps))
     for p in acc.params.values():
         p.requires_grad_(True)
@@ -180,7 +195,8 @@ def profile_sensitivity(
     weight = {name: {b: float(v) / count for b, v in zip(w_bits, row.tolist(), strict=True)}
               for name, row in acc.sens_w.items()}
     settings = {"method": "output-sensitivity", "timesteps": timesteps, "steps": steps, "n": n,
-                "probes": probes, "seed": seed}
+                "probes": probes, "seed": seed, "rounding": tables.rounding,
+                "weight_grid": tables.grid}
     return Sensitivity(model.identity, weight, activation, settings,
                        {"seconds": time.perf_counter() - started})
 

@@ -2,7 +2,9 @@
 
 The scheme follows Q-Diffusion (ICCV 2023):
 
-* weights: uniform affine, per output channel, clipping range searched by MSE over shrink factors;
+* weights: uniform affine, per output channel (the grid: clipping range searched by MSE over
+  shrink factors, or min-max), rounded to nearest or by GPTQ (error-compensating rounding from
+  the layers' input Hessians on the calibration trajectories; `_rounding`, `_tables`);
 * activations: the *input* of every Conv2d/Linear, uniform affine per tensor, with ranges
   calibrated on activations collected at uniformly spaced timesteps of real FP DDIM sampling
   trajectories (timestep-aware calibration), by min-max, MSE or percentile;
@@ -16,15 +18,31 @@ hundreds of maps. `QuantEngine.remove()` restores the FP model bit-exactly.
 
 from mpq_search.quant._config import ACT_CALIBRATIONS, ActCalibration, QuantConfig, parse_setting
 from mpq_search.quant._engine import QuantEngine, apply
-from mpq_search.quant._quantizers import fake_quantize, round_ste
+from mpq_search.quant._quantizers import WeightQuant, fake_quantize, round_ste
+from mpq_search.quant._rounding import (
+    ROUNDINGS,
+    WEIGHT_GRIDS,
+    Rounding,
+    WeightGrid,
+    warn_if_other_quantizer,
+)
+from mpq_search.quant._tables import WeightTables, weight_tables
 
 __all__ = [
     "ACT_CALIBRATIONS",
+    "ROUNDINGS",
+    "WEIGHT_GRIDS",
     "ActCalibration",
     "QuantConfig",
     "QuantEngine",
+    "Rounding",
+    "WeightGrid",
+    "WeightQuant",
+    "WeightTables",
     "apply",
     "fake_quantize",
     "parse_setting",
     "round_ste",
+    "warn_if_other_quantizer",
+    "weight_tables",
 ]

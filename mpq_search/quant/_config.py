@@ -12,8 +12,15 @@ from mpq_search.bitmap import (
     BitMap,
     LayerBits,
     is_float,
+    recorded_quantizer,
 )
 from mpq_search.errors import CalibrationError
+from mpq_search.quant._rounding import (
+    ROUNDINGS,
+    WEIGHT_GRIDS,
+    Rounding,
+    WeightGrid,
+)
 
 ActCalibration = Literal["mse", "minmax", "percentile"]
 ACT_CALIBRATIONS: tuple[str, ...] = get_args(ActCalibration)
@@ -53,6 +60,20 @@ class QuantConfig:
     denoiser call's timestep is used (the input of the first conv is x_t itself, whose range
     shrinks from about +-4 to +-1 along sampling); "shared": one range over all calibrated
     timesteps (Q-Diffusion)."""
+    rounding: Rounding = "rtn"
+    """How weights are rounded onto their grid: "rtn" (round to nearest) or "gptq" (columns
+    rounded in turn, each one's error compensated on the rest through the inverse Hessian of the
+    layer's inputs on the calibration trajectories; `quant._rounding`)."""
+    weight_grid: WeightGrid = "mse"
+    """Per-output-channel weight grid: "mse" (the [min, max] range shrunk by the factor with the
+    least squared weight error, Q-Diffusion) or "minmax" (the full range)."""
+    gptq_damp: float = 0.01
+    """GPTQ dampening: this share of mean(diag H) is added to H's diagonal."""
+    gptq_act_order: bool = True
+    """GPTQ rounds columns in descending order of diag(H) (inputs with most energy first)."""
+    max_hessian_bytes: int = 1 << 30
+    """GPTQ collects the input Hessians of as many layers at a time as fit in this many bytes,
+    one calibration sampling pass per such chunk (bounded memory on real-size models)."""
     kernel: Kernel = "compiled"
     """Activation fake-quant: "compiled" (torch.compile, one fused loop; the first use in a
     process compiles for a few seconds) or "eager" (four torch ops). Same numbers either way."""
@@ -83,6 +104,20 @@ class QuantConfig:
             raise CalibrationError(
                 f"unknown kernel {self.kernel!r}; supported: {', '.join(KERNELS)}"
             )
+        if self.rounding not in ROUNDINGS:
+            raise CalibrationError(
+                f"unknown rounding {self.rounding!r}; supported: {', '.join(ROUNDINGS)}"
+            )
+        if self.weight_grid not in WEIGHT_GRIDS:
+            raise CalibrationError(
+                f"unknown weight_grid {self.weight_grid!r}; supported: {', '.join(WEIGHT_GRIDS)}"
+            )
+        if not 0.0 < self.gptq_damp <= 10.0:
+            raise CalibrationError(f"gptq_damp must be in (0, 10], got {self.gptq_damp}")
+        if self.max_hessian_bytes < 0:
+            raise CalibrationError(
+                f"max_hessian_bytes must be >= 0, got {self.max_hessian_bytes}"
+            )
         if not 50.0 < self.percentile <= 100.0:
             raise CalibrationError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.max_cache_bytes < 0:
@@ -90,10 +125,17 @@ class QuantConfig:
 
     @classmethod
     def for_bitmap(cls, bitmap: BitMap, **settings: Any) -> QuantConfig:
-        """A config whose candidates are the bit-widths `bitmap` uses (less to calibrate)."""
+        """A config whose candidates are the bit-widths `bitmap` uses (less to calibrate).
+
+        The weight rounding and grid are the map's own (`recorded_quantizer`) unless `settings`
+        name them (applying the map with others warns: `quant.apply`).
+        """
         used = [bits for group in bitmap.groups for bits in group.layers.values()]
         w_bits = sorted({b.w for b in used if not is_float(b.w)})
         a_bits = sorted({b.a for b in used if not is_float(b.a)})
+        recorded = recorded_quantizer(bitmap.meta)
+        if recorded is not None and recorded[0] in ROUNDINGS and recorded[1] in WEIGHT_GRIDS:
+            settings = {"rounding": recorded[0], "weight_grid": recorded[1], **settings}
         return cls(w_bits=tuple(w_bits) or (8,), a_bits=tuple(a_bits) or (8,), **settings)
 
     def recorded_steps(self) -> list[int]:

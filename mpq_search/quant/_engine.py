@@ -41,8 +41,9 @@ from mpq_search.quant._quantizers import (
     compiling_every_layout,
     fake_quant_act,
     fused_fake_quant_act,
-    quantize_weight,
 )
+from mpq_search.quant._rounding import warn_if_other_quantizer
+from mpq_search.quant._tables import WeightTables, weight_tables
 from mpq_search.trajectory import sample, sampling_timesteps
 
 _ENGINE_ATTR = "_mpq_search_engine"
@@ -132,7 +133,10 @@ class QuantEngine:
     """
 
     def __init__(self, model: LoadedModel, specs: list[LayerSpec],
-                 config: QuantConfig | None = None) -> None:
+                 config: QuantConfig | None = None, *,
+                 weights: WeightTables | None = None) -> None:
+        """`weights`: rounded weight tables computed already (by `weight_tables` with this
+        config's rounding, grid and bits); default: `calibrate()` computes them."""
         self.model = model
         self.specs = list(specs)
         self.config = config or QuantConfig()
@@ -141,7 +145,13 @@ class QuantEngine:
         if missing:
             raise MPQSearchError(f"layer specs name modules the model lacks: {missing[:3]}")
         self._modules: dict[str, nn.Module] = {s.name: modules[s.name] for s in self.specs}
-        self._weights: dict[str, dict[int, WeightQuant]] = {}
+        self._tables = weights
+        if weights is not None and (weights.rounding, weights.grid) != (
+                self.config.rounding, self.config.weight_grid):
+            raise CalibrationError(
+                f"weight tables are {weights.rounding}/{weights.grid}, the config asks for "
+                f"{self.config.rounding}/{self.config.weight_grid}")
+        self._weights: Mapping[str, Mapping[int, WeightQuant]] = {}
         self._dequant: dict[tuple[str, int], torch.Tensor] = {}
         self._acts: dict[str, dict[int, _ActState]] = {}
         self._ranges: dict[str, dict[int, list[list[ActRange]]]] = {}
@@ -222,12 +232,24 @@ class QuantEngine:
         finally:
             self.remove()
 
+    @property
+    def weights(self) -> WeightTables:
+        """The rounded weight tables every applied map uses (after `calibrate()`)."""
+        if self._tables is None:
+            raise CalibrationError("call QuantEngine.calibrate() before reading its weights")
+        return self._tables
+
     def _calibrate_weights(self) -> None:
         budget = self.config.max_cache_bytes
-        self._weights, self._dequant = {}, {}
+        if self._tables is None:
+            self._tables = weight_tables(self.model, self.specs, self.config)
+        self._weights, self._dequant = self._tables.entries, {}
         for name, module in self._modules.items():
+            missing = set(self.config.w_bits) - set(self._weights.get(name, {}))
+            if missing:
+                raise CalibrationError(f"the weight tables lack layer {name!r} at "
+                                       f"{_listing(missing)} bits")
             weight = _weight(module)
-            self._weights[name] = {b: quantize_weight(weight, b) for b in self.config.w_bits}
             for bits, entry in self._weights[name].items():
                 size = weight.numel() * weight.element_size()
                 if size <= budget:  # fastest apply: the fake-quantized tensor itself
@@ -432,11 +454,14 @@ def _listing(bits: Iterable[int]) -> str:
 def apply(model: LoadedModel, bitmap: BitMap, config: QuantConfig | None = None) -> QuantEngine:
     """Calibrate an engine for `model` and apply `bitmap` in place; `engine.remove()` undoes it.
 
-    Without a config, only the bit-widths the map uses are calibrated.
+    Without a config, only the bit-widths the map uses are calibrated, with the weight rounding
+    the map records (`QuantConfig.for_bitmap`); a config with another one warns.
     """
     specs = discover_layers(model.denoiser)
     bitmap.validate([s.name for s in specs], model.identity)  # fail before the slow part
-    engine = QuantEngine(model, specs, config or QuantConfig.for_bitmap(bitmap))
+    config = config or QuantConfig.for_bitmap(bitmap)
+    warn_if_other_quantizer(bitmap.meta, config.rounding, config.weight_grid)
+    engine = QuantEngine(model, specs, config)
     engine.calibrate()
     engine.apply(bitmap)
     return engine

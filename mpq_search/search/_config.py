@@ -23,7 +23,15 @@ from mpq_search.cost import canonical_budget
 from mpq_search.errors import StudyError
 from mpq_search.evaluate import PROXIES, ProxyName
 from mpq_search.fid import FEATURE_NETS, FeatureNetName
-from mpq_search.quant import ACT_CALIBRATIONS, ActCalibration
+from mpq_search.quant import (
+    ACT_CALIBRATIONS,
+    ROUNDINGS,
+    WEIGHT_GRIDS,
+    ActCalibration,
+    QuantConfig,
+    Rounding,
+    WeightGrid,
+)
 from mpq_search.search._storage import Liveness
 
 SamplerName = Literal["guided", "nsga2", "tpe", "gp", "random"]
@@ -42,11 +50,12 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "budget", "objectives", "timestep_groups", "w_bits", "a_bits", "n", "steps", "sample_seed",
     "feature_net", "act_calibration", "calib_n", "calib_steps", "calib_timesteps", "tie_layers",
     "guidance_scale", "prompts", "proxy", "proxy_steps", "promote_passes",
-    "promote_margin", "promote_seed", "guard_n", "guard_ratio", "guard_seed",
+    "promote_margin", "promote_seed", "guard_n", "guard_ratio", "guard_seed", "rounding",
+    "weight_grid",
 )
 # Identity fields a study made before they existed held at these values, not today's defaults.
 LEGACY_IDENTITY: dict[str, Any] = {"proxy": "fid", "proxy_steps": None, "promote_passes": 1,
-                                   "guard_n": 0}
+                                   "guard_n": 0, "rounding": "rtn", "weight_grid": "mse"}
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,13 @@ class StudyConfig:
     """Samples for the output-sensitivity profile (each of its probes is one backward pass)."""
     sensitivity_probes: int = 8
     act_calibration: ActCalibration = "mse"
+    rounding: Rounding = "rtn"
+    """How weights are rounded onto their per-channel grid: "rtn" (to nearest) or "gptq"
+    (error-compensating, from the calibration trajectories' input Hessians; `mpq_search.quant`).
+    Part of the study's identity, and recorded in every exported bit map."""
+    weight_grid: WeightGrid = "mse"
+    """Per-output-channel weight grid: "mse" (clipping range searched by weight MSE) or
+    "minmax" (each channel's full range)."""
     calib_n: int = 32
     calib_steps: int = 20
     calib_timesteps: int = 10
@@ -325,6 +341,12 @@ def _check(config: StudyConfig) -> None:
     device = config.device
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.lower()):
         raise StudyError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if config.rounding not in ROUNDINGS:
+        raise StudyError(f"unknown rounding {config.rounding!r}; supported: "
+                         f"{', '.join(ROUNDINGS)}")
+    if config.weight_grid not in WEIGHT_GRIDS:
+        raise StudyError(f"unknown weight_grid {config.weight_grid!r}; supported: "
+                         f"{', '.join(WEIGHT_GRIDS)}")
     if config.act_calibration not in ACT_CALIBRATIONS:
         raise StudyError(f"unknown act_calibration {config.act_calibration!r}; supported: "
                          f"{', '.join(ACT_CALIBRATIONS)}")
@@ -336,6 +358,15 @@ def _check(config: StudyConfig) -> None:
             or config.calib_timesteps < 1:
         raise StudyError(f"calib_timesteps must be an integer >= 1, got "
                          f"{config.calib_timesteps!r}")
+
+
+def quant_config(config: StudyConfig) -> QuantConfig:
+    """The quantizer's calibration and weight rounding as the study config says."""
+    return QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits,
+                       act_calibration=config.act_calibration, calib_n=config.calib_n,
+                       calib_steps=config.calib_steps,
+                       calib_timesteps=min(config.calib_timesteps, config.calib_steps),
+                       rounding=config.rounding, weight_grid=config.weight_grid)
 
 
 def surrogate_modes(config: StudyConfig) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from mpq_search.cost import Budget, check_feasible, parse_budget
 from mpq_search.errors import InfeasibleBudgetError, StudyError
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model
-from mpq_search.search._config import StudyConfig, surrogate_modes
+from mpq_search.search._config import StudyConfig, quant_config, surrogate_modes
 from mpq_search.search._repair import Surrogate
 from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._study import ROLE_BASELINE, ROLE_PRIOR, Seed
@@ -169,6 +169,7 @@ def profile(
     sensitivity (else None), at the same timesteps: `importance_timesteps` of the sampling
     steps, or every step of a run that has fewer (as calibration clamps its timesteps)."""
     from mpq_search.importance import profile_orthogonality, profile_sensitivity
+    from mpq_search.quant import weight_tables
 
     timesteps = min(config.importance_timesteps, config.steps)
     orthogonality = profile_orthogonality(
@@ -179,7 +180,9 @@ def profile(
     sensitivity = profile_sensitivity(
         model, specs, w_bits=config.w_bits, a_bits=config.a_bits,
         timesteps=timesteps, steps=config.steps, n=config.sensitivity_n,
-        probes=config.sensitivity_probes, seed=config.seed)
+        probes=config.sensitivity_probes, seed=config.seed,
+        # the study's own rounding (GPTQ tables are cached on disk: calibration reuses them)
+        weights=weight_tables(model, specs, quant_config(config)))
     return orthogonality, sensitivity
 
 

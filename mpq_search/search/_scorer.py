@@ -21,8 +21,8 @@ from mpq_search.evaluate import (
 )
 from mpq_search.fid import FeatureNet, get_feature_net
 from mpq_search.models import LoadedModel
-from mpq_search.quant import QuantConfig, QuantEngine
-from mpq_search.search._config import StudyConfig
+from mpq_search.quant import QuantEngine
+from mpq_search.search._config import StudyConfig, quant_config
 from mpq_search.search._prepare import SearchPlan
 
 
@@ -56,14 +56,6 @@ class Scorer:
     def reference_for(self, settings: SampleSettings) -> Reference:
         """The FP reference of other sample settings (cached on disk)."""
         return fp_reference(self.model, self.net, settings)
-
-
-def quant_config(config: StudyConfig) -> QuantConfig:
-    """The quantizer's calibration as the study config says."""
-    return QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits,
-                       act_calibration=config.act_calibration, calib_n=config.calib_n,
-                       calib_steps=config.calib_steps,
-                       calib_timesteps=min(config.calib_timesteps, config.calib_steps))
 
 
 def proxy_settings(config: StudyConfig) -> SampleSettings:

@@ -1,0 +1,207 @@
+"""Weight rounding: the per-output-channel grid, and how weights are rounded onto it.
+
+Two independent choices, both part of a study's identity:
+
+* the grid (`WeightGrid`): per output channel, an affine grid over the channel's [min, max]
+  ("minmax"), or over that range shrunk by the factor with the least squared weight error
+  ("mse", Q-Diffusion);
+* the rounding (`Rounding`): round-to-nearest ("rtn"), or GPTQ ("gptq", Frantar et al. 2022):
+  columns are rounded one at a time and each column's rounding error is spread over the columns
+  not yet rounded, weighted by the inverse Hessian H = X^T X of the layer's inputs, so that the
+  layer's *output* error is what is minimised, not the weight error.
+
+The grid is chosen before any column is rounded, so GPTQ keeps exactly the grid (scale and zero
+point per output channel) that the cost model, the exports and torchao assume; only the integer
+codes differ. A Conv2d is the same problem on im2col patches (X has C_in * kh * kw columns).
+
+With FP inputs, a layer's rounding at a bit-width does not depend on the other layers' bits, so
+one table per (layer, bits) serves every map of a study (`quant._tables`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq_search.bitmap import recorded_quantizer
+from mpq_search.errors import CalibrationError, RoundingMismatchWarning
+from mpq_search.quant._quantizers import (
+    WeightQuant,
+    affine_params,
+    qmax,
+    quantize_codes,
+    quantize_weight,
+)
+
+Rounding = Literal["rtn", "gptq"]
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+WeightGrid = Literal["mse", "minmax"]
+WEIGHT_GRIDS: tuple[str, ...] = get_args(WeightGrid)
+_KNOWN = {(r, g) for r in ROUNDINGS for g in WEIGHT_GRIDS}
+
+GPTQ_BLOCK = 128
+"""Columns per lazy-batch block of GPTQ (the paper's 128): errors inside a block are applied
+column by column, the block's accumulated error to later columns in one matmul."""
+_MAX_DAMP_TRIES = 6
+_UNFOLD_ELEMENTS = 1 << 24  # im2col elements built at once while accumulating a Hessian
+
+
+def warn_if_other_quantizer(meta: Mapping[str, object], rounding: str, grid: str) -> bool:
+    """Warn (`RoundingMismatchWarning`) when a map records another rounding or grid than the
+    one it is about to be applied with; True when it did. A map made for one quantizer may be
+    far from the best map for another, so this is worth a line, but not a refusal."""
+    recorded = recorded_quantizer(meta)
+    if recorded is None or recorded not in _KNOWN or recorded == (rounding, grid):
+        return False
+    warnings.warn(RoundingMismatchWarning(
+        f"the bit map was made for {recorded[0]} rounding on the {recorded[1]} grid; applying "
+        f"it with {rounding} on the {grid} grid"), stacklevel=2)
+    return True
+
+
+@torch.no_grad()
+def grid_of(
+    weight: torch.Tensor, bits: int, grid: WeightGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (scale, zero point) of `weight` at `bits` on the named grid."""
+    if grid == "mse":
+        entry = quantize_weight(weight, bits)
+        return entry.scale, entry.zero
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    return affine_params(flat.min(dim=1).values, flat.max(dim=1).values, bits)
+
+
+@torch.no_grad()
+def round_to_nearest(weight: torch.Tensor, bits: int, grid: WeightGrid) -> WeightQuant:
+    """Every weight to its nearest code on the grid ("mse": `quantize_weight`, bit for bit)."""
+    if grid == "mse":
+        return quantize_weight(weight, bits)
+    scale, zero = grid_of(weight, bits, grid)
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    codes = quantize_codes(flat, scale[:, None], zero[:, None], bits)
+    return WeightQuant(bits, codes.to(torch.uint8).reshape(weight.shape), scale, zero)
+
+
+def gptq_supported(module: nn.Module) -> bool:
+    """Whether GPTQ applies: a Linear, or a Conv2d without groups (one im2col problem)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as rows of the weight's columns: (tokens, in) for a Linear, im2col patches
+    (positions, C_in * kh * kw) for a Conv2d, in the order of `weight.reshape(out, -1)`."""
+    if isinstance(module, nn.Conv2d):
+        padding: Any = module.padding  # a tuple for zero padding (gptq_supported checks)
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class HessianAccumulator:
+    """H = mean over input rows of x x^T for one layer (GPTQ's Hessian up to a factor 2).
+
+    Accumulated in float32 on the layer's device, a bounded number of im2col rows at a time, so
+    that a 1280-channel 3x3 conv does not build its whole patch matrix for a batch at once.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(module).__name__} has no weight tensor")
+        columns = weight[0].numel()
+        self.module = module
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=weight.device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add one call's input (batch first)."""
+        module = self.module
+        window = math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1
+        step = max(1, _UNFOLD_ELEMENTS // max(1, x[0].numel() * window))
+        for part in torch.split(x.detach(), step):
+            rows = input_columns(self.module, part.float())
+            self.hessian.addmm_(rows.T, rows)
+            self.rows += rows.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """The accumulated Hessian divided by the number of rows seen."""
+        return self.hessian / max(1, self.rows)
+
+
+@torch.no_grad()
+def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[int], grid: WeightGrid, *,
+    damp: float = 0.01, block: int = GPTQ_BLOCK, act_order: bool = True,
+) -> dict[int, WeightQuant]:
+    """GPTQ codes of `weight` at every bit-width in `bits`, on the per-channel grid `grid`.
+
+    `hessian` is X^T X (any positive scale) over the layer's input columns. All bit-widths run in
+    one pass: GPTQ treats output rows independently, so the rows of every bit-width are stacked
+    and share the inverse Hessian (one Python loop over columns instead of one per bit-width).
+    Follows the reference algorithm: dead inputs (H_ii = 0) get zero weight, columns in
+    descending diag(H) order when `act_order`, dampening `damp` * mean(diag H) (raised tenfold
+    while the Cholesky factorisation fails), lazy-batch updates in blocks of `block` columns.
+    """
+    out = weight.shape[0]
+    flat = weight.detach().float().reshape(out, -1)
+    grids = [grid_of(weight, b, grid) for b in bits]
+    scale = torch.cat([s for s, _ in grids])
+    zero = torch.cat([z for _, z in grids])
+    top = torch.cat([torch.full((out,), float(qmax(b)), device=flat.device) for b in bits])
+    work = flat.repeat(len(bits), 1)
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(h.shape[0], device=h.device))
+    work, h = work[:, order], h[order][:, order]
+    upper = _inverse_cholesky(h, damp)
+    codes = torch.empty_like(work)
+    columns = work.shape[1]
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        part = work[:, start:end].clone()
+        errors = torch.empty_like(part)
+        u = upper[start:end, start:end]
+        for i in range(end - start):
+            column = part[:, i]
+            q = torch.clamp(torch.round(column / scale) + zero, min=torch.zeros_like(top), max=top)
+            codes[:, start + i] = q
+            error = (column - (q - zero) * scale) / u[i, i]
+            part[:, i:] -= error[:, None] * u[i, i:][None, :]
+            errors[:, i] = error
+        work[:, end:] -= errors @ upper[start:end, end:]
+    codes = codes[:, torch.argsort(order)]
+    return {
+        b: WeightQuant(b, codes[k * out:(k + 1) * out].to(torch.uint8).reshape(weight.shape),
+                       grids[k][0], grids[k][1])
+        for k, b in enumerate(bits)
+    }
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dampening more until the
+    factorisation succeeds (H from few samples can be singular)."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    mean_diag = float(hessian.diagonal().mean())
+    for attempt in range(_MAX_DAMP_TRIES):
+        damped = hessian + eye * (damp * 10**attempt * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return torch.as_tensor(upper)
+    # Only a Hessian of NaNs or infinities gets here: no rounding can use it.
+    raise CalibrationError(
+        "the layer's input Hessian is not positive definite even after dampening")

@@ -1,0 +1,209 @@
+"""Weight tables: every layer's rounded weights at every candidate bit-width, computed once.
+
+A layer's rounded weights at b bits do not depend on the rest of a map (GPTQ's Hessian comes
+from the FP model's inputs), so one `WeightTables` serves every trial, the sensitivity profile,
+`apply`, `confirm` and `deploy`. Round-to-nearest tables are cheap and computed in place. GPTQ
+tables need the layers' input statistics from calibration trajectories; they are cached on disk
+(like the FP reference), keyed by everything that determines them, so that a study's workers
+and later commands read the same codes instead of recomputing them.
+
+Memory: Hessians are collected for as many layers at a time as fit `max_hessian_bytes` (one
+calibration sampling pass per such chunk), and each is freed once its layer is rounded, so the
+peak grows with the largest layers, not with their number.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mpq_search.errors import CalibrationError
+from mpq_search.fid import cached_arrays
+from mpq_search.layers import LayerSpec, quantizable_modules
+from mpq_search.models import LoadedModel
+from mpq_search.quant._config import QuantConfig
+from mpq_search.quant._quantizers import WeightQuant
+from mpq_search.quant._rounding import (
+    GPTQ_BLOCK,
+    HessianAccumulator,
+    gptq_round,
+    gptq_supported,
+    round_to_nearest,
+)
+from mpq_search.trajectory import sample
+
+TABLES_VERSION = 1
+"""Bumped when the same settings would round differently (it is part of the cache key)."""
+
+
+@dataclass(frozen=True)
+class WeightTables:
+    """Rounded weights of every layer at every candidate bit-width (codes and per-channel grid).
+
+    `rounding` and `grid` say how they were made; `fallback` lists layers GPTQ cannot take
+    (grouped convolutions), which are rounded to nearest on the same grid.
+    """
+
+    rounding: str
+    grid: str
+    entries: Mapping[str, Mapping[int, WeightQuant]]
+    fallback: tuple[str, ...] = ()
+    seconds: float = field(default=0.0, compare=False)
+
+    def quant(self, name: str, bits: int) -> WeightQuant:
+        """The rounded weight of layer `name` at `bits` (CalibrationError when not computed)."""
+        try:
+            return self.entries[name][bits]
+        except KeyError as e:
+            raise CalibrationError(f"no rounded weights for layer {name!r} at {bits} bits "
+                                   f"(not among the calibrated bit-widths)") from e
+
+    def delta(self, name: str, bits: int, weight: torch.Tensor) -> torch.Tensor:
+        """Rounded minus original weight (float32, the weight's shape and device)."""
+        return self.quant(name, bits).dequantize().to(weight.device) - weight.detach().float()
+
+    def nbytes(self) -> int:
+        """Bytes held by the codes and grids."""
+        return sum(e.nbytes() for by_bits in self.entries.values() for e in by_bits.values())
+
+
+def weight_tables(
+    model: LoadedModel, specs: Sequence[LayerSpec], config: QuantConfig,
+    progress: Callable[[int], None] | None = None,
+) -> WeightTables:
+    """The tables of `config.rounding` on `config.weight_grid` for `specs` at `config.w_bits`.
+
+    Deterministic: the same model, layers and config give identical codes. GPTQ tables come
+    from the disk cache when an earlier process computed them; `progress` is called with
+    calibration samples finished while Hessians are collected.
+    """
+    started = time.perf_counter()
+    modules = quantizable_modules(model.denoiser)
+    if config.rounding == "rtn":
+        entries = {s.name: {b: round_to_nearest(_weight(modules[s.name]), b, config.weight_grid)
+                            for b in config.w_bits} for s in specs}
+        return WeightTables("rtn", config.weight_grid, entries,
+                            seconds=time.perf_counter() - started)
+    names = [s.name for s in specs]
+    key = _cache_key(model, names, config)
+    arrays = cached_arrays("weights", key, _array_names(names, config.w_bits),
+                           lambda: _gptq_arrays(model, modules, names, config, progress))
+    entries = {name: {b: _from_arrays(arrays, name, b, _weight(modules[name]))
+                      for b in config.w_bits} for name in names}
+    fallback = tuple(n for n in names if not gptq_supported(modules[n]))
+    return WeightTables("gptq", config.weight_grid, entries, fallback,
+                        seconds=time.perf_counter() - started)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise CalibrationError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def _cache_key(model: LoadedModel, names: list[str], config: QuantConfig) -> dict[str, Any]:
+    """Everything that decides GPTQ codes: weights, layers, calibration data and settings."""
+    return {
+        "kind": "weight-tables", "v": TABLES_VERSION, "model": model.identity.weights_hash,
+        "layers": names, "rounding": config.rounding, "grid": config.weight_grid,
+        "w_bits": list(config.w_bits), "calib_n": config.calib_n,
+        "calib_steps": config.calib_steps, "recorded": config.recorded_steps(),
+        "seed": config.seed, "batch_size": config.batch_size, "damp": config.gptq_damp,
+        "act_order": config.gptq_act_order, "block": GPTQ_BLOCK,
+        "max_hessian_bytes": config.max_hessian_bytes, **model.sampling_key(),
+        **({} if model.device.type == "cpu" else {"device": model.device.type}),
+    }
+
+
+def _array_names(names: list[str], w_bits: Sequence[int]) -> tuple[str, ...]:
+    return tuple(f"{n}|{b}|{part}" for n in names for b in w_bits
+                 for part in ("codes", "scale", "zero"))
+
+
+def _from_arrays(arrays: Mapping[str, np.ndarray], name: str, bits: int,
+                 weight: torch.Tensor) -> WeightQuant:
+    device = weight.device
+    codes, scale, zero = (torch.from_numpy(np.ascontiguousarray(arrays[f"{name}|{bits}|{p}"]))
+                          .to(device) for p in ("codes", "scale", "zero"))
+    return WeightQuant(bits, codes, scale, zero)
+
+
+def _gptq_arrays(model: LoadedModel, modules: Mapping[str, nn.Module], names: list[str],
+                 config: QuantConfig,
+                 progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+    """Collect Hessians chunk by chunk and round each layer as soon as its chunk is done."""
+    arrays: dict[str, np.ndarray] = {}
+    for chunk in _chunks(modules, names, config.max_hessian_bytes):
+        hessians = _collect_hessians(model, {n: modules[n] for n in chunk}, config, progress)
+        for name in chunk:
+            weight = _weight(modules[name])
+            accumulator = hessians.pop(name, None)
+            if accumulator is not None and accumulator.rows:
+                by_bits = gptq_round(weight, accumulator.mean(), config.w_bits,
+                                     config.weight_grid, damp=config.gptq_damp,
+                                     act_order=config.gptq_act_order)
+            else:  # grouped conv, or a layer no calibration call reached: nothing to compensate
+                by_bits = {b: round_to_nearest(weight, b, config.weight_grid)
+                           for b in config.w_bits}
+            del accumulator
+            for bits, entry in by_bits.items():
+                for part in ("codes", "scale", "zero"):
+                    arrays[f"{name}|{bits}|{part}"] = getattr(entry, part).cpu().numpy()
+    return arrays
+
+
+def _chunks(modules: Mapping[str, nn.Module], names: list[str],
+            max_bytes: int) -> Iterator[list[str]]:
+    """Layers in network order, grouped so that each group's Hessians fit `max_bytes` (a layer
+    larger than that is a group of its own)."""
+    chunk: list[str] = []
+    used = 0
+    for name in names:
+        size = _weight(modules[name])[0].numel() ** 2 * 4 if gptq_supported(modules[name]) else 0
+        if chunk and used + size > max_bytes:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(name)
+        used += size
+    if chunk:
+        yield chunk
+
+
+@torch.no_grad()
+def _collect_hessians(model: LoadedModel, layers: Mapping[str, nn.Module], config: QuantConfig,
+                      progress: Callable[[int], None] | None) -> dict[str, HessianAccumulator]:
+    """Input Hessians of `layers` over the calibration trajectories' recorded steps (the FP
+    model's inputs: the same trajectories the activation ranges are calibrated on)."""
+    accumulators = {n: HessianAccumulator(m) for n, m in layers.items() if gptq_supported(m)}
+    recording = {"on": False}
+    wanted = set(config.recorded_steps())
+
+    def step_hook(index: int, timestep: int) -> None:
+        recording["on"] = index in wanted
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if recording["on"]:
+                accumulators[name].add(args[0])
+
+        return record
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in accumulators]
+    try:
+        sample(model, n=config.calib_n, steps=config.calib_steps, seed=config.seed,
+               batch_size=config.batch_size, step_hook=step_hook, progress=progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, acc in accumulators.items():
+        if not bool(torch.isfinite(acc.hessian).all()):
+            raise CalibrationError(f"layer {name!r}: its calibration inputs are not finite, so "
+                                   "GPTQ has no Hessian (the FP model produces NaN or inf)")
+    return accumulators
