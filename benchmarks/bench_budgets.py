@@ -86,6 +86,8 @@ def run_cell(args: argparse.Namespace, budget: str, seed: int, done: set[str],
     base = StudyConfig(model=args.model, budget=budget, seed=seed, root=args.root,
                        threads=args.threads, trials=args.trials or StudyConfig().trials,
                        **({"proxy": args.proxy} if args.proxy else {}),
+                       **({"rounding": args.rounding} if args.rounding else {}),
+                       **({"weight_grid": args.weight_grid} if args.weight_grid else {}),
                        **({"promote_passes": args.promote_passes}
                           if args.promote_passes is not None else {}))
     studies = {}
@@ -254,6 +256,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--trials", type=int, default=None, help="default: the study default")
     parser.add_argument("--proxy", default=None, help="default: the study default")
+    parser.add_argument("--rounding", default=None, help="default: the study default (use "
+                        "one --out file per rounding: held-out scores are keyed by the map)")
+    parser.add_argument("--weight-grid", default=None, help="default: the study default")
     parser.add_argument("--promote-passes", type=int, default=None,
                         help="default: the study default")
     parser.add_argument("--variants",

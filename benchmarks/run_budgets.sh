@@ -16,7 +16,8 @@
 # MPQ_BENCH_PROCS (default 2) sets the number of processes, MPQ_BENCH_OUT the JSON-lines file,
 # MPQ_BENCH_SEEDS (default "0 1 2") the search seeds, MPQ_BENCH_BUDGETS (default
 # "3bits 4bits 4.5bits bops<=W4A8") the budgets, MPQ_BENCH_ROOT the studies' folder (use one
-# per concurrent invocation).
+# per concurrent invocation), MPQ_BENCH_ROUNDING / MPQ_BENCH_GRID the weight rounding and grid
+# (default: the study's; give each rounding its own MPQ_BENCH_OUT).
 set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 MODEL=${1:-mnist-ddpm}
@@ -34,7 +35,9 @@ worker() {
     # mkdir is atomic: the first process to create the claim runs the cell
     mkdir "$CLAIMS/${cell//[<=|]/_}" 2>/dev/null || continue
     python benchmarks/bench_budgets.py --model "$MODEL" --variants "$VARIANTS" --threads 1 \
-      --root "$ROOT" --out "$OUT" --seeds "${cell%%|*}" --budgets "${cell#*|}" --no-table
+      --root "$ROOT" --out "$OUT" --seeds "${cell%%|*}" --budgets "${cell#*|}" --no-table \
+      ${MPQ_BENCH_ROUNDING:+--rounding "$MPQ_BENCH_ROUNDING"} \
+      ${MPQ_BENCH_GRID:+--weight-grid "$MPQ_BENCH_GRID"}
   done
 }
 for k in $(seq 1 "${MPQ_BENCH_PROCS:-2}"); do worker > "$ROOT.$MODEL.${VARIANTS//,/+}.$k.log" 2>&1 & done

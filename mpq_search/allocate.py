@@ -152,15 +152,21 @@ class _Program:
 
 
 def _choice_costs(spec: LayerSpec, w: int, a: int) -> dict[str, float]:
-    """One layer's additive contribution to each Cost field's numerator at (w, a)."""
-    return {"avg_w_bits": weight_elements(spec) * w, "avg_a_bits": spec.macs * a,
-            "bops": spec.macs * w * a, "weight_bytes": layer_weight_bytes(spec, w)}
+    """One layer's additive contribution to each Cost field's numerator at (w, a).
+
+    The program allocates one plan (a single-group map), whose stored and executed weight bits
+    are equal.
+    """
+    return {"avg_w_bits": weight_elements(spec) * w, "stored_w_bits": weight_elements(spec) * w,
+            "avg_a_bits": spec.macs * a, "bops": spec.macs * w * a,
+            "weight_bytes": layer_weight_bytes(spec, w)}
 
 
 def _limits_as_sums(specs: Sequence[LayerSpec], budget: Budget) -> dict[str, float]:
     """Budget limits rewritten as limits on the additive numerators of `_choice_costs` (the BOPs
     of the float matmuls, the same for every choice, come off the BOPs limit)."""
-    totals = {"avg_w_bits": float(sum(weight_elements(s) for s in specs)),
+    weights = float(sum(weight_elements(s) for s in specs))
+    totals = {"avg_w_bits": weights, "stored_w_bits": weights,
               "avg_a_bits": float(sum(s.macs for s in specs)), "bops": 1.0, "weight_bytes": 1.0}
     offsets = {"bops": float_bops(specs)}
     return {k: v * totals[k] - offsets.get(k, 0.0) for k, v in budget.limits().items()}

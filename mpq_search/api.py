@@ -69,7 +69,8 @@ def run(
             say(f"searching ({config.sampler}, {config.trials} trials, {workers} workers)")
             run_workers(study, config, workers, progress, should_stop)
         else:
-            say("calibrating quantizer and FP reference")
+            say(f"calibrating quantizer ({config.rounding} weights, {config.weight_grid} grid) "
+                "and FP reference")
             scorer = calibrate(plan)
             study = create_study(plan)
             study.set_user_attr("fp_pass_seconds", fp_pass)
@@ -172,7 +173,8 @@ def work(
                              f"({model.identity.weights_hash}) than the study's ({expected})")
         plan = prepare(config, model, specs,
                        importance=ImportanceScores.from_dict(study.user_attrs.get("importance")))
-        say("calibrating quantizer and FP reference")
+        say(f"calibrating quantizer ({config.rounding} weights, {config.weight_grid} grid) "
+            "and FP reference")
         scorer = calibrate(plan)
         joined = join_study(plan, wait=wait)
         say(f"searching ({config.sampler}, study {study_name!r})")

@@ -3,7 +3,8 @@
 Cost of one layer at (w, a) bits (per denoiser call, per sample):
 
 * weight bits, averaged over layers weighted by their weight-element count (bias excluded: biases
-  stay in float, as in Q-Diffusion and HAWQ-V3);
+  stay in float, as in Q-Diffusion and HAWQ-V3), in two readings that differ only for grouped
+  maps (below): *executed* bits (`avg_w_bits`) and *stored* bits (`stored_w_bits`);
 * activation bits, averaged weighted by MACs (the input activation feeds every MAC);
 * BOPs = MACs x w x a (DESIGN.md), plus the matmuls that run in float whatever the map
   (attention's QK^T and AV, `LayerSpec.float_macs`) at 32 x 32 bits; a full sampling run costs
@@ -17,19 +18,34 @@ and carry no scale or zero point. Average weight bits count weight elements only
 float and are not in the average.
 
 Grouped maps (one plan per timestep group) aggregate as follows; every stage relies on this.
-Bits and BOPs are *step-weighted averages* over the groups (a group covering 30% of the steps
-contributes 30%), because that is what a sampling run executes on average. Weight bytes count
-every *distinct* weight copy a layer needs (W4 in one group and W8 in another stores both),
-because all copies must be resident during a run.
+Executed bits (`avg_w_bits`, `avg_a_bits`) and BOPs are *step-weighted averages* over the groups
+(a group covering 30% of the steps contributes 30%), because that is what a sampling run executes
+on average. Weight bytes and stored bits (`stored_w_bits`) count every *distinct* weight copy a
+layer needs (W4 in one group and W8 in another stores both: 4 + 8 = 12 stored bits per weight,
+6 executed over two equal halves), because all copies must be resident during a run. A float
+layer counts its float width once; equal widths in several groups are one copy. For a plain
+(single-group) map stored and executed bits are equal.
+
+Which one ``4.5bits`` limits: executed bits, as before stored bits existed. Three reasons. It is
+the quantity that trades against quality and speed: every step reads and multiplies its own
+group's weights, so the quantization noise the sampler sees and the weight traffic per step follow
+the step-weighted width, as BOPs do. A stored reading would penalise exactly what timestep groups
+are for, spending bits unevenly over the trajectory: W4 early and W8 late would cost 12 bits, more
+than W8 throughout. And a budget's text is a study's identity, so it must not change meaning under
+existing studies. Memory is limited by ``stored<=4.5bits`` (the same average, in stored bits) or
+``size<=`` (bytes, with scales, zero points and biases).
 
 Budget strings (clauses joined by commas, case-insensitive)::
 
-    4.5bits        average weight bits <= 4.5; activations at most 8 unless given
-    w4.5a6         average weight bits <= 4.5 and average activation bits <= 6
-    a6             average activation bits <= 6
-    bops<=W4A8     BOPs at most those of uniform W4A8
-    bops<=1.2G     BOPs (per denoiser call, per sample) at most 1.2e9; units K, M, G, T
-    size<=1.5MB    weight memory at most 1.5e6 bytes; units B, KB, MB, GB (1000-based), KiB, MiB
+    4.5bits          average executed weight bits <= 4.5; activations at most 8 unless given
+    stored<=4.5bits  average stored weight bits <= 4.5 (every distinct copy; no activation limit)
+    w4.5a6           average executed weight bits <= 4.5 and average activation bits <= 6
+    a6               average activation bits <= 6
+    bops<=W4A8       BOPs at most those of uniform W4A8
+    bops<=1.2G       BOPs (per denoiser call, per sample) at most 1.2e9; units K, M, G, T
+    size<=1.5MB      weight memory at most 1.5e6 bytes; units B, KB, MB, GB (1000-based), KiB, MiB
+
+Clauses may combine, e.g. ``4.5bits,stored<=6bits``: 4.5 executed bits with at most 6 stored.
 
 ``str(budget)`` prints the canonical form, which parses back to an equal Budget;
 ``canonical_budget(text)`` gives the same form without layer specs (a budget's identity).
@@ -78,19 +94,30 @@ _UNIT_CASE = {"k": "K", "m": "M", "g": "G", "t": "T", "b": "B", "kb": "KB", "mb"
 # --- cost -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cost:
-    """The cost of a bit map. BOPs are per denoiser call and per sample."""
+    """The cost of a bit map. BOPs are per denoiser call and per sample.
+
+    `stored_w_bits` comes last so that positional construction keeps its old meaning.
+    """
 
     avg_w_bits: float
+    """Executed weight bits: the step-weighted average over timestep groups (what runs)."""
     avg_a_bits: float
     bops: float
     weight_bytes: float
+    stored_w_bits: float
+    """Stored weight bits: per layer the sum of its distinct weight copies' widths (what a
+    deployment holds); equal to `avg_w_bits` for a single-group map."""
 
     def bops_per_run(self, steps: int, n: int = 1) -> float:
         """BOPs of a full sampling run of `steps` denoiser calls for `n` samples."""
         return self.bops * steps * n
 
     def __str__(self) -> str:
-        return (f"avg W {self.avg_w_bits:.3f} bits, avg A {self.avg_a_bits:.3f} bits, "
+        # stored bits only where they exceed executed ones (grouped maps): plain maps read as
+        # before (stored >= executed always; equal up to rounding when no layer changes bits)
+        extra = self.stored_w_bits > self.avg_w_bits * (1 + REL_TOL)
+        stored = f" executed, {self.stored_w_bits:.3f} stored" if extra else ""
+        return (f"avg W {self.avg_w_bits:.3f} bits{stored}, avg A {self.avg_a_bits:.3f} bits, "
                 f"{format_bops(self.bops)} BOPs/call/sample, {format_bytes(self.weight_bytes)}")
 
 
@@ -141,12 +168,14 @@ def cost_of(specs: Sequence[LayerSpec], bitmap: BitMap) -> Cost:
         share = group.end - group.start
         gw, ga, gb = _plan_cost(specs, group.layers)
         w_sum, a_sum, bops = w_sum + share * gw, a_sum + share * ga, bops + share * gb
-    size = 0.0
+    size = stored = 0.0
     for spec in specs:
         copies = {g.layers.get(spec.name, FLOAT).w for g in bitmap.groups}
         size += sum(layer_weight_bytes(spec, w) for w in copies)
+        stored += weight_elements(spec) * sum(copies)
     return Cost(avg_w_bits=w_sum / total_w, avg_a_bits=a_sum / total_macs,
-                bops=bops + float_bops(specs), weight_bytes=size)
+                bops=bops + float_bops(specs), weight_bytes=size,
+                stored_w_bits=stored / total_w)
 
 
 def uniform_cost(specs: Sequence[LayerSpec], w: int, a: int) -> Cost:
@@ -162,6 +191,8 @@ class Budget:
 
     `bops_text` / `size_text` keep how the limit was written ("W4A8", "1.2G", "1.5MB") so that
     `str(budget)` round-trips; `bops` and `weight_bytes` are the resolved absolute limits.
+    `w_bits` limits executed weight bits (Cost.avg_w_bits), `stored_w_bits` stored ones (last,
+    so that positional construction keeps its old meaning).
     """
 
     w_bits: float | None = None
@@ -170,9 +201,10 @@ class Budget:
     weight_bytes: float | None = None
     bops_text: str | None = None
     size_text: str | None = None
+    stored_w_bits: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("w_bits", "a_bits", "bops", "weight_bytes"):
+        for name in ("w_bits", "a_bits", "bops", "weight_bytes", "stored_w_bits"):
             _check_limit(name, getattr(self, name))
         if self.bops is not None and self.bops_text is None:
             object.__setattr__(self, "bops_text", _num(self.bops))
@@ -183,15 +215,17 @@ class Budget:
 
     @property
     def effective_a_bits(self) -> float | None:
-        """The activation limit in force: the given one, else 8 when weight bits are limited."""
+        """The activation limit in force: the given one, else 8 when executed weight bits are
+        limited (a stored-bits limit is a memory limit, like `size<=`, and implies none)."""
         if self.a_bits is not None:
             return self.a_bits
         return DEFAULT_ACT_BITS if self.w_bits is not None else None
 
     def limits(self) -> dict[str, float]:
         """{Cost field: limit} of every limit in force."""
-        pairs = {"avg_w_bits": self.w_bits, "avg_a_bits": self.effective_a_bits,
-                 "bops": self.bops, "weight_bytes": self.weight_bytes}
+        pairs = {"avg_w_bits": self.w_bits, "stored_w_bits": self.stored_w_bits,
+                 "avg_a_bits": self.effective_a_bits, "bops": self.bops,
+                 "weight_bytes": self.weight_bytes}
         return {k: v for k, v in pairs.items() if v is not None}
 
     def excess(self, values: Mapping[str, _Value]) -> dict[str, _Value]:
@@ -221,14 +255,16 @@ class Budget:
             return None if value is None else float(f"{value * factor:.4g}")
 
         return Budget(w_bits=scale(self.w_bits), a_bits=self.a_bits, bops=scale(self.bops),
-                      weight_bytes=scale(self.weight_bytes))
+                      weight_bytes=scale(self.weight_bytes),
+                      stored_w_bits=scale(self.stored_w_bits))
 
     def is_met(self, cost: Cost) -> bool:
         """True when the cost is within every limit."""
         return all(v <= 0 for v in self.violations(cost).values())
 
     def __str__(self) -> str:
-        return _canonical(self.w_bits, self.a_bits, self.bops_text, self.size_text)
+        return _canonical(self.w_bits, self.a_bits, self.stored_w_bits, self.bops_text,
+                          self.size_text)
 
 
 def _check_limit(name: str, value: float | None) -> None:
@@ -237,7 +273,8 @@ def _check_limit(name: str, value: float | None) -> None:
 
 
 def _canonical(
-    w_bits: float | None, a_bits: float | None, bops_text: str | None, size_text: str | None
+    w_bits: float | None, a_bits: float | None, stored_w_bits: float | None,
+    bops_text: str | None, size_text: str | None,
 ) -> str:
     """The canonical budget text (`str(Budget)` and `canonical_budget`)."""
     parts = []
@@ -247,6 +284,8 @@ def _canonical(
         parts.append(f"{_num(w_bits)}bits")
     elif a_bits is not None:
         parts.append(f"a{_num(a_bits)}")
+    if stored_w_bits is not None:
+        parts.append(f"stored<={_num(stored_w_bits)}bits")
     if bops_text is not None:
         parts.append(f"bops<={bops_text}")
     if size_text is not None:
@@ -261,8 +300,9 @@ _A = re.compile(rf"a(?P<a>{_NUM})")
 _BOPS_REF = re.compile(r"bops<=(?P<ref>w\d+a\d+)")
 _BOPS_ABS = re.compile(rf"bops<=(?P<v>{_NUM})(?P<u>[kmgt]?)")
 _SIZE = re.compile(rf"size<=(?P<v>{_NUM})(?P<u>[kmg]?i?b)")
+_STORED = re.compile(rf"stored<=(?P<w>{_NUM})bits")
 
-BUDGET_FORMS = "4.5bits, w4.5a6, a6, bops<=W4A8, bops<=1.2G, size<=1.5MB"
+BUDGET_FORMS = "4.5bits, w4.5a6, a6, bops<=W4A8, bops<=1.2G, size<=1.5MB, stored<=4.5bits"
 
 
 def _num(value: float) -> str:
@@ -292,18 +332,20 @@ class _ParsedBudget:
     bops_text: str | None = None
     weight_bytes: float | None = None
     size_text: str | None = None
+    stored_w_bits: float | None = None
 
     def __post_init__(self) -> None:
         bops = None if isinstance(self.bops, LayerBits) else self.bops
         for name, value in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("bops", bops),
-                            ("weight_bytes", self.weight_bytes)):
+                            ("weight_bytes", self.weight_bytes),
+                            ("stored_w_bits", self.stored_w_bits)):
             _check_limit(name, value)  # as Budget does, so canonical_budget refuses the same
 
     @property
     def limited(self) -> list[str]:
         """Names of the Budget limits this text sets."""
         pairs = {"w_bits": self.w_bits, "a_bits": self.a_bits, "bops": self.bops,
-                 "weight_bytes": self.weight_bytes}
+                 "weight_bytes": self.weight_bytes, "stored_w_bits": self.stored_w_bits}
         return [k for k, v in pairs.items() if v is not None]
 
     def merged(self, other: _ParsedBudget) -> _ParsedBudget:
@@ -314,6 +356,7 @@ class _ParsedBudget:
             bops_text=_first(self.bops_text, other.bops_text),
             weight_bytes=_first(self.weight_bytes, other.weight_bytes),
             size_text=_first(self.size_text, other.size_text),
+            stored_w_bits=_first(self.stored_w_bits, other.stored_w_bits),
         )
 
     def resolve(self, specs: Sequence[LayerSpec]) -> Budget:
@@ -323,10 +366,11 @@ class _ParsedBudget:
             bops = uniform_cost(specs, bops.w, bops.a).bops
         return Budget(w_bits=self.w_bits, a_bits=self.a_bits, bops=bops,
                       weight_bytes=self.weight_bytes, bops_text=self.bops_text,
-                      size_text=self.size_text)
+                      size_text=self.size_text, stored_w_bits=self.stored_w_bits)
 
     def __str__(self) -> str:
-        return _canonical(self.w_bits, self.a_bits, self.bops_text, self.size_text)
+        return _canonical(self.w_bits, self.a_bits, self.stored_w_bits, self.bops_text,
+                          self.size_text)
 
 
 _T = TypeVar("_T")
@@ -355,6 +399,11 @@ def _parse_clause(clause: str) -> _ParsedBudget:
         value = _positive(m["v"], clause)
         return _ParsedBudget(bops=value * BOPS_UNITS[m["u"]],
                              bops_text=_num(value) + _UNIT_CASE[m["u"]])
+    if m := _STORED.fullmatch(clause):
+        return _ParsedBudget(stored_w_bits=_positive(m["w"], clause))
+    if clause.startswith("stored<="):
+        raise BudgetError(f"budget clause {clause!r}: write a stored-bits limit as "
+                          "stored<=4.5bits (average stored weight bits)")
     if m := _SIZE.fullmatch(clause):
         if m["u"] not in SIZE_UNITS:
             raise BudgetError(f"budget clause {clause!r}: unknown size unit; use "
@@ -411,8 +460,10 @@ def check_feasible(
 ) -> None:
     """Raise InfeasibleBudgetError when even the cheapest configuration breaks a limit.
 
-    Every Cost field is monotone in every layer's bits, so all-lowest-bits minimises all of them at
-    once: the budget is feasible exactly when that configuration meets it.
+    All-lowest-bits minimises every Cost field at once: the step-weighted ones are monotone in
+    every layer's bits, and the per-copy ones (bytes, stored bits) are at least one copy at the
+    lowest width per layer, which a uniform map meets. So the budget is feasible exactly when
+    that configuration meets it.
     """
     w_list, a_list = sorted(set(w_bits)), sorted(set(a_bits))
     if not w_list or not a_list:
@@ -429,7 +480,8 @@ def check_feasible(
 
 
 _FIELD_TEXT = {"avg_w_bits": "average weight bits", "avg_a_bits": "average activation bits",
-               "bops": "BOPs per call", "weight_bytes": "weight memory"}
+               "bops": "BOPs per call", "weight_bytes": "weight memory",
+               "stored_w_bits": "average stored weight bits"}
 
 
 def _format_field(field: str, value: float) -> str:

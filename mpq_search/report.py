@@ -1,8 +1,10 @@
 """Stage (report): a finished or running study -> Pareto table, CSV, plotly HTML, bit maps, grids.
 
 Works from the storage alone (no model needed): every trial stores the bit map it evaluated, its
-cost and its tag. The Pareto front is optuna's `study.best_trials` (feasible trials only, i.e.
-within the budget); uniform baselines and ILP priors are shown beside it for reference.
+cost and its tag. Weight bits show both readings (`cost` module): executed (`avg_w_bits`, the
+step-weighted average) and stored (`stored_w_bits`, every distinct copy of a grouped map).
+The Pareto front is optuna's `study.best_trials` (feasible trials only, i.e. within the
+budget); uniform baselines and ILP priors are shown beside it for reference.
 
 Files written to `<out>/`: `pareto.csv`, `pareto.html`, `report.json` (schema, study settings,
 rows), `bitmaps/trial_<n>.json` and `grids/trial_<n>.png` per Pareto point.
@@ -23,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from mpq_search.bitmap import BitMap
+from mpq_search.bitmap import BitMap, quantizer_meta
 from mpq_search.errors import StudyError
 
 REPORT_SCHEMA = "mpq-search/report/v1"
@@ -39,6 +41,9 @@ class Row:
     tag: str
     fid_excess: float
     avg_w_bits: float
+    """Executed weight bits (step-weighted over timestep groups)."""
+    stored_w_bits: float
+    """Stored weight bits (every distinct copy); NaN for a grouped trial stored without them."""
     avg_a_bits: float
     bops: float
     weight_bytes: float
@@ -62,6 +67,25 @@ def _feasible(trial: FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
 
 
+def stored_bits(trial: FrozenTrial) -> float | None:
+    """A trial's stored weight bits, also for trials stored before the field existed: a
+    single-group map stores what it executes; a grouped one needs the layer specs (None)."""
+    cost = trial.user_attrs.get("cost") or {}
+    if "stored_w_bits" in cost:
+        return float(cost["stored_w_bits"])
+    groups = (trial.user_attrs.get("bitmap") or {}).get("groups", ())
+    return float(cost["avg_w_bits"]) if "avg_w_bits" in cost and len(groups) == 1 else None
+
+
+def _cost_meta(trial: FrozenTrial) -> dict[str, Any] | None:
+    """The trial's cost record for a bit map's meta, stored bits filled in where known."""
+    cost = trial.user_attrs.get("cost")
+    if not isinstance(cost, dict):
+        return None
+    stored = stored_bits(trial)
+    return cost if stored is None else {**cost, "stored_w_bits": stored}
+
+
 def rows(study: optuna.Study) -> list[Row]:
     """Every finished (COMPLETE) trial, Pareto points flagged, sorted by trial number."""
     pareto = {t.number for t in study.best_trials}
@@ -69,10 +93,12 @@ def rows(study: optuna.Study) -> list[Row]:
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         cost = t.user_attrs.get("cost", {})
+        stored = stored_bits(t)
         out.append(Row(
             trial=t.number, role=str(t.user_attrs.get("role", "search")),
             tag=str(t.user_attrs.get("tag", "")), fid_excess=float(t.values[0]),
             avg_w_bits=float(cost.get("avg_w_bits", float("nan"))),
+            stored_w_bits=float("nan") if stored is None else stored,
             avg_a_bits=float(cost.get("avg_a_bits", float("nan"))),
             bops=float(cost.get("bops", float("nan"))),
             weight_bytes=float(cost.get("weight_bytes", float("nan"))),
@@ -114,11 +140,16 @@ def trial_bitmap(study: optuna.Study, trial: FrozenTrial) -> BitMap:
     if data is None:
         raise StudyError(f"trial {trial.number} has no bit map (it never started evaluating)")
     bitmap = BitMap.from_dict(data)
+    identity = study.user_attrs.get("identity") or {}
     return bitmap.with_meta(
+        # what the map was searched for: a study made before the rounding was selectable
+        # ran round-to-nearest on the MSE grid
+        quantizer=quantizer_meta(identity.get("rounding", "rtn"),
+                                 identity.get("weight_grid", "mse")),
         study=study.study_name, trial=trial.number, state=trial.state.name,
         role=trial.user_attrs.get("role", "search"), tag=trial.user_attrs.get("tag", ""),
         fid_excess=trial.values[0] if trial.values else None,
-        cost=trial.user_attrs.get("cost"), budget=study.user_attrs.get("budget"),
+        cost=_cost_meta(trial), budget=study.user_attrs.get("budget"),
         settings=study.user_attrs.get("identity"),
     )
 
@@ -220,8 +251,10 @@ def _hover(r: Row, label: str = "FID-excess") -> str:
     held = "" if r.heldout_fid_excess is None else f", held-out FID-excess " \
         f"{r.heldout_fid_excess:.3f}"
     budget = "" if r.feasible else " (outside the budget)"
+    grouped = r.stored_w_bits > r.avg_w_bits * (1 + 1e-9)  # False for NaN (unknown)
+    stored = f" (stored {r.stored_w_bits:.2f})" if grouped else ""
     return (f"trial {r.trial} {r.tag or r.role}: {label} {r.fid_excess:.3f}{held}, "
-            f"W{r.avg_w_bits:.2f} A{r.avg_a_bits:.2f}{budget}")
+            f"W{r.avg_w_bits:.2f}{stored} A{r.avg_a_bits:.2f}{budget}")
 
 
 def pareto_figure(study: optuna.Study, all_rows: Sequence[Row] | None = None) -> Any:
@@ -429,13 +462,14 @@ def pareto_table(selected: Sequence[Row], title: str = "Pareto front",
     from mpq_search.cost import format_bops, format_bytes
 
     table = Table(title=title)
-    for column in ("trial", "tag", score, "held-out", "avg W", "avg A", "BOPs", "size",
-                   "in budget"):
+    for column in ("trial", "tag", score, "held-out", "avg W", "stored W", "avg A", "BOPs",
+                   "size", "in budget"):
         table.add_column(column, justify="left" if column == "tag" else "right")
     for r in selected:
         held = "" if r.heldout_fid_excess is None else f"{r.heldout_fid_excess:.2f}"
         table.add_row(str(r.trial), r.tag or r.role, f"{r.fid_excess:.3f}", held,
-                      f"{r.avg_w_bits:.3f}", f"{r.avg_a_bits:.3f}", format_bops(r.bops),
+                      f"{r.avg_w_bits:.3f}", f"{r.stored_w_bits:.3f}", f"{r.avg_a_bits:.3f}",
+                      format_bops(r.bops),
                       format_bytes(r.weight_bytes), "yes" if r.feasible else "no")
     return table
 

@@ -137,11 +137,12 @@ def test_bad_budget_strings_get_their_error(text: str, message: str) -> None:
 
 def test_violations_and_is_met() -> None:
     budget = parse_budget("4.5bits,bops<=W4A8", SPECS)
-    at_budget = Cost(avg_w_bits=4.5, avg_a_bits=8.0, bops=budget.bops or 0, weight_bytes=1.0)
+    at_budget = Cost(avg_w_bits=4.5, avg_a_bits=8.0, bops=budget.bops or 0, weight_bytes=1.0,
+                     stored_w_bits=9.0)  # no stored limit in this budget
     assert budget.is_met(at_budget)
     assert all(v <= 0 for v in budget.violations(at_budget).values())
     # "4.5bits" implies activations at most 8: a float-activation map is over budget
-    over = Cost(avg_w_bits=4.0, avg_a_bits=9.0, bops=1.0, weight_bytes=1.0)
+    over = Cost(avg_w_bits=4.0, avg_a_bits=9.0, bops=1.0, weight_bytes=1.0, stored_w_bits=4.0)
     violations = budget.violations(over)
     assert set(violations) == {"avg_w_bits", "avg_a_bits", "bops"}
     assert violations["avg_a_bits"] == pytest.approx(1 / 8)

@@ -77,7 +77,7 @@ def test_space_cost_equals_cost_of(specs: list[Any], groups: int) -> None:
         levels = space.random(rng)
         exact = cost_of(specs, space.to_bitmap(levels, identity))
         got = fast.cost(levels)
-        for field in ("avg_w_bits", "avg_a_bits", "bops", "weight_bytes"):
+        for field in ("avg_w_bits", "avg_a_bits", "bops", "weight_bytes", "stored_w_bits"):
             assert getattr(got, field) == pytest.approx(getattr(exact, field), rel=1e-12)
 
 

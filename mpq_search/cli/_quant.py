@@ -107,9 +107,10 @@ def apply_command(
     calib_n: CalibNOption = QUANT.calib_n,
     rounding: Annotated[str | None, typer.Option(
         "--rounding", help="Weight rounding (rtn or gptq); default: the one the map records, "
-        "else rtn. Another than the map's warns.")] = None,
+        f"else {QUANT.rounding}. Another than the map's warns.")] = None,
     weight_grid: Annotated[str | None, typer.Option(
-        "--weight-grid", help="Weight grid (mse or minmax); default: the map's, else mse.")]
+        "--weight-grid", help="Weight grid (mse or minmax); default: the map's, else "
+        f"{QUANT.weight_grid}.")]
     = None,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,

@@ -55,7 +55,7 @@ class Sensitivity:
 
 def _tables_for(model: LoadedModel, specs: Sequence[LayerSpec], w_bits: Sequence[int],
                 weights: WeightTables | None) -> WeightTables:
-    """The given tables, or round-to-nearest on the MSE grid (the quantizer's default)."""
+    """The given tables, or those of the quantizer's default rounding and calibration."""
     if weights is not None:
         return weights
     from mpq_search.quant import QuantConfig, weight_tables
@@ -71,8 +71,8 @@ def weight_errors(
     """Relative weight error |W - Q_b(W)|^2 / |W|^2 of every layer with the real quantizer.
 
     `weights` are the quantizer's rounded weights (`quant.weight_tables`, the rounding a study
-    uses); default: round-to-nearest on the MSE grid. So these are the weight perturbations the
-    allocation's objective should see (allocate(weight_error=...)).
+    uses); default: the quantizer's default (`QuantConfig()`). So these are the weight
+    perturbations the allocation's objective should see (allocate(weight_error=...)).
     """
     tables = _tables_for(model, specs, w_bits, weights)
     modules = quantizable_modules(model.denoiser)
@@ -161,7 +161,7 @@ def profile_sensitivity(
     E (g_x . dx)^2 = |g_x|^2 step^2 / 12 for uniform rounding noise on the input. Inputs x_t come
     from a real FP trajectory of n samples, at `timesteps` uniformly spaced steps. dW is the
     quantizer's own rounding: `weights` (`quant.weight_tables` of the study's rounding), by
-    default round-to-nearest on the MSE grid.
+    default the quantizer's default (`QuantConfig()`).
     """
     if n < 1 or probes < 1:
         raise MPQSearchError(f"sensitivity needs n >= 1 and probes >= 1, got {n}, {probes}")

@@ -60,11 +60,11 @@ class QuantConfig:
     denoiser call's timestep is used (the input of the first conv is x_t itself, whose range
     shrinks from about +-4 to +-1 along sampling); "shared": one range over all calibrated
     timesteps (Q-Diffusion)."""
-    rounding: Rounding = "rtn"
+    rounding: Rounding = "gptq"
     """How weights are rounded onto their grid: "rtn" (round to nearest) or "gptq" (columns
     rounded in turn, each one's error compensated on the rest through the inverse Hessian of the
     layer's inputs on the calibration trajectories; `quant._rounding`)."""
-    weight_grid: WeightGrid = "mse"
+    weight_grid: WeightGrid = "minmax"
     """Per-output-channel weight grid: "mse" (the [min, max] range shrunk by the factor with the
     least squared weight error, Q-Diffusion) or "minmax" (the full range)."""
     gptq_damp: float = 0.01

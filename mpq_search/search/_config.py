@@ -167,11 +167,11 @@ class StudyConfig:
     """Samples for the output-sensitivity profile (each of its probes is one backward pass)."""
     sensitivity_probes: int = 8
     act_calibration: ActCalibration = "mse"
-    rounding: Rounding = "rtn"
+    rounding: Rounding = "gptq"
     """How weights are rounded onto their per-channel grid: "rtn" (to nearest) or "gptq"
     (error-compensating, from the calibration trajectories' input Hessians; `mpq_search.quant`).
     Part of the study's identity, and recorded in every exported bit map."""
-    weight_grid: WeightGrid = "mse"
+    weight_grid: WeightGrid = "minmax"
     """Per-output-channel weight grid: "mse" (clipping range searched by weight MSE) or
     "minmax" (each channel's full range)."""
     calib_n: int = 32

@@ -95,7 +95,10 @@ def _budget_lines(study: optuna.Study, trial: FrozenTrial) -> list[str]:
     verdict = f"**outside it** ({over}): a reference, not a candidate" if over else "within it"
     lines = [f"- **budget**: {budget}, {verdict}"]
     if isinstance(cost, Mapping):
-        lines.append(f"- **cost**: avg W {cost['avg_w_bits']:.3f} bits, avg A "
+        stored = cost.get("stored_w_bits")  # absent in trials stored before it existed
+        grouped = stored is not None and stored > cost["avg_w_bits"] * (1 + 1e-9)
+        copies = f" executed, {stored:.3f} stored" if grouped else ""
+        lines.append(f"- **cost**: avg W {cost['avg_w_bits']:.3f} bits{copies}, avg A "
                      f"{cost['avg_a_bits']:.3f} bits, {format_bops(cost['bops'])} BOPs per "
                      f"denoiser call per sample, {format_bytes(cost['weight_bytes'])}")
     return lines

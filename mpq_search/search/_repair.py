@@ -15,6 +15,10 @@ a separable convex knapsack:
 * `fill` raises one level at a time where it helps most per unit of budget used, while the map
   still meets it. The first probe's search left budget unused (3.956 of 4.0 bits); filling fixes
   that.
+
+With timestep groups a move may also shift one unit's weights in every group at once: under a
+per-copy limit (stored bits, weight bytes) a single group's change adds a weight copy, so one
+group at a time a unit at one width in every group often cannot rise at all.
 """
 
 
@@ -114,14 +118,30 @@ def _unit_scores(space: SearchSpace, scores: Mapping[str, float] | None) -> np.n
     return np.tile(per_unit, (space.groups, 1))
 
 
+ALL_GROUPS = -1
+"""`Move.group` of a move that shifts one unit's weight level in every timestep group at once."""
+
+
 @dataclass(frozen=True)
 class Move:
-    """One level change: kind 0 = weights, 1 = activations; delta +1 or -1."""
+    """One level change: kind 0 = weights, 1 = activations; delta +1 or -1; group ALL_GROUPS
+    moves the unit in every group (`Repairer.neighbours` says why)."""
 
     kind: int
     group: int
     unit: int
     delta: int
+
+    def cells(self, groups: int) -> list[Move]:
+        """The single-group moves this one is made of (itself unless it moves every group)."""
+        if self.group != ALL_GROUPS:
+            return [self]
+        return [Move(self.kind, g, self.unit, self.delta) for g in range(groups)]
+
+    def apply(self, w: np.ndarray, a: np.ndarray) -> None:
+        """Shift the level (or the unit's levels in every group) of `w`/`a` in place."""
+        row = slice(None) if self.group == ALL_GROUPS else self.group
+        (w if self.kind == 0 else a)[..., row, self.unit] += self.delta
 
 
 class Repairer:
@@ -142,19 +162,29 @@ class Repairer:
     def neighbours(
         self, levels: Levels, delta: int, frozen: set[Move]
     ) -> tuple[list[Move], Levels]:
-        """Every single-level change in direction `delta` not frozen, and the batch of results."""
+        """Every single-level change in direction `delta` not frozen, and the batch of results.
+
+        With several timestep groups, also every unit's weight level moved in all groups at
+        once: under a per-copy limit (stored bits, bytes) raising one group's weights adds a
+        copy, so a unit at one width in every group could otherwise never rise (nor a lowering
+        relieve). Such a move follows the single ones, so where it only adds them up (the
+        step-weighted limits) it never beats the best of them and ties resolve as before.
+        """
         w, a = levels
-        moves = []
+        candidates = []
         for kind, arr in enumerate((w, a)):
             ok = (arr > 0) if delta < 0 else (arr < self.top[kind])
-            for g, u in zip(*np.nonzero(ok), strict=True):
-                move = Move(kind, int(g), int(u), delta)
-                if move not in frozen:
-                    moves.append(move)
+            candidates += [Move(kind, int(g), int(u), delta)
+                           for g, u in zip(*np.nonzero(ok), strict=True)]
+            if kind == 0 and self.space.groups > 1:
+                candidates += [Move(0, ALL_GROUPS, int(u), delta)
+                               for u in np.nonzero(ok.all(0))[0]]
+        groups = self.space.groups
+        moves = [m for m in candidates if not any(c in frozen for c in m.cells(groups))]
         bw = np.repeat(w[None], len(moves), 0)
         ba = np.repeat(a[None], len(moves), 0)
         for i, m in enumerate(moves):
-            (bw if m.kind == 0 else ba)[i, m.group, m.unit] += delta
+            m.apply(bw[i], ba[i])
         return moves, (bw, ba)
 
     def project(
@@ -174,8 +204,13 @@ class Repairer:
             relief = current - np.clip(self.excess(bw, ba, budget), 0, None).sum(0)
             harm = surrogate.predict(self.space, bw, ba) - surrogate.predict(self.space, w, a)
             ratio = np.where(relief > 0, harm / np.maximum(relief, 1e-15), np.inf)
-            best = moves[int(np.argmin(ratio))]
-            (w if best.kind == 0 else a)[best.group, best.unit] -= 1
+            if not np.isfinite(ratio).any():
+                # Per-copy limits (stored bits, bytes) of a grouped map where no unit can move
+                # in every group: lowering one group's width adds a copy, and only a later
+                # move (the other groups onto that width) relieves. Take the least harmful
+                # first step rather than an arbitrary one.
+                ratio = harm
+            moves[int(np.argmin(ratio))].apply(w, a)
         return w, a
 
     def fill(
@@ -196,8 +231,7 @@ class Repairer:
             used = (after - self.excess(w, a, budget)[:, None]).clip(0, None).sum(0)
             gain = surrogate.predict(self.space, w, a) - surrogate.predict(self.space, bw, ba)
             ratio = np.where(feasible, gain / np.maximum(used, 1e-12), -np.inf)
-            best = moves[int(np.argmax(ratio))]
-            (w if best.kind == 0 else a)[best.group, best.unit] += 1
+            moves[int(np.argmax(ratio))].apply(w, a)
 
     def repair(self, levels: Levels, budget: Budget, surrogate: Surrogate) -> Levels:
         """Project into the budget, then fill what is left of it."""
@@ -220,8 +254,8 @@ class Repairer:
             used = used.clip(0).sum(0)
             gain = surrogate.predict(self.space, w, a) - surrogate.predict(self.space, bw, ba)
             pick = candidates[int(np.argmax(gain / np.maximum(used, 1e-12)))]
-            (w if pick.kind == 0 else a)[pick.group, pick.unit] += 1
-            no_lower.add(Move(pick.kind, pick.group, pick.unit, -1))
+            pick.apply(w, a)
+            no_lower.update(Move(pick.kind, pick.group, pick.unit, -1).cells(self.space.groups))
             before = (w.copy(), a.copy())
             w, a = self.project((w, a), budget, surrogate, no_lower)
             for kind, (old, new) in enumerate(((before[0], w), (before[1], a))):

@@ -217,10 +217,12 @@ class SpaceCost:
             "avg_a_bits": (share * ab * self.macs).sum((-2, -1)) / self.macs.sum(),
             "bops": (share * wb * ab * self.macs).sum((-2, -1)) + self.float_bops,
         }
+        # per-copy fields (cost.cost_of): each distinct width of a unit over the groups counts once
         ordered = np.sort(wb, axis=-2)
         first = np.ones_like(ordered, dtype=bool)
         first[..., 1:, :] = np.diff(ordered, axis=-2) != 0
         out["weight_bytes"] = (first * (self.welem * ordered / 8 + self.fixed_bytes)).sum((-2, -1))
+        out["stored_w_bits"] = (first * ordered * self.welem).sum((-2, -1)) / self.welem.sum()
         return out
 
     def cost(self, levels: Levels) -> Cost:
