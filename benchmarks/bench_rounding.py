@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_rounding.py uniform --model mnist-ddpm
     .venv/bin/python benchmarks/bench_rounding.py uniform --model mnist-dit
     .venv/bin/python benchmarks/bench_rounding.py layers --model mnist-ddpm   # the grid's damage
+    .venv/bin/python benchmarks/bench_rounding.py cost --model mnist-ddpm     # trial cost
     .venv/bin/python benchmarks/bench_rounding.py table
 
 * uniform: for each (rounding, grid) a QuantEngine is calibrated with the default study's
@@ -14,6 +15,8 @@
 * layers: at W4 weights (activations float), each layer alone quantized on the MSE grid vs the
   min-max grid (both round to nearest), scored by FID-excess at N 256 x 20 steps: which layers
   the MSE grid's clipping hurts.
+* cost: the trial cost (sampling the proxy batch with a mixed map applied) under each rounding,
+  interleaved with FP passes in one process.
 * table: markdown tables of the rows.
 """
 
@@ -212,14 +215,62 @@ def part_layers(args: argparse.Namespace) -> None:
                       "fid_excess": value, "n": args.n, "steps": args.steps, "seed": args.seed})
 
 
+def part_cost(args: argparse.Namespace) -> None:
+    """Trial cost under each rounding: sampling the default proxy batch (N 512 x 5 steps) with
+    a mixed map applied, rtn/mse and gptq/minmax engines interleaved with FP passes in one
+    process (`--repeats` rounds); the ratio to FP is what a trial costs beyond sampling."""
+    import random
+
+    from mpq_search.bitmap import BitMap, LayerBits
+    from mpq_search.layers import discover_layers
+    from mpq_search.models import load_model, sample
+    from mpq_search.quant import QuantEngine
+    from mpq_search.search._config import StudyConfig, quant_config
+
+    model = load_model(args.model)
+    specs = discover_layers(model.denoiser)
+    study = StudyConfig(model=args.model)
+    engines = {f"{r}/{g}": QuantEngine(model, specs, quant_config(
+        study.replace(rounding=r, weight_grid=g))).calibrate()
+        for r, g in (("rtn", "mse"), ("gptq", "minmax"))}
+    rng = random.Random(0)
+    bitmap = BitMap.from_layers(model.identity, {
+        s.name: LayerBits(rng.choice(study.w_bits), rng.choice(study.a_bits)) for s in specs})
+
+    def timed() -> float:
+        started = time.perf_counter()
+        sample(model, n=study.n, steps=study.trial_steps, seed=study.sample_seed,
+               batch_size=study.batch_size)
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {"FP": [], **{k: [] for k in engines}}
+    timed()  # warm-up
+    for _ in range(args.repeats):
+        times["FP"].append(timed())
+        for name, engine in engines.items():
+            engine.apply(bitmap)
+            try:
+                times[name].append(timed())
+            finally:
+                engine.remove()
+    best = {k: min(v) for k, v in times.items()}
+    row = {"part": "trial-cost", "model": args.model, "repeats": args.repeats,
+           **{f"{k}_s": v for k, v in best.items()},
+           **{f"{k}_over_fp": best[k] / best["FP"] for k in engines}}
+    _log(json.dumps(row))
+    _append(RESULTS / f"rounding_{args.model}.jsonl", row)
+
+
 def part_table(args: argparse.Namespace) -> None:
     for model in ("mnist-ddpm", "mnist-dit"):
         rows = _rows(RESULTS / f"rounding_{model}.jsonl")
-        if not rows:
+        scored = [r for r in rows if "setting" in r]
+        if not scored:
             continue
-        print(f"\n### {model} (held-out FID-excess, N {rows[-1].get('n')} x "
-              f"{rows[-1].get('steps')} steps, noise seed {rows[-1].get('seed')})\n")
-        methods = [m for m in METHODS if any((r["rounding"], r["grid"]) == m for r in rows)]
+        print(f"\n### {model} (held-out FID-excess, N {scored[-1]['n']} x "
+              f"{scored[-1]['steps']} steps, noise seed {scored[-1]['seed']})\n")
+        methods = [m for m in METHODS
+                   if any((r.get("rounding"), r.get("grid")) == m for r in rows)]
         print("| setting | " + " | ".join(f"{r} / {g} grid" for r, g in methods) + " |")
         print("|---" * (len(methods) + 1) + "|")
         for setting in SETTINGS:
@@ -237,12 +288,17 @@ def part_table(args: argparse.Namespace) -> None:
             if "tables_s" in r:
                 print(f"| {r['rounding']} / {r['grid']} | {r['tables_s']:.1f} | "
                       f"{r['fp_proxy_pass_s']:.1f} | {r['tables_per_fp_pass']:.2f} |")
+        for r in rows:
+            if r.get("part") == "trial-cost":
+                print(f"\ntrial cost ({r['date']}): FP {r['FP_s']:.2f} s, rtn/mse "
+                      f"{r['rtn/mse_over_fp']:.3f}x FP, gptq/minmax "
+                      f"{r['gptq/minmax_over_fp']:.3f}x FP (best of {r['repeats']})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("uniform", "layers", "table"))
+    parser.add_argument("part", choices=("uniform", "layers", "cost", "table"))
     parser.add_argument("--model", default="mnist-ddpm")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--steps", type=int, default=20)
@@ -250,12 +306,14 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
     parser.add_argument("--methods", nargs="*", default=None,
                         help="rounding/grid pairs, e.g. gptq/minmax (default: all four)")
+    parser.add_argument("--repeats", type=int, default=3, help="cost: rounds of timings")
     parser.add_argument("--worst", type=int, default=3,
                         help="layers: how many of the worst layers take the min-max grid")
     args = parser.parse_args()
     if args.n is None:
         args.n = 1000
-    {"uniform": part_uniform, "layers": part_layers, "table": part_table}[args.part](args)
+    {"uniform": part_uniform, "layers": part_layers, "cost": part_cost,
+     "table": part_table}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mpq_search.errors import StudyError
+from mpq_search.quant import weight_tables
 from mpq_search.report import ReportFiles, write_report
 from mpq_search.runtime import stop_child, torch_threads
 from mpq_search.search import (
@@ -36,6 +37,8 @@ from mpq_search.search import (
     load_study,
     optimize,
     prepare,
+    quant_config,
+    stored_config,
     trial_event,
 )
 
@@ -64,6 +67,10 @@ def run(
         say("profiling importance and allocating priors")
         plan = prepare(config, model, specs, importance=stored_importance(config))
         if workers > 1:
+            # the weight tables once, here: the workers read them from the disk cache instead of
+            # each running the same GPTQ calibration at once
+            say(f"rounding weights ({config.rounding}, {config.weight_grid} grid)")
+            weight_tables(model, specs, quant_config(config))
             study = create_study(plan)
             study.set_user_attr("fp_pass_seconds", fp_pass)
             say(f"searching ({config.sampler}, {config.trials} trials, {workers} workers)")
@@ -161,7 +168,7 @@ def work(
     stored = study.user_attrs.get("config")
     if not isinstance(stored, dict):
         raise StudyError(f"study {study_name!r} holds no mpq-search config")
-    config = StudyConfig().replace(**stored).replace(
+    config = stored_config(stored).replace(
         study=study_name, storage=storage, threads=threads, device=device,
         root=None if root is None else str(root))
     with torch_threads(config.threads):
@@ -216,7 +223,7 @@ def confirm_trials(
     stored = study.user_attrs.get("config")
     if not isinstance(stored, dict):
         raise StudyError(f"study {study.study_name!r} holds no mpq-search config")
-    settings = StudyConfig().replace(**stored).replace(
+    settings = stored_config(stored).replace(
         storage=config.storage_url, root=config.root, heldout_n=n, heldout_seed=seed,
         threads=threads, device=device)
     # a pruned trial holds its map too: confirming it shows whether the guard was right

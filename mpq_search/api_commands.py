@@ -14,6 +14,7 @@ phase with a label and the phase's total, and returns the callback that advances
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from mpq_search.bitmap import BitMap, LayerBits, quantizer_meta
+from mpq_search.bitmap import BitMap, LayerBits, quantizer_record
 from mpq_search.cost import Cost, check_feasible, cost_of, parse_budget, uniform_cost
 from mpq_search.data import HELD_OUT_PER_CLASS
 from mpq_search.evaluate import (
@@ -301,22 +302,26 @@ class ApplyResult(_JsonRecord):
 def apply_bitmap(
     bitmap_path: Path, *, model: str, path: Path, n: int, steps: int = _STUDY.steps,
     seed: int = _STUDY.sample_seed, batch_size: int = DEFAULT_BATCH_SIZE,
-    act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
+    act_calibration: str = _QUANT.act_calibration, calib_n: int | None = None,
     rounding: str | None = None, weight_grid: str | None = None,
     guidance_scale: float | None = None, device: str = _STUDY.device,
     progress: Phases | None = None,
 ) -> ApplyResult:
     """Sample with the bit map at `bitmap_path` applied (only its bit-widths are calibrated).
 
-    The weight rounding and grid are the map's own unless given (`QuantConfig.for_bitmap`:
-    others than the map records warn); a map that records none gets the quantizer's defaults.
+    The quantizer is the one the map records (rounding, grid and GPTQ's calibration:
+    `QuantConfig.for_bitmap`), so the map gets the weights it was scored with, unless
+    `rounding`, `weight_grid` or `calib_n` say otherwise (a difference warns). A map that
+    records none gets the quantizer's defaults, calibrated on trajectories of `steps`.
     """
     bitmap = BitMap.load(bitmap_path)
     loaded = load_model(model, guidance_scale=guidance_scale, device=device)
-    chosen = {k: v for k, v in (("rounding", rounding), ("weight_grid", weight_grid))
-              if v is not None}
-    config = QuantConfig.for_bitmap(bitmap, **chosen,
-                                    **_calibration(act_calibration, calib_n, steps))
+    given = {k: v for k, v in (("rounding", rounding), ("weight_grid", weight_grid),
+                               ("calib_n", calib_n)) if v is not None}
+    config = QuantConfig.for_bitmap(bitmap, act_calibration=act_calibration, **given)
+    if "calib_steps" not in (quantizer_record(bitmap.meta) or {}):
+        config = dataclasses.replace(config, **_calibration(act_calibration, config.calib_n,
+                                                            steps))
     engine = apply(loaded, bitmap, config)
     try:
         images = sample(loaded, n=n, steps=steps, seed=seed, batch_size=batch_size,
@@ -520,7 +525,7 @@ def allocate_prior(
                       mode=cast("AllocationMode", mode), seed=seed, weight_error=errors,
                       model=loaded.identity, sensitivity=sensitivity)
     if tables is not None:
-        bitmap = bitmap.with_meta(quantizer=quantizer_meta(tables.rounding, tables.grid))
+        bitmap = bitmap.with_meta(quantizer=quantizer.weight_settings())
     bitmap.save(path)
     return AllocationResult(bitmap, str(parsed), mode, cost_of(specs, bitmap), bit_tally(bitmap),
                             path)

@@ -89,25 +89,35 @@ class LayerBits:
 FLOAT = LayerBits(32, 32)
 
 
-def quantizer_meta(rounding: str, grid: str) -> dict[str, str]:
-    """What a bit map records of the quantizer it was made for (under `QUANTIZER_META`)."""
-    return {"rounding": rounding, "weight_grid": grid}
+def quantizer_meta(rounding: str, grid: str, **calibration: Any) -> dict[str, Any]:
+    """What a bit map records of the quantizer it was made for (under `QUANTIZER_META`): the
+    weight rounding and grid, plus whatever else decides the rounded weights (GPTQ's
+    calibration: `QuantConfig.weight_settings`)."""
+    return {"rounding": rounding, "weight_grid": grid, **calibration}
+
+
+def quantizer_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The quantizer a bit map's meta records (`quantizer_meta`), or None when it records none.
+
+    A map exported from a study made before the rounding was selectable records none, but its
+    study ran round-to-nearest ("rtn") on the MSE grid: such a map (meta "study" and
+    "settings", the study's identity) reads as that.
+    """
+    recorded = meta.get(QUANTIZER_META)
+    if isinstance(recorded, Mapping):
+        return dict(recorded)
+    settings = meta.get("settings")
+    if "study" in meta and isinstance(settings, Mapping):
+        return {"rounding": settings.get("rounding", "rtn"),
+                "weight_grid": settings.get("weight_grid", "mse")}
+    return None
 
 
 def recorded_quantizer(meta: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(rounding, weight grid) a bit map's meta records, or None when it records none.
-
-    A study's exported map also carries the study's identity under "settings"; a study made
-    before the rounding was selectable has none there, and ran round-to-nearest ("rtn") on the
-    MSE grid.
-    """
-    recorded = meta.get(QUANTIZER_META)
-    if not isinstance(recorded, Mapping):
-        settings = meta.get("settings")
-        if not isinstance(settings, Mapping):
-            return None
-        recorded = {"rounding": settings.get("rounding", "rtn"),
-                    "weight_grid": settings.get("weight_grid", "mse")}
+    """(rounding, weight grid) a bit map's meta records (`quantizer_record`), or None."""
+    recorded = quantizer_record(meta)
+    if recorded is None:
+        return None
     rounding, grid = recorded.get("rounding"), recorded.get("weight_grid")
     if isinstance(rounding, str) and isinstance(grid, str):
         return rounding, grid

@@ -370,14 +370,19 @@ class TorchaoDeployer:
             if weights is None:
                 weights = weight_tables(self.model, self.specs, QuantConfig.for_bitmap(bitmap))
             else:
-                warn_if_other_quantizer(bitmap.meta, weights.rounding, weights.grid)
+                warn_if_other_quantizer(bitmap.meta, weights.settings or
+                                        {"rounding": weights.rounding,
+                                         "weight_grid": weights.grid})
+            for p in plan:  # every code exists before torchao touches the model
+                if p.config is not None:
+                    weights.quant(p.name, p.runs.w)
         for p in plan:
             if p.config is not None:
                 module = self._modules[p.name]
                 self._originals[p.name] = (module.weight, module.bias)
         setattr(denoiser, _DEPLOYER_ATTR, self)
         _torchao().quantize_(denoiser, config, filter_fn=None)
-        if weights is not None:
+        if qparams == "calibrated" and weights is not None:
             self._use_calibrated(plan, weights)
         sizes = [stored_bytes(self._modules[s.name]) for s in self.specs]
         return DeployReport(backend="torchao", version=torchao_version(), qparams=qparams,

@@ -2,7 +2,7 @@
 
 Each writer has a reader that gives the map back (tests read every format back). Every format
 records the weight rounding and grid the map was made for ("quantizer", when the map records
-one: `bitmap.recorded_quantizer`); the torchao file carries it in its copy of the map's meta.
+one: `bitmap.quantizer_record`); the torchao file carries it in its copy of the map's meta.
 Every file carries a schema string; a reader refuses another one. Only single-group maps can be
 written: none of these consumers switches plans between sampling steps.
 
@@ -57,8 +57,7 @@ from mpq_search.bitmap import (
     LayerBits,
     ModelIdentity,
     is_float,
-    quantizer_meta,
-    recorded_quantizer,
+    quantizer_record,
 )
 from mpq_search.deployment import (
     LayerDeployment,
@@ -120,16 +119,16 @@ def _model(identity: ModelIdentity) -> dict[str, str]:
 
 
 def _quantizer(bitmap: BitMap) -> dict[str, Any]:
-    """The weight rounding and grid the map was made for, as a format records it ({} when the
-    map records none): integer codes from another rounding are other weights."""
-    recorded = recorded_quantizer(bitmap.meta)
-    return {} if recorded is None else {QUANTIZER_META: quantizer_meta(*recorded)}
+    """The quantizer the map was made for (rounding, grid, GPTQ's calibration), as a format
+    records it ({} when the map records none): codes from another rounding are other weights."""
+    recorded = quantizer_record(bitmap.meta)
+    return {} if recorded is None else {QUANTIZER_META: recorded}
 
 
 def _quantizer_back(data: dict[str, Any]) -> dict[str, Any]:
     """The map meta of what `_quantizer` wrote."""
-    recorded = recorded_quantizer({QUANTIZER_META: data.get(QUANTIZER_META)})
-    return {} if recorded is None else {QUANTIZER_META: quantizer_meta(*recorded)}
+    recorded = data.get(QUANTIZER_META)
+    return {QUANTIZER_META: dict(recorded)} if isinstance(recorded, dict) else {}
 
 
 # --- torchao ----------------------------------------------------------------------------------

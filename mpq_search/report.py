@@ -140,18 +140,26 @@ def trial_bitmap(study: optuna.Study, trial: FrozenTrial) -> BitMap:
     if data is None:
         raise StudyError(f"trial {trial.number} has no bit map (it never started evaluating)")
     bitmap = BitMap.from_dict(data)
-    identity = study.user_attrs.get("identity") or {}
     return bitmap.with_meta(
-        # what the map was searched for: a study made before the rounding was selectable
-        # ran round-to-nearest on the MSE grid
-        quantizer=quantizer_meta(identity.get("rounding", "rtn"),
-                                 identity.get("weight_grid", "mse")),
+        quantizer=study_weights(study),
         study=study.study_name, trial=trial.number, state=trial.state.name,
         role=trial.user_attrs.get("role", "search"), tag=trial.user_attrs.get("tag", ""),
         fid_excess=trial.values[0] if trial.values else None,
         cost=_cost_meta(trial), budget=study.user_attrs.get("budget"),
         settings=study.user_attrs.get("identity"),
     )
+
+
+def study_weights(study: optuna.Study) -> dict[str, Any]:
+    """The quantizer a study's maps were scored with (`QuantConfig.weight_settings`): a study
+    made before the rounding was selectable ran round-to-nearest on the MSE grid."""
+    from mpq_search.search import study_quantizer
+
+    stored = study.user_attrs.get("config")
+    if isinstance(stored, dict):
+        return study_quantizer(stored).weight_settings()
+    identity = study.user_attrs.get("identity") or {}
+    return quantizer_meta(identity.get("rounding", "rtn"), identity.get("weight_grid", "mse"))
 
 
 def export(study: optuna.Study, path: str | Path, *, trial: int | None = None,

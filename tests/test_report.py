@@ -12,6 +12,7 @@ from _search_fixtures import build_study
 
 from mpq_search.bitmap import BitMap
 from mpq_search.errors import StudyError
+from mpq_search.quant import QuantConfig
 from mpq_search.report import (
     best_trial,
     export,
@@ -49,7 +50,7 @@ def test_report_files(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
 
 
 def test_export_round_trips(searched: tuple[Any, Any, Any], tmp_path: Path) -> None:
-    _config, built, study = searched
+    config, built, study = searched
     space = built.plan.space
     best = best_trial(study)
     path = export(study, tmp_path / "best.json", best=True)
@@ -57,6 +58,13 @@ def test_export_round_trips(searched: tuple[Any, Any, Any], tmp_path: Path) -> N
     assert loaded == BitMap.from_dict(best.user_attrs["bitmap"])
     assert loaded.meta["trial"] == best.number
     assert loaded.meta["fid_excess"] == pytest.approx(best.values[0])
+    # the quantizer it was searched for: the study's rounding and grid (the defaults, gptq)
+    # the quantizer it was scored with (the study's: gptq, the default), calibration included,
+    # so that applying or deploying it elsewhere recomputes the same codes
+    engine = built.scorer.engine
+    assert config.rounding == "gptq" and loaded.meta["settings"]["rounding"] == "gptq"
+    assert loaded.meta["quantizer"] == engine.config.weight_settings()
+    assert QuantConfig.for_bitmap(loaded).weight_settings() == engine.config.weight_settings()
     # the exported map decodes to exactly the trial's params, and to itself through JSON
     assert space.to_params(space.from_bitmap(loaded)) == best.params
     again = export(study, tmp_path / "t.json", trial=best.number)

@@ -23,7 +23,7 @@ from mpq_search.models import LoadedModel, load_model
 from mpq_search.quant import QuantConfig, QuantEngine, apply, weight_tables
 from mpq_search.quant._quantizers import quantize_weight
 from mpq_search.quant._rounding import gptq_round, grid_of, round_to_nearest
-from mpq_search.search import StudyConfig
+from mpq_search.search import StudyConfig, stored_config, study_quantizer
 
 FAST = QuantConfig(calib_n=4, calib_steps=4, calib_timesteps=2, batch_size=4,
                    act_samples_per_step=512, kernel="eager", w_bits=(3, 4, 8), a_bits=(8,),
@@ -220,9 +220,9 @@ def test_rounding_is_part_of_a_study_and_old_studies_resume_as_rtn(tmp_path: Pat
     from mpq_search.search._study import _check_same
 
     default = StudyConfig()
-    gptq = StudyConfig(rounding="gptq")
-    assert gptq.identity() != default.identity()
-    assert StudyConfig(weight_grid="minmax").identity() != StudyConfig().identity()
+    assert (default.rounding, default.weight_grid) == ("gptq", "minmax")
+    assert StudyConfig(rounding="rtn").identity() != default.identity()
+    assert StudyConfig(weight_grid="mse").identity() != default.identity()
     with pytest.raises(StudyError, match="unknown rounding"):
         StudyConfig(rounding="adaround")  # type: ignore[arg-type]
     model = {"weights_hash": "h"}
@@ -231,7 +231,13 @@ def test_rounding_is_part_of_a_study_and_old_studies_resume_as_rtn(tmp_path: Pat
     as_rtn = StudyConfig(rounding="rtn", weight_grid="mse")
     _check_same({"model": model, "identity": legacy}, {"model": model,
                                                        "identity": as_rtn.identity()})
-    with pytest.raises(StudyError, match="rounding"):
+    # workers and `confirm` rebuild such a study's config as it ran, not with today's defaults
+    stored = {k: v for k, v in StudyConfig().to_dict().items()
+              if k not in ("rounding", "weight_grid")}
+    again = stored_config(stored)
+    assert (again.rounding, again.weight_grid) == ("rtn", "mse")
+    assert study_quantizer(stored).weight_settings() == {"rounding": "rtn", "weight_grid": "mse"}
+    with pytest.raises(StudyError, match=r"rounding.*--rounding rtn"):
         _check_same({"model": model, "identity": legacy},
                     {"model": model, "identity": StudyConfig(rounding="gptq",
                                                              weight_grid="mse").identity()})
@@ -253,8 +259,10 @@ def test_maps_record_their_rounding_and_applying_another_warns(
     for fmt in ("modelopt", "yaml"):
         path = write_format(made, tmp_path / f"map.{fmt}", fmt).path
         assert recorded_quantizer(read_format(path, fmt).meta) == ("gptq", "minmax"), fmt
-    # a study's export made before the rounding was selectable: round to nearest, MSE grid
-    assert recorded_quantizer({"settings": {"budget": "4bits"}}) == ("rtn", "mse")
+    # a study's export made before the rounding was selectable: round to nearest, MSE grid;
+    # other maps with settings (an ILP prior's) record no quantizer
+    assert recorded_quantizer({"study": "s", "settings": {"budget": "4bits"}}) == ("rtn", "mse")
+    assert recorded_quantizer({"settings": {"budget": "4bits"}}) is None
     assert recorded_quantizer({}) is None
     # the map's own rounding is the default; another one warns once, in one line
     assert QuantConfig.for_bitmap(made).rounding == "gptq"
@@ -264,6 +272,16 @@ def test_maps_record_their_rounding_and_applying_another_warns(
         apply(model, made, config).remove()  # same quantizer: silent
     with pytest.warns(RoundingMismatchWarning, match="made for gptq rounding on the minmax"):
         apply(model, made, replace(config, rounding="rtn")).remove()
+    # a GPTQ map records its calibration too: for_bitmap adopts it, another one warns
+    scored = plain.with_meta(quantizer=config.weight_settings())
+    assert QuantConfig.for_bitmap(scored).weight_settings() == config.weight_settings()
+    with pytest.warns(RoundingMismatchWarning, match=r"calib_n 4.*calib_n 6"):
+        apply(model, scored, replace(config, calib_n=6)).remove()
+    with pytest.warns(RoundingMismatchWarning, match="does not know"):
+        QuantConfig.for_bitmap(plain.with_meta(quantizer={"rounding": "awq",
+                                                          "weight_grid": "minmax"}))
+        apply(model, plain.with_meta(quantizer={"rounding": "awq", "weight_grid": "minmax"}),
+              config).remove()
 
 
 def test_apply_command_prints_the_mismatch_as_one_line(

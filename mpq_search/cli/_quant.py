@@ -104,7 +104,9 @@ def apply_command(
     seed: SeedOption = STUDY.sample_seed,
     batch_size: BatchOption = BATCH_SIZE,
     act_calibration: ActCalibrationOption = QUANT.act_calibration,
-    calib_n: CalibNOption = QUANT.calib_n,
+    calib_n: Annotated[int | None, typer.Option(
+        help="FP trajectories sampled for calibration; default: the map's own (what it was "
+        f"scored with), else {QUANT.calib_n}.", min=1)] = None,
     rounding: Annotated[str | None, typer.Option(
         "--rounding", help="Weight rounding (rtn or gptq); default: the one the map records, "
         f"else {QUANT.rounding}. Another than the map's warns.")] = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 from mpq_search.bitmap import (
@@ -12,7 +12,8 @@ from mpq_search.bitmap import (
     BitMap,
     LayerBits,
     is_float,
-    recorded_quantizer,
+    quantizer_meta,
+    quantizer_record,
 )
 from mpq_search.errors import CalibrationError
 from mpq_search.quant._rounding import (
@@ -21,6 +22,8 @@ from mpq_search.quant._rounding import (
     Rounding,
     WeightGrid,
 )
+
+_KNOWN = {(r, g) for r in ROUNDINGS for g in WEIGHT_GRIDS}
 
 ActCalibration = Literal["mse", "minmax", "percentile"]
 ACT_CALIBRATIONS: tuple[str, ...] = get_args(ActCalibration)
@@ -127,16 +130,35 @@ class QuantConfig:
     def for_bitmap(cls, bitmap: BitMap, **settings: Any) -> QuantConfig:
         """A config whose candidates are the bit-widths `bitmap` uses (less to calibrate).
 
-        The weight rounding and grid are the map's own (`recorded_quantizer`) unless `settings`
-        name them (applying the map with others warns: `quant.apply`).
+        The quantizer the map records (`meta.quantizer`: rounding, grid, and for GPTQ the
+        calibration that made its Hessians and candidate weight bits) is adopted unless
+        `settings` name other values, so that the map gets the weights it was scored with
+        (applying it with others warns: `quant.apply`).
         """
         used = [bits for group in bitmap.groups for bits in group.layers.values()]
         w_bits = sorted({b.w for b in used if not is_float(b.w)})
         a_bits = sorted({b.a for b in used if not is_float(b.a)})
-        recorded = recorded_quantizer(bitmap.meta)
-        if recorded is not None and recorded[0] in ROUNDINGS and recorded[1] in WEIGHT_GRIDS:
-            settings = {"rounding": recorded[0], "weight_grid": recorded[1], **settings}
-        return cls(w_bits=tuple(w_bits) or (8,), a_bits=tuple(a_bits) or (8,), **settings)
+        adopted = {}
+        recorded = quantizer_record(bitmap.meta) or {}
+        if (recorded.get("rounding"), recorded.get("weight_grid")) in _KNOWN:
+            names = {f.name for f in fields(cls)} - {"w_bits", "a_bits"}
+            adopted = {k: v for k, v in recorded.items() if k in names}
+            candidates = recorded.get("w_bits")
+            if isinstance(candidates, list) and set(w_bits) <= set(candidates):
+                w_bits = list(candidates)  # the study's tables: the same cache entry
+        return cls(w_bits=tuple(w_bits) or (8,), a_bits=tuple(a_bits) or (8,),
+                   **{**adopted, **settings})
+
+    def weight_settings(self) -> dict[str, Any]:
+        """What decides the rounded weights, as bit maps record it (`bitmap.quantizer_meta`):
+        rounding and grid, and for GPTQ the calibration its Hessians come from."""
+        if self.rounding != "gptq":
+            return quantizer_meta(self.rounding, self.weight_grid)
+        return quantizer_meta(
+            self.rounding, self.weight_grid, calib_n=self.calib_n, calib_steps=self.calib_steps,
+            calib_timesteps=self.calib_timesteps, seed=self.seed, batch_size=self.batch_size,
+            gptq_damp=self.gptq_damp, gptq_act_order=self.gptq_act_order,
+            w_bits=list(self.w_bits))
 
     def recorded_steps(self) -> list[int]:
         """Indices (0-based, in sampling order) of the steps whose layer inputs are recorded."""

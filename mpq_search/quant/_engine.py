@@ -460,7 +460,7 @@ def apply(model: LoadedModel, bitmap: BitMap, config: QuantConfig | None = None)
     specs = discover_layers(model.denoiser)
     bitmap.validate([s.name for s in specs], model.identity)  # fail before the slow part
     config = config or QuantConfig.for_bitmap(bitmap)
-    warn_if_other_quantizer(bitmap.meta, config.rounding, config.weight_grid)
+    warn_if_other_quantizer(bitmap.meta, config.weight_settings())
     engine = QuantEngine(model, specs, config)
     engine.calibrate()
     engine.apply(bitmap)

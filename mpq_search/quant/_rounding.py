@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq_search.bitmap import recorded_quantizer
+from mpq_search.bitmap import quantizer_record
 from mpq_search.errors import CalibrationError, RoundingMismatchWarning
 from mpq_search.quant._quantizers import (
     WeightQuant,
@@ -52,16 +52,32 @@ _MAX_DAMP_TRIES = 6
 _UNFOLD_ELEMENTS = 1 << 24  # im2col elements built at once while accumulating a Hessian
 
 
-def warn_if_other_quantizer(meta: Mapping[str, object], rounding: str, grid: str) -> bool:
-    """Warn (`RoundingMismatchWarning`) when a map records another rounding or grid than the
-    one it is about to be applied with; True when it did. A map made for one quantizer may be
-    far from the best map for another, so this is worth a line, but not a refusal."""
-    recorded = recorded_quantizer(meta)
-    if recorded is None or recorded not in _KNOWN or recorded == (rounding, grid):
+def warn_if_other_quantizer(meta: Mapping[str, Any], used: Mapping[str, Any]) -> bool:
+    """Warn (`RoundingMismatchWarning`) when a map records another quantizer than `used` (a
+    `QuantConfig.weight_settings()`): another rounding or grid, or for GPTQ another
+    calibration (other Hessians, other codes than the ones the map was scored with); True when
+    it did. A map made for one quantizer may be far from the best map for another, so this is
+    worth a line, but not a refusal."""
+    recorded = quantizer_record(meta)
+    if recorded is None:
         return False
+    if (recorded.get("rounding"), recorded.get("weight_grid")) not in _KNOWN:
+        warnings.warn(RoundingMismatchWarning(
+            f"the bit map records a quantizer this version does not know "
+            f"({recorded.get('rounding')!r} rounding, {recorded.get('weight_grid')!r} grid); "
+            f"applying it with {used['rounding']} on the {used['weight_grid']} grid"),
+            stacklevel=2)
+        return True
+    # the candidate bits do not change a layer's codes at given bits (rows are independent)
+    differ = [k for k in used if k != "w_bits" and k in recorded and recorded[k] != used[k]]
+    if not differ:
+        return False
+    made = ", ".join(f"{k} {recorded[k]}" for k in differ)
+    now = ", ".join(f"{k} {used[k]}" for k in differ)
     warnings.warn(RoundingMismatchWarning(
-        f"the bit map was made for {recorded[0]} rounding on the {recorded[1]} grid; applying "
-        f"it with {rounding} on the {grid} grid"), stacklevel=2)
+        f"the bit map was made for {recorded['rounding']} rounding on the "
+        f"{recorded['weight_grid']} grid ({made}); applying it with {now}: its weights differ "
+        "from the ones it was scored with"), stacklevel=2)
     return True
 
 

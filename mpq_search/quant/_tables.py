@@ -54,6 +54,9 @@ class WeightTables:
     grid: str
     entries: Mapping[str, Mapping[int, WeightQuant]]
     fallback: tuple[str, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """What made them (`QuantConfig.weight_settings`): what a map applied with them is
+    checked against."""
     seconds: float = field(default=0.0, compare=False)
 
     def quant(self, name: str, bits: int) -> WeightQuant:
@@ -89,6 +92,7 @@ def weight_tables(
         entries = {s.name: {b: round_to_nearest(_weight(modules[s.name]), b, config.weight_grid)
                             for b in config.w_bits} for s in specs}
         return WeightTables("rtn", config.weight_grid, entries,
+                            settings=config.weight_settings(),
                             seconds=time.perf_counter() - started)
     names = [s.name for s in specs]
     key = _cache_key(model, names, config)
@@ -98,7 +102,7 @@ def weight_tables(
                       for b in config.w_bits} for name in names}
     fallback = tuple(n for n in names if not gptq_supported(modules[n]))
     return WeightTables("gptq", config.weight_grid, entries, fallback,
-                        seconds=time.perf_counter() - started)
+                        settings=config.weight_settings(), seconds=time.perf_counter() - started)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -116,8 +120,7 @@ def _cache_key(model: LoadedModel, names: list[str], config: QuantConfig) -> dic
         "w_bits": list(config.w_bits), "calib_n": config.calib_n,
         "calib_steps": config.calib_steps, "recorded": config.recorded_steps(),
         "seed": config.seed, "batch_size": config.batch_size, "damp": config.gptq_damp,
-        "act_order": config.gptq_act_order, "block": GPTQ_BLOCK,
-        "max_hessian_bytes": config.max_hessian_bytes, **model.sampling_key(),
+        "act_order": config.gptq_act_order, "block": GPTQ_BLOCK, **model.sampling_key(),
         **({} if model.device.type == "cpu" else {"device": model.device.type}),
     }
 

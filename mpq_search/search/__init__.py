@@ -20,7 +20,15 @@ Public API (implementation in private modules):
 * `load_study`, `find_study`, `make_storage` - storage helpers.
 """
 
-from mpq_search.search._config import SAMPLERS, StudyConfig, load_config, surrogate_modes
+from mpq_search.search._config import (
+    SAMPLERS,
+    StudyConfig,
+    load_config,
+    quant_config,
+    stored_config,
+    study_quantizer,
+    surrogate_modes,
+)
 from mpq_search.search._confirm import confirm, heldout_settings
 from mpq_search.search._loop import (
     TrialEvent,
@@ -72,6 +80,9 @@ __all__ = [
     "make_storage",
     "optimize",
     "prepare",
+    "quant_config",
+    "stored_config",
+    "study_quantizer",
     "surrogate_modes",
     "trial_event",
 ]

@@ -360,6 +360,14 @@ def _check(config: StudyConfig) -> None:
                          f"{config.calib_timesteps!r}")
 
 
+def stored_config(stored: Mapping[str, Any]) -> StudyConfig:
+    """The config a study stored (`StudyConfig.to_dict`), with the identity fields added since
+    it was made at the values it ran with (`LEGACY_IDENTITY`), not today's defaults: a worker
+    or a confirmation of an old study scores as its trials were scored."""
+    ran_with = {k: v for k, v in LEGACY_IDENTITY.items() if k not in stored}
+    return dataclasses.replace(StudyConfig(), **ran_with).replace(**stored)
+
+
 def quant_config(config: StudyConfig) -> QuantConfig:
     """The quantizer's calibration and weight rounding as the study config says."""
     return QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits,
@@ -367,6 +375,11 @@ def quant_config(config: StudyConfig) -> QuantConfig:
                        calib_steps=config.calib_steps,
                        calib_timesteps=min(config.calib_timesteps, config.calib_steps),
                        rounding=config.rounding, weight_grid=config.weight_grid)
+
+
+def study_quantizer(stored: Mapping[str, Any]) -> QuantConfig:
+    """The quantizer of a study from its stored config (`stored_config`)."""
+    return quant_config(stored_config(stored))
 
 
 def surrogate_modes(config: StudyConfig) -> tuple[str, ...]:

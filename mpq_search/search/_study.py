@@ -67,8 +67,8 @@ def _check_same(stored: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
         if old.get(key) != new.get(key):
             raise StudyError(
                 f"study was run with {key}={old.get(key)!r}, this run asks "
-                f"{key}={new.get(key)!r}; "
-                "use another --study name"
+                f"{key}={new.get(key)!r}; resume with the study's value (--"
+                f"{key.replace('_', '-')} {old.get(key)}) or use another --study name"
             )
 
 
