@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = SampleSettings(n=args.n, steps=args.steps, seed=0, batch_size=args.n)
     net = get_feature_net("lenet")
     reference = fp_reference_stats(model, net, settings)
-    engine = QuantEngine(model, specs, quant_config(StudyConfig(model=args.model))).calibrate()
+    study = StudyConfig(model=args.model, **({"rounding": args.rounding} if args.rounding else {}),
+                        **({"weight_grid": args.weight_grid} if args.weight_grid else {}))
+    engine = QuantEngine(model, specs, quant_config(study)).calibrate()
     deployer = TorchaoDeployer(model, specs)
 
     def excess(images: torch.Tensor) -> float:
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _, fp_seconds = _timed_sample(model, settings)
     rows = []
     for name, bitmap in _maps(model, names, args.maps):
-        report = deployer.apply(bitmap)
+        report = deployer.apply(bitmap, weights=engine.weights)  # the simulation's codes
         try:
             images, seconds = _timed_sample(model, settings)
             deployed = excess(images)
@@ -111,7 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": args.model, "n": args.n, "steps": args.steps, "threads": args.threads,
         "torch": torch.__version__, "torchao": report.version, "layout": report.layout,
-        "qparams": report.qparams, "cpu": platform.processor() or platform.machine(),
+        "qparams": report.qparams, "rounding": engine.config.rounding,
+        "weight_grid": engine.config.weight_grid,
+        "cpu": platform.processor() or platform.machine(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "rows": rows,
     }
     sims = [r["fid_simulated"] for r in rows]
@@ -182,10 +186,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--maps", nargs="*", default=[])
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--rounding", default=None, help="default: the study default")
+    parser.add_argument("--weight-grid", default=None, help="default: the study default")
     args = parser.parse_args()
     result = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"deploy_{args.model}"
+    # results of the old default quantizer (rtn, mse grid) keep their file name
+    rounding = result["rounding"]
+    stem = RESULTS / (f"deploy_{args.model}" if rounding == "rtn" else
+                      f"deploy_{args.model}-{rounding}")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

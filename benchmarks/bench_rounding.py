@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_rounding.py uniform --model mnist-ddpm
     .venv/bin/python benchmarks/bench_rounding.py uniform --model mnist-dit
     .venv/bin/python benchmarks/bench_rounding.py layers --model mnist-ddpm   # the grid's damage
+    .venv/bin/python benchmarks/bench_rounding.py bias --model mnist-ddpm     # its sign
     .venv/bin/python benchmarks/bench_rounding.py cost --model mnist-ddpm     # trial cost
     .venv/bin/python benchmarks/bench_rounding.py table
 
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -215,6 +217,67 @@ def part_layers(args: argparse.Namespace) -> None:
                       "fid_excess": value, "n": args.n, "steps": args.steps, "seed": args.seed})
 
 
+def part_bias(args: argparse.Namespace) -> None:
+    """Is the MSE grid's error systematic? Per layer at W4 (round to nearest on each grid), on
+    the layer's own FP inputs at 5 of 20 steps (N 4, noise seed 7): the signed gain error
+    <dy, y> / <y, y> (negative: the layer's output shrinks) and the relative error |dy|/|y|.
+    Clipping only ever pulls the largest weights in, so if the MSE grid's errors share a sign
+    across layers they add up along the network and the trajectory, where min-max rounding
+    errors (zero-mean) partly cancel."""
+    from mpq_search.layers import discover_layers, quantizable_modules
+    from mpq_search.models import load_model
+    from mpq_search.quant import QuantConfig, weight_tables
+    from mpq_search.trajectory import initial_noise, trajectory_for
+
+    model = load_model(args.model)
+    specs = discover_layers(model.denoiser)
+    modules = quantizable_modules(model.denoiser)
+    tables = {grid: weight_tables(model, specs, QuantConfig(w_bits=(4,), rounding="rtn",
+                                                            weight_grid=grid))
+              for grid in ("mse", "minmax")}
+    inputs: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
+    recording = {"on": False}
+    hooks = [modules[s.name].register_forward_pre_hook(
+        lambda _m, a, n=s.name: inputs[n].append(a[0].detach().clone()) if recording["on"]
+        else None) for s in specs]
+    trajectory = trajectory_for(model, 20)
+    with torch.no_grad():
+        for call in trajectory.run(initial_noise(model, 4, 7), trajectory.conditions(4, 7)):
+            recording["on"] = call.step % 4 == 0
+            call.output()
+    for hook in hooks:
+        hook.remove()
+    rows = []
+    with torch.no_grad():
+        for spec in specs:
+            layer = modules[spec.name]
+            original = layer.weight.data
+            row: dict[str, Any] = {"layer": spec.name}
+            for grid, table in tables.items():
+                ys = [layer(x) for x in inputs[spec.name]]
+                layer.weight.data = table.quant(spec.name, 4).dequantize()
+                dys = [layer(x) - y for x, y in zip(inputs[spec.name], ys, strict=True)]
+                layer.weight.data = original
+                yy = sum(float(y.square().sum()) for y in ys)
+                row[f"{grid}_gain_err"] = sum(float((d * y).sum())
+                                              for d, y in zip(dys, ys, strict=True)) / yy
+                row[f"{grid}_rel_err"] = (sum(float(d.square().sum()) for d in dys) / yy) ** 0.5
+            rows.append(row)
+    for grid in ("mse", "minmax"):
+        gains = [r[f"{grid}_gain_err"] for r in rows]
+        errs = [r[f"{grid}_rel_err"] for r in rows]
+        summary = {"part": "bias", "grid": grid, "layers": len(rows),
+                   "negative_gain_share": sum(g < 0 for g in gains) / len(gains),
+                   "median_gain_err": statistics.median(gains),
+                   "median_rel_err": statistics.median(errs),
+                   "median_gain_over_rel": statistics.median(
+                       abs(g) / e for g, e in zip(gains, errs, strict=True))}
+        _log(json.dumps(summary))
+        _append(RESULTS / f"rounding_layers_{args.model}.jsonl", summary)
+    for row in rows:
+        _append(RESULTS / f"rounding_layers_{args.model}.jsonl", {"part": "bias", **row})
+
+
 def part_cost(args: argparse.Namespace) -> None:
     """Trial cost under each rounding: sampling the default proxy batch (N 512 x 5 steps) with
     a mixed map applied, rtn/mse and gptq/minmax engines interleaved with FP passes in one
@@ -298,7 +361,7 @@ def part_table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("uniform", "layers", "cost", "table"))
+    parser.add_argument("part", choices=("uniform", "layers", "bias", "cost", "table"))
     parser.add_argument("--model", default="mnist-ddpm")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--steps", type=int, default=20)
@@ -312,7 +375,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.n is None:
         args.n = 1000
-    {"uniform": part_uniform, "layers": part_layers, "cost": part_cost,
+    {"uniform": part_uniform, "layers": part_layers, "bias": part_bias, "cost": part_cost,
      "table": part_table}[args.part](args)
 
 

@@ -304,3 +304,28 @@ def test_apply_command_prints_the_mismatch_as_one_line(
     lines = [line for line in result.output.splitlines() if "warning" in line]
     assert len(lines) == 1 and "made for gptq rounding" in lines[0]
     assert "rtn weights on the minmax grid" in result.output
+
+
+def test_hessians_in_bounded_chunks_give_the_same_codes(
+    tiny: tuple[LoadedModel, list[LayerSpec]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """max_hessian_bytes = 0: one layer's Hessian at a time (a calibration pass each), the
+    same codes as all at once; the setting is not part of the cache key, so it reads them."""
+    from mpq_search.quant import _tables
+
+    model, specs = tiny
+    passes = []
+    real = _tables._collect_hessians
+
+    def counting(*args: object, **kwargs: object) -> object:
+        passes.append(len(args[1]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_tables, "_collect_hessians", counting)
+    monkeypatch.setenv("MPQ_SEARCH_CACHE", str(tmp_path / "a"))
+    together = weight_tables(model, specs, FAST)
+    monkeypatch.setenv("MPQ_SEARCH_CACHE", str(tmp_path / "b"))
+    one_by_one = weight_tables(model, specs, replace(FAST, max_hessian_bytes=0))
+    assert passes == [len(specs)] + [1] * len(specs)
+    assert _fingerprint({n: dict(b) for n, b in together.entries.items()}) == _fingerprint(
+        {n: dict(b) for n, b in one_by_one.entries.items()})
