@@ -116,8 +116,11 @@ def test_deployed_layers_match_the_simulation(tiny: tuple[LoadedModel, list[Laye
                      else "mse")
     engine = QuantEngine(model, specs, config).calibrate()
     deployer = TorchaoDeployer(model, specs)
-    # rtn: the default tables of the map (the same rounding); gptq: the engine's own tables
-    report = deployer.apply(bitmap, weights=engine.weights if rounding == "gptq" else None)
+    if rounding == "rtn":  # the map says which quantizer: deploy recomputes those codes itself
+        bitmap = bitmap.with_meta(quantizer=engine.config.weight_settings())
+        report = deployer.apply(bitmap)
+    else:  # or it is given the engine's own tables
+        report = deployer.apply(bitmap, weights=engine.weights)
     deployed = run_layers(model, inputs)
     modules = quantizable_modules(model.denoiser)
     dequantized = {p.name: modules[p.name].weight.dequantize() for p in report.layers
