@@ -339,7 +339,7 @@ def part_table(args: argparse.Namespace) -> None:
         for setting in SETTINGS:
             cells = []
             for rounding, grid in methods:
-                hit = [r for r in rows if (r["rounding"], r["grid"], r.get("setting"))
+                hit = [r for r in rows if (r.get("rounding"), r.get("grid"), r.get("setting"))
                        == (rounding, grid, setting)]
                 cells.append("" if not hit else
                              f"{hit[-1]['fid_excess']:.2f}" if "fid_excess" in hit[-1]
