@@ -22,6 +22,7 @@ map it evaluated. Enqueued trials (priors, uniform baselines) pass through untou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ from mpq_search.search._space import Levels, SearchSpace, SpaceCost
 from mpq_search.search._storage import retried_numbers
 
 _DEFAULTS = StudyConfig()
+PENDING_WAIT_S = 5.0
+"""How long a proposal waits for other workers' earlier proposals to be written (`_settled`)."""
 UNIQUE_ATTEMPTS = 16
 """Tries to turn a proposal already evaluated into a new map (each a wider random exchange)
 before giving up and evaluating a repeat: with 100+ units a fresh map is found in one or two."""
@@ -67,9 +70,15 @@ class _History:
         return self._cache[trial.number]
 
     def seen(self, study: Study) -> set[bytes]:
+        """Keys of every map the study holds, including the enqueued ones not started yet (a
+        prior still waiting for a worker): another worker must not propose it meanwhile."""
         keys = set()
         for trial in study.get_trials(deepcopy=False):
             levels = self.levels(trial)
+            if levels is None:
+                fixed = trial.system_attrs.get("fixed_params")
+                if isinstance(fixed, dict) and set(fixed) == self._names:
+                    levels = self.space.from_params(fixed)
             if levels is not None:
                 keys.add(self.space.key(levels))
         return keys
@@ -145,7 +154,7 @@ class MapSampler(BaseSampler):
     ) -> dict[str, Any]:
         if not search_space or "fixed_params" in trial.system_attrs:
             return {}
-        return self._space.to_params(self._propose(study, trial))
+        return self._space.to_params(self._settled(study, trial, self._propose(study, trial)))
 
     fast = True
     """Whether `propose` works without a stored trial (the loop then writes a trial in one go)."""
@@ -153,7 +162,33 @@ class MapSampler(BaseSampler):
     def propose(self, study: Study, number: int) -> Levels:
         """The map for trial `number`, without creating a trial (one storage write saved per
         parameter: on SQLite, suggesting 100+ parameters one by one costs seconds per trial)."""
-        return self._propose(study, _placeholder(number))
+        placeholder = _placeholder(number)
+        return self._settled(study, placeholder, self._propose(study, placeholder))
+
+    def _settled(self, study: Study, trial: FrozenTrial, levels: Levels) -> Levels:
+        """The proposal, made again once the earlier trials other workers reserved have their
+        maps written (waiting at most `PENDING_WAIT_S`): proposals are seeded by trial number
+        but built from the same stored trials, so two made at the same moment can land on one
+        map (it happened with 4 workers on GPTQ scores), and `_unique` only avoids the maps it
+        can see. Past the wait, a random exchange moves it instead. A single process never has
+        such trials, so its proposals are unchanged."""
+        deadline = time.monotonic() + PENDING_WAIT_S
+        waited = False
+        while (pending := self._pending(study, trial)) and time.monotonic() < deadline:
+            waited = True
+            time.sleep(0.05)
+        if pending:
+            rng = np.random.default_rng([self._seed, trial.number, pending])
+            return self._repairer.exchange(levels, self._budget,
+                                           self._start(study).perturbed(rng, 1.0), 1)
+        return self._propose(study, trial) if waited else levels
+
+    @staticmethod
+    def _pending(study: Study, trial: FrozenTrial) -> int:
+        """Earlier trials reserved by a worker whose maps are not written yet."""
+        return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number < trial.number and not t.params
+                   and "fixed_params" not in t.system_attrs)
 
     def _propose(self, study: Study, trial: FrozenTrial) -> Levels:
         raise NotImplementedError
