@@ -113,17 +113,6 @@ def quantizer_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def recorded_quantizer(meta: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(rounding, weight grid) a bit map's meta records (`quantizer_record`), or None."""
-    recorded = quantizer_record(meta)
-    if recorded is None:
-        return None
-    rounding, grid = recorded.get("rounding"), recorded.get("weight_grid")
-    if isinstance(rounding, str) and isinstance(grid, str):
-        return rounding, grid
-    return None
-
-
 def parse_bit_list(text: str, option: str) -> tuple[int, ...]:
     """Candidate bit-widths from "2,3,4": sorted, unique, each in 2..8.
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpq_search.bitmap import BitMap, LayerBits, quantizer_meta, recorded_quantizer
+from mpq_search.bitmap import BitMap, LayerBits, quantizer_meta, quantizer_record
 from mpq_search.errors import CalibrationError, RoundingMismatchWarning, StudyError
 from mpq_search.layers import LayerSpec, discover_layers, quantizable_modules
 from mpq_search.models import LoadedModel, load_model
@@ -253,17 +253,19 @@ def test_maps_record_their_rounding_and_applying_another_warns(
     plain = BitMap.uniform(model.identity, names, 4, 8)
     made = plain.with_meta(quantizer=quantizer_meta("gptq", "minmax"))
     back = BitMap.load(made.save(tmp_path / "map.json"))
-    assert recorded_quantizer(back.meta) == ("gptq", "minmax")
+    assert quantizer_record(back.meta) == {"rounding": "gptq", "weight_grid": "minmax"}
     assert json.loads((tmp_path / "map.json").read_text())["meta"]["quantizer"] == {
         "rounding": "gptq", "weight_grid": "minmax"}
     for fmt in ("modelopt", "yaml"):
         path = write_format(made, tmp_path / f"map.{fmt}", fmt).path
-        assert recorded_quantizer(read_format(path, fmt).meta) == ("gptq", "minmax"), fmt
+        assert quantizer_record(read_format(path, fmt).meta) == {
+            "rounding": "gptq", "weight_grid": "minmax"}, fmt
     # a study's export made before the rounding was selectable: round to nearest, MSE grid;
     # other maps with settings (an ILP prior's) record no quantizer
-    assert recorded_quantizer({"study": "s", "settings": {"budget": "4bits"}}) == ("rtn", "mse")
-    assert recorded_quantizer({"settings": {"budget": "4bits"}}) is None
-    assert recorded_quantizer({}) is None
+    assert quantizer_record({"study": "s", "settings": {"budget": "4bits"}}) == {
+        "rounding": "rtn", "weight_grid": "mse"}
+    assert quantizer_record({"settings": {"budget": "4bits"}}) is None
+    assert quantizer_record({}) is None
     # the map's own rounding is the default; another one warns once, in one line
     assert QuantConfig.for_bitmap(made).rounding == "gptq"
     config = replace(FAST, w_bits=(4,))

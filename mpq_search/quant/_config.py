@@ -17,13 +17,12 @@ from mpq_search.bitmap import (
 )
 from mpq_search.errors import CalibrationError
 from mpq_search.quant._rounding import (
+    KNOWN_QUANTIZERS,
     ROUNDINGS,
     WEIGHT_GRIDS,
     Rounding,
     WeightGrid,
 )
-
-_KNOWN = {(r, g) for r in ROUNDINGS for g in WEIGHT_GRIDS}
 
 ActCalibration = Literal["mse", "minmax", "percentile"]
 ACT_CALIBRATIONS: tuple[str, ...] = get_args(ActCalibration)
@@ -99,22 +98,11 @@ class QuantConfig:
                 f"calib_timesteps ({self.calib_timesteps}) cannot exceed calib_steps "
                 f"({self.calib_steps})"
             )
-        if self.act_ranges not in ACT_RANGES:
-            raise CalibrationError(
-                f"unknown act_ranges {self.act_ranges!r}; supported: {', '.join(ACT_RANGES)}"
-            )
-        if self.kernel not in KERNELS:
-            raise CalibrationError(
-                f"unknown kernel {self.kernel!r}; supported: {', '.join(KERNELS)}"
-            )
-        if self.rounding not in ROUNDINGS:
-            raise CalibrationError(
-                f"unknown rounding {self.rounding!r}; supported: {', '.join(ROUNDINGS)}"
-            )
-        if self.weight_grid not in WEIGHT_GRIDS:
-            raise CalibrationError(
-                f"unknown weight_grid {self.weight_grid!r}; supported: {', '.join(WEIGHT_GRIDS)}"
-            )
+        for name, supported in (("act_ranges", ACT_RANGES), ("kernel", KERNELS),
+                                ("rounding", ROUNDINGS), ("weight_grid", WEIGHT_GRIDS)):
+            if getattr(self, name) not in supported:
+                raise CalibrationError(f"unknown {name} {getattr(self, name)!r}; "
+                                       f"supported: {', '.join(supported)}")
         if not 0.0 < self.gptq_damp <= 10.0:
             raise CalibrationError(f"gptq_damp must be in (0, 10], got {self.gptq_damp}")
         if self.max_hessian_bytes < 0:
@@ -140,7 +128,7 @@ class QuantConfig:
         a_bits = sorted({b.a for b in used if not is_float(b.a)})
         adopted = {}
         recorded = quantizer_record(bitmap.meta) or {}
-        if (recorded.get("rounding"), recorded.get("weight_grid")) in _KNOWN:
+        if (recorded.get("rounding"), recorded.get("weight_grid")) in KNOWN_QUANTIZERS:
             names = {f.name for f in fields(cls)} - {"w_bits", "a_bits"}
             adopted = {k: v for k, v in recorded.items() if k in names}
             candidates = recorded.get("w_bits")

@@ -43,7 +43,8 @@ Rounding = Literal["rtn", "gptq"]
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 WeightGrid = Literal["mse", "minmax"]
 WEIGHT_GRIDS: tuple[str, ...] = get_args(WeightGrid)
-_KNOWN = {(r, g) for r in ROUNDINGS for g in WEIGHT_GRIDS}
+KNOWN_QUANTIZERS = frozenset((r, g) for r in ROUNDINGS for g in WEIGHT_GRIDS)
+"""Every (rounding, grid) pair this version can apply."""
 
 GPTQ_BLOCK = 128
 """Columns per lazy-batch block of GPTQ (the paper's 128): errors inside a block are applied
@@ -61,7 +62,7 @@ def warn_if_other_quantizer(meta: Mapping[str, Any], used: Mapping[str, Any]) ->
     recorded = quantizer_record(meta)
     if recorded is None:
         return False
-    if (recorded.get("rounding"), recorded.get("weight_grid")) not in _KNOWN:
+    if (recorded.get("rounding"), recorded.get("weight_grid")) not in KNOWN_QUANTIZERS:
         warnings.warn(RoundingMismatchWarning(
             f"the bit map records a quantizer this version does not know "
             f"({recorded.get('rounding')!r} rounding, {recorded.get('weight_grid')!r} grid); "

@@ -326,12 +326,6 @@ def _check(config: StudyConfig) -> None:
     if config.guard_n and config.guard_seed in (config.sample_seed, *extra):
         raise StudyError(f"guard_seed ({config.guard_seed}) must differ from sample_seed and "
                          "the promoted passes' seeds")
-    if config.parent_estimate not in PARENT_ESTIMATES:
-        raise StudyError(f"unknown parent_estimate {config.parent_estimate!r}; supported: "
-                         f"{', '.join(PARENT_ESTIMATES)}")
-    if config.surrogate_prior not in SURROGATE_PRIORS:
-        raise StudyError(f"unknown surrogate_prior {config.surrogate_prior!r}; supported: "
-                         f"{', '.join(SURROGATE_PRIORS)}")
     if config.feature_net is not None and config.feature_net not in FEATURE_NETS:
         raise StudyError(f"unknown feature net {config.feature_net!r}; supported: "
                          f"{', '.join(FEATURE_NETS)}")
@@ -341,15 +335,12 @@ def _check(config: StudyConfig) -> None:
     device = config.device
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device.lower()):
         raise StudyError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    if config.rounding not in ROUNDINGS:
-        raise StudyError(f"unknown rounding {config.rounding!r}; supported: "
-                         f"{', '.join(ROUNDINGS)}")
-    if config.weight_grid not in WEIGHT_GRIDS:
-        raise StudyError(f"unknown weight_grid {config.weight_grid!r}; supported: "
-                         f"{', '.join(WEIGHT_GRIDS)}")
-    if config.act_calibration not in ACT_CALIBRATIONS:
-        raise StudyError(f"unknown act_calibration {config.act_calibration!r}; supported: "
-                         f"{', '.join(ACT_CALIBRATIONS)}")
+    for name, supported in (("parent_estimate", PARENT_ESTIMATES),
+                            ("surrogate_prior", SURROGATE_PRIORS), ("rounding", ROUNDINGS),
+                            ("weight_grid", WEIGHT_GRIDS), ("act_calibration", ACT_CALIBRATIONS)):
+        if getattr(config, name) not in supported:
+            raise StudyError(f"unknown {name} {getattr(config, name)!r}; supported: "
+                             f"{', '.join(supported)}")
     unknown = [m for m in config.prior_modes if m not in ALLOCATION_MODES]
     if unknown:
         raise StudyError(f"unknown prior mode {unknown[0]!r}; supported: "
