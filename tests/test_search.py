@@ -151,6 +151,34 @@ def test_guided_global_proposals_fill_the_budget_and_are_seeded(specs: list[Any]
         GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), global_share=2.0)
 
 
+def test_a_claimed_map_is_never_proposed_again(specs: list[Any]) -> None:
+    """Two workers that propose one map at one moment: the second to claim it sees the first
+    claim and moves away; the claim is written in the trial; without a rival the claimed
+    proposal is the plain one (a single process draws what it always drew)."""
+    from mpq_search.search._sampler import CLAIM_ATTR, GuidedSampler
+    from mpq_search.search._storage import reserve_trial
+
+    space = _space(specs)
+    budget = parse_budget("4.5bits", specs)
+    cost = SpaceCost.build(space, budget)
+    sampler = GuidedSampler(space=space, cost=cost, prior=Surrogate.prior(space), seed=0,
+                            global_share=1.0)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    first, second = reserve_trial(study), reserve_trial(study)
+    plain = sampler.propose(study, second.number)
+    # The rival (trial `first`, still running, no params) has claimed the very map `second`
+    # is about to propose.
+    study._storage.set_trial_system_attr(first.trial_id, CLAIM_ATTR, space.key(plain).hex())
+    claimed = sampler.propose_claimed(study, second)
+    assert space.key(claimed) != space.key(plain)
+    assert budget.is_met(cost.cost(claimed))
+    stored = study._storage.get_trial(second.trial_id).system_attrs[CLAIM_ATTR]
+    assert stored == space.key(claimed).hex()
+    # Once the rival has finished without a map (it died), its claim no longer counts.
+    study._storage.set_trial_state_values(first.trial_id, TrialState.FAIL)
+    assert space.key(sampler.propose_claimed(study, second)) == space.key(plain)
+
+
 def test_guided_explore_proposals_are_repaired_random_maps(specs: list[Any]) -> None:
     """explore_share = 1: every proposal is a random map repaired into the budget and filled,
     and they lie further apart from each other than the greedy re-allocations of global

@@ -11,8 +11,9 @@ Several processes (`mpq-search worker`, `run --workers K`) may run one study's l
   worker is free takes the next one (a storage transaction, so each runs once);
 - with the guided or random sampler a search trial is reserved first (its stored number seeds
   the proposal, so parallel workers never share a seed), then the map is proposed from the
-  trials finished so far (never a map already stored, running ones included) and written; other
-  samplers go through `study.ask`;
+  trials finished so far (never a map already stored or claimed by a running trial: a proposal
+  claims its map, then checks no other trial holds it) and written; other samplers go through
+  `study.ask`;
 - the study's `trials` counts the search trials (priors included) of the whole study: each
   worker stops once the study holds that many, so a resume continues to the requested count;
 - a running trial records heartbeats; the trial of a worker that died is failed and retried by
@@ -221,11 +222,11 @@ def _next_trial(study: optuna.Study, plan: SearchPlan, sampler: MapSampler, rema
         tag = waiting.user_attrs.get("tag") or role
         levels = _stored_map(waiting, plan)
         if levels is None:  # a retried search trial whose worker died before storing its map
-            levels = sampler.propose(study, handle.number)
+            levels = sampler.propose_claimed(study, handle)
     elif remaining > 0:
         handle = reserve_trial(study)
         record_heartbeat(study, handle)
-        levels, role, tag = sampler.propose(study, handle.number), ROLE_SEARCH, ROLE_SEARCH
+        levels, role, tag = sampler.propose_claimed(study, handle), ROLE_SEARCH, ROLE_SEARCH
     else:
         return None
     proposal_s = time.perf_counter() - started

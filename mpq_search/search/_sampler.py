@@ -22,7 +22,6 @@ map it evaluated. Enqueued trials (priors, uniform baselines) pass through untou
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,11 +37,18 @@ from mpq_search.errors import StudyError
 from mpq_search.search._config import PARENT_ESTIMATES, SAMPLERS, StudyConfig
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
-from mpq_search.search._storage import retried_numbers
+from mpq_search.search._storage import (
+    TrialHandle,
+    handle_of_frozen,
+    retried_numbers,
+    set_trial_system_attr,
+)
 
 _DEFAULTS = StudyConfig()
-PENDING_WAIT_S = 5.0
-"""How long a proposal waits for other workers' earlier proposals to be written (`_settled`)."""
+CLAIM_ATTR = "proposal"
+"""System attribute in which a running trial claims its map (hex key) before writing it."""
+CLAIM_ATTEMPTS = 8
+"""Rounds of claim -> check -> move away before a proposal gives up and evaluates a repeat."""
 UNIQUE_ATTEMPTS = 16
 """Tries to turn a proposal already evaluated into a new map (each a wider random exchange)
 before giving up and evaluating a repeat: with 100+ units a fresh map is found in one or two."""
@@ -69,16 +75,23 @@ class _History:
             self._cache[trial.number] = self.space.from_params(trial.params)
         return self._cache[trial.number]
 
-    def seen(self, study: Study) -> set[bytes]:
+    def seen(self, study: Study, exclude: int | None = None) -> set[bytes]:
         """Keys of every map the study holds, including the enqueued ones not started yet (a
-        prior still waiting for a worker): another worker must not propose it meanwhile."""
+        prior still waiting for a worker) and those running trials claimed but have not written
+        (`MapSampler._claimed`): another worker must not propose them meanwhile. Trial
+        `exclude` (the one proposing) is left out."""
         keys = set()
         for trial in study.get_trials(deepcopy=False):
+            if trial.number == exclude:
+                continue
             levels = self.levels(trial)
             if levels is None:
                 fixed = trial.system_attrs.get("fixed_params")
+                claim = trial.system_attrs.get(CLAIM_ATTR)
                 if isinstance(fixed, dict) and set(fixed) == self._names:
                     levels = self.space.from_params(fixed)
+                elif trial.state == TrialState.RUNNING and isinstance(claim, str):
+                    keys.add(bytes.fromhex(claim))
             if levels is not None:
                 keys.add(self.space.key(levels))
         return keys
@@ -141,7 +154,12 @@ class MapSampler(BaseSampler):
         prior: Surrogate,
     ) -> Levels:
         """The child, or if it was evaluated before, a random exchange away from it."""
-        seen = self._history.seen(study)
+        return self._away(self._history.seen(study), child, parent, rng, prior)
+
+    def _away(
+        self, seen: set[bytes], child: Levels, parent: Levels, rng: np.random.Generator,
+        prior: Surrogate,
+    ) -> Levels:
         for attempt in range(UNIQUE_ATTEMPTS):
             if self._space.key(child) not in seen:
                 return child
@@ -154,7 +172,8 @@ class MapSampler(BaseSampler):
     ) -> dict[str, Any]:
         if not search_space or "fixed_params" in trial.system_attrs:
             return {}
-        return self._space.to_params(self._settled(study, trial, self._propose(study, trial)))
+        levels = self._propose(study, trial)
+        return self._space.to_params(self._claimed(study, handle_of_frozen(trial), levels))
 
     fast = True
     """Whether `propose` works without a stored trial (the loop then writes a trial in one go)."""
@@ -162,33 +181,30 @@ class MapSampler(BaseSampler):
     def propose(self, study: Study, number: int) -> Levels:
         """The map for trial `number`, without creating a trial (one storage write saved per
         parameter: on SQLite, suggesting 100+ parameters one by one costs seconds per trial)."""
-        placeholder = _placeholder(number)
-        return self._settled(study, placeholder, self._propose(study, placeholder))
+        return self._propose(study, _placeholder(number))
 
-    def _settled(self, study: Study, trial: FrozenTrial, levels: Levels) -> Levels:
-        """The proposal, made again once the earlier trials other workers reserved have their
-        maps written (waiting at most `PENDING_WAIT_S`): proposals are seeded by trial number
-        but built from the same stored trials, so two made at the same moment can land on one
-        map (it happened with 4 workers on GPTQ scores), and `_unique` only avoids the maps it
-        can see. Past the wait, a random exchange moves it instead. A single process never has
-        such trials, so its proposals are unchanged."""
-        deadline = time.monotonic() + PENDING_WAIT_S
-        waited = False
-        while (pending := self._pending(study, trial)) and time.monotonic() < deadline:
-            waited = True
-            time.sleep(0.05)
-        if pending:
-            rng = np.random.default_rng([self._seed, trial.number, pending])
-            return self._repairer.exchange(levels, self._budget,
-                                           self._start(study).perturbed(rng, 1.0), 1)
-        return self._propose(study, trial) if waited else levels
+    def propose_claimed(self, study: Study, handle: TrialHandle) -> Levels:
+        """The map for the reserved trial `handle`, claimed so that no other worker evaluates
+        it too (`_claimed`)."""
+        return self._claimed(study, handle, self.propose(study, handle.number))
 
-    @staticmethod
-    def _pending(study: Study, trial: FrozenTrial) -> int:
-        """Earlier trials reserved by a worker whose maps are not written yet."""
-        return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number < trial.number and not t.params
-                   and "fixed_params" not in t.system_attrs)
+    def _claimed(self, study: Study, handle: TrialHandle, levels: Levels) -> Levels:
+        """`levels`, once claimed: its key is written in the trial's `CLAIM_ATTR`, then the
+        study is read again; if another trial holds or claims that map, the proposal moves a
+        random exchange away and claims again. Write-then-read makes two workers that propose
+        one map at the same moment see each other (the later reader always sees the earlier
+        writer), so at most the map is given up by both, never evaluated twice. Proposals are
+        built from the same finished trials, so that happened (4 workers, GPTQ scores).
+        A single process never meets a rival claim, so its proposals are unchanged."""
+        for attempt in range(1, CLAIM_ATTEMPTS + 1):
+            key = self._space.key(levels)
+            set_trial_system_attr(study, handle, CLAIM_ATTR, key.hex())
+            seen = self._history.seen(study, exclude=handle.number)
+            if key not in seen or attempt == CLAIM_ATTEMPTS:  # past that: a repeat, evaluated
+                break
+            rng = np.random.default_rng([self._seed, handle.number, attempt])
+            levels = self._away(seen, levels, levels, rng, self._start(study))
+        return levels
 
     def _propose(self, study: Study, trial: FrozenTrial) -> Levels:
         raise NotImplementedError

@@ -221,6 +221,11 @@ def set_trial_user_attr(study: optuna.Study, handle: TrialHandle, key: str, valu
     storage_of(study).set_trial_user_attr(handle.trial_id, key, value)
 
 
+def set_trial_system_attr(study: optuna.Study, handle: TrialHandle, key: str, value: Any) -> None:
+    """Write a system attribute (hidden from the dashboard) of a running trial by its handle."""
+    storage_of(study).set_trial_system_attr(handle.trial_id, key, value)
+
+
 def pop_waiting_trial(
     study: optuna.Study, accept: Callable[[FrozenTrial], bool],
 ) -> FrozenTrial | None:
