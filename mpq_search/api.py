@@ -24,10 +24,12 @@ from mpq_search.quant import weight_tables
 from mpq_search.report import ReportFiles, write_report
 from mpq_search.runtime import stop_child, torch_threads
 from mpq_search.search import (
+    STORAGE_ENV,
     ImportanceScores,
     StudyConfig,
     TrialEvent,
     calibrate,
+    check_study_name,
     confirm,
     create_study,
     find_study,
@@ -102,16 +104,17 @@ def run_workers(
     per_worker = max(1, threads // workers)
     logs = config.study_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
+    # the storage URL goes in the environment, not on the command line that `ps` shows
     command = [sys.executable, "-m", "mpq_search", "worker", "--study", config.study_name,
-               "--storage", config.storage_url, "--root", config.root,
-               "--threads", str(per_worker), "--device", config.device]
+               "--root", config.root, "--threads", str(per_worker), "--device", config.device]
+    environment = {**os.environ, STORAGE_ENV: config.storage_url}
     processes: list[subprocess.Popen[bytes]] = []
     stopping = False
     try:
         for index in range(workers):
             with open(logs / f"worker-{index}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                  start_new_session=True))
+                                                  env=environment, start_new_session=True))
         # a resumed study's finished trials are not reported again
         seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
         while any(p.poll() is None for p in processes):
@@ -189,9 +192,11 @@ def work(
 
 
 def _wait_for_study(name: str, storage: str, wait: float) -> optuna.Study:
-    """The study once it exists (a worker may start before `run` creates it)."""
+    """The study once it exists (a worker may start before `run` creates it); a name that
+    could not be a folder under the root is refused before any wait."""
     from mpq_search.errors import StudyNotFoundError
 
+    check_study_name(name)
     deadline = time.monotonic() + wait
     while True:
         try:

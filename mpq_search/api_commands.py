@@ -44,6 +44,7 @@ from mpq_search.report import ReportFiles, Row, pareto_rows, reference_rows
 from mpq_search.search import (
     StudyConfig,
     best_prior_mode,
+    display_url,
     load_config,
     load_study,
     surrogate_modes,
@@ -567,6 +568,8 @@ class RunResult:
 
     study: str
     storage: str
+    """The storage URL as it may be shown (`display_url`: password hidden), for the console and
+    `--json`; `StudyConfig.storage_url` is the one to connect with."""
     report_dir: Path
     seconds: float
     trials: Mapping[str, int]
@@ -603,7 +606,8 @@ def run_result(study: optuna.Study, config: StudyConfig, seconds: float,
 
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     fp_pass = study.user_attrs.get("fp_pass_seconds")
-    return RunResult(study.study_name, config.storage_url, config.study_dir / "report", seconds,
+    return RunResult(study.study_name, display_url(config.storage_url),
+                     config.study_dir / "report", seconds,
                      dict(sorted(states.items())), tuple(reference_rows(study)),
                      tuple(pareto_rows(study)), stopped,
                      float(fp_pass) if isinstance(fp_pass, int | float) else None,

@@ -183,8 +183,7 @@ def write_report(study: optuna.Study, out: str | Path, *,
     html = write_html(study, all_rows, folder / "pareto.html")
     summary = folder / "report.json"
     summary.write_text(json.dumps({
-        "schema": REPORT_SCHEMA, "study": study.study_name, "attrs": {
-            k: v for k, v in study.user_attrs.items() if k != "importance"},
+        "schema": REPORT_SCHEMA, "study": study.study_name, "attrs": _shown_attrs(study),
         "pareto": [asdict(r) for r in front], "references": [asdict(r) for r in
                                                              reference_rows(study)],
     }, indent=1, default=str))
@@ -196,6 +195,19 @@ def write_report(study: optuna.Study, out: str | Path, *,
 
     refresh_notes(study)  # the dashboard's notes compare with every reference, and held-out
     return ReportFiles(csv, html, summary, bitmaps, grids)
+
+
+def _shown_attrs(study: optuna.Study) -> dict[str, Any]:
+    """The study's user attributes as report.json shows them: importance left out, and the
+    stored config's storage URL without its password (`display_url`; studies made before
+    `SearchPlan.study_attrs` hid it hold it whole)."""
+    from mpq_search.search import display_url
+
+    attrs = {k: v for k, v in study.user_attrs.items() if k != "importance"}
+    config = attrs.get("config")
+    if isinstance(config, dict) and isinstance(config.get("storage"), str):
+        attrs["config"] = {**config, "storage": display_url(config["storage"])}
+    return attrs
 
 
 def _write_csv(selected: Sequence[Row], path: Path) -> Path:

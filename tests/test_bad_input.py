@@ -91,12 +91,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     good = next(t.user_attrs["bitmap"] for t in study.trials if "bitmap" in t.user_attrs)
     _write_bitmaps(root / "bitmaps", good)
     (root / "a_file").write_text("a plain file, not a folder\n")
+    # roots that typer's --root (a Path) cannot carry: NUL (typer refuses it), empty (".")
+    (root / "nul_root.toml").write_text('root = "a\\u0000b"\n')
+    (root / "empty_root.toml").write_text('root = ""\n')
     places = {
         "model": str(model), "other": str(other), "broken": str(broken),
         "unsupported": str(unsupported), "pickled": str(pickled),
         "config": str(write_config_toml(config, root / "s.toml")),
         "study": study.study_name, "storage": config.storage_url,
         "bitmaps": str(root / "bitmaps"), "file": str(root / "a_file"),
+        "nul_root": str(root / "nul_root.toml"), "empty_root": str(root / "empty_root.toml"),
     }
     return World(root, study.study_name, config.storage_url, places)
 
@@ -170,6 +174,33 @@ CASES = [
                  'role "no_such_role" does not exist', id="postgres-no-such-role"),
     pytest.param(["report", "--study", "nope", "--storage", "{storage}"], "no study 'nope'",
                  id="unknown-study"),
+    # study names and roots that would write outside the study's folder
+    pytest.param(tiny_run("--study", "../escape"), "study name '../escape' must be one folder "
+                 "name under the root", id="study-name-parent"),
+    pytest.param(tiny_run("--study", ".."), "study name '..' must be one folder",
+                 id="study-name-dotdot"),
+    pytest.param(tiny_run("--study", "{scratch}/abs"), "study name '{scratch}/abs' must be one",
+                 id="study-name-absolute"),
+    pytest.param(tiny_run("--study", "a/b"), "study name 'a/b' must be one folder",
+                 id="study-name-separator"),
+    pytest.param(tiny_run("--study", "a\\b"), "study name 'a\\\\b' must be one folder",
+                 id="study-name-backslash"),
+    pytest.param(tiny_run("--study", "C:x"), "study name 'C:x' must be one folder",
+                 id="study-name-drive"),
+    pytest.param(tiny_run("--study", ""), "study name '' must be one folder",
+                 id="study-name-empty"),
+    pytest.param(tiny_run("--study", "a\0b"), "study name 'a\\x00b' must be one folder",
+                 id="study-name-nul"),
+    pytest.param(["run", "--config", "{nul_root}"], "root must be a folder ('.' for the current "
+                 "one) without NUL bytes, got 'a\\x00b'", id="root-nul"),
+    pytest.param(["run", "--config", "{empty_root}"], "root must be a folder", id="root-empty"),
+    pytest.param(["report", "--study", "../{study}", "--storage", "{storage}"],
+                 "study name '../", id="report-study-name-parent"),
+    pytest.param(["export", "--study", "/tmp", "--storage", "{storage}", "--best",
+                  "-o", "{scratch}/map.json"], "study name '/tmp' must be one folder",
+                 id="export-study-name-absolute"),
+    pytest.param(["worker", "--study", "../{study}", "--storage", "{storage}", "--wait", "0"],
+                 "study name '../", id="worker-study-name-parent"),
     # an existing study asked for something else
     pytest.param(["run", "--config", "{config}", "--study", "{study}", "--budget", "6bits"],
                  "study was run with budget='5bits', this run asks budget='6bits'",

@@ -30,6 +30,7 @@ from mpq_search.cli._app import (
     stop_requests,
 )
 from mpq_search.cli._foundation import STUDY
+from mpq_search.search import STORAGE_ENV, display_url
 
 if TYPE_CHECKING:
     import optuna
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 StudyOption = Annotated[str | None, typer.Option("--study", help="Study name.")]
 StorageOption = Annotated[
     str | None,
-    typer.Option("--storage", help="Optuna storage URL (default: SQLite under --root)."),
+    typer.Option("--storage", envvar=STORAGE_ENV,
+                 help="Optuna storage URL (default: SQLite under --root)."),
 ]
 RootOption = Annotated[Path, typer.Option("--root", help="Folder holding per-study outputs.")]
 ConfigOption = Annotated[
@@ -160,7 +162,7 @@ def run_command(
         if cfg.surrogate_prior == "best-prior" and summary.surrogate_start is not None:
             console.print(f"the surrogate started from {summary.surrogate_start}: its ILP prior "
                           "scored best on the proxy", highlight=False)
-        console.print(f"study {cfg.study_name!r} in {cfg.storage_url}; report in "
+        console.print(f"study {cfg.study_name!r} in {summary.storage}; report in "
                       f"{summary.report_dir} ({summary.seconds:.0f} s{passes})")
     if stop():
         done = sum(summary.trials.get(s, 0) for s in ("COMPLETE", "FAIL", "PRUNED"))
@@ -221,7 +223,7 @@ def worker_command(
     study: Annotated[str, typer.Option("--study", help="Study name (it must exist, or be "
                                        "created by `mpq-search run` within --wait).")],
     storage: Annotated[str, typer.Option(
-        "--storage", help="The study's Optuna storage URL, e.g. "
+        "--storage", envvar=STORAGE_ENV, help="The study's Optuna storage URL, e.g. "
         "postgresql+psycopg2://user@host:5432/db.")],
     trials: Annotated[int | None, typer.Option(
         help="Trials this worker runs at most (default: until the study holds its "
@@ -247,7 +249,7 @@ def worker_command(
         ran = work(study, storage, trials=trials, threads=threads, device=device,
                    root=root, wait=wait, progress=progress.on_trial, stage=progress.on_stage,
                    should_stop=stop)
-    console.print(f"worker ran {ran} trials of study {study!r} in {storage}")
+    console.print(f"worker ran {ran} trials of study {study!r} in {display_url(storage)}")
     if stop():
         raise typer.Exit(stop.exit_code)
 

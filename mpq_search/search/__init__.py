@@ -17,12 +17,15 @@ Public API (implementation in private modules):
 * `SearchSpace`, `SpaceCost`, `Repairer`, `Surrogate` - the space, its vectorised cost, budget
   repair;
 * `GuidedSampler`, `RepairingSampler`, `make_sampler` - budget-safe samplers;
-* `load_study`, `find_study`, `make_storage` - storage helpers.
+* `load_study`, `find_study`, `make_storage` - storage helpers; `display_url` - a storage URL
+  as it may be shown (password hidden); `check_study_name` - a study name that stays one
+  folder under the root.
 """
 
 from mpq_search.search._config import (
     SAMPLERS,
     StudyConfig,
+    check_study_name,
     load_config,
     quant_config,
     stored_config,
@@ -48,10 +51,18 @@ from mpq_search.search._sampler import (
 )
 from mpq_search.search._scorer import Scorer, calibrate, fp_pass_seconds
 from mpq_search.search._space import SearchSpace, SpaceCost
-from mpq_search.search._storage import Liveness, find_study, load_study, make_storage
+from mpq_search.search._storage import (
+    STORAGE_ENV,
+    Liveness,
+    display_url,
+    find_study,
+    load_study,
+    make_storage,
+)
 
 __all__ = [
     "SAMPLERS",
+    "STORAGE_ENV",
     "GuidedSampler",
     "ImportanceScores",
     "Liveness",
@@ -66,9 +77,11 @@ __all__ = [
     "TrialEvent",
     "best_prior_mode",
     "calibrate",
+    "check_study_name",
     "confirm",
     "counted_trials",
     "create_study",
+    "display_url",
     "find_study",
     "fp_pass_seconds",
     "heldout_settings",

@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, get_args
 
 from mpq_search.allocate import ALLOCATION_MODES, AllocationMode
@@ -67,7 +67,8 @@ class StudyConfig:
     which is the study's identity. Parsed into a `Budget` once, when the run is prepared."""
     model: str = "mnist-ddpm"
     study: str | None = None
-    """Study name; default `<model>-<budget>` (plus `-g<G>` for timestep groups)."""
+    """Study name; default `<model>-<budget>` (plus `-g<G>` for timestep groups). It names the
+    study's folder under `root`, so it must stay one folder there (`check_study_name`)."""
     storage: str | None = None
     """Optuna storage URL; default `sqlite:///<root>/<study>/study.db`."""
     root: str = "studies"
@@ -285,7 +286,34 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_study_name(name: object) -> str:
+    """`name` if it names one folder directly under the root, else StudyError.
+
+    A study name becomes `<root>/<name>/` (its database, artifacts, report, worker logs), and
+    on a shared database anyone may have chosen it: so not empty, `.` or `..`, and no path
+    separator (`/`, or `\\` and a drive such as `C:` as Windows reads them), which would put
+    the folder elsewhere, and no NUL byte, which no file system accepts."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name \
+            or PurePosixPath(name).name != name or PureWindowsPath(name).name != name:
+        raise StudyError(f"study name {name!r} must be one folder name under the root: not "
+                         "empty, '.' or '..', without '/', '\\', a drive (C:) or NUL bytes")
+    return name
+
+
+def _check_paths(config: StudyConfig) -> None:
+    """The study's folder stays under `root`. The root itself is the user's choice (absolute,
+    or `..`), but must be a path at all: no NUL byte, and not empty (`.` is the current
+    folder; an empty root is more often an unset shell variable)."""
+    if config.study is not None:  # the default name is built from safe characters only
+        check_study_name(config.study)
+    root = config.root
+    if not isinstance(root, str) or not root or "\0" in root:
+        raise StudyError(f"root must be a folder ('.' for the current one) without NUL bytes, "
+                         f"got {root!r}")
+
+
 def _check(config: StudyConfig) -> None:
+    _check_paths(config)
     if config.sampler not in SAMPLERS:
         raise StudyError(f"unknown sampler {config.sampler!r}; supported: {', '.join(SAMPLERS)}")
     objectives = tuple(config.objectives)

@@ -18,6 +18,7 @@ from mpq_search.models import LoadedModel, load_model
 from mpq_search.search._config import StudyConfig, quant_config, surrogate_modes
 from mpq_search.search._repair import Surrogate
 from mpq_search.search._space import SearchSpace, SpaceCost
+from mpq_search.search._storage import display_url
 from mpq_search.search._study import ROLE_BASELINE, ROLE_PRIOR, Seed
 from mpq_search.trajectory import prompts_from_file
 
@@ -95,13 +96,17 @@ class SearchPlan:
     front_budgets: tuple[Budget, ...]
 
     def study_attrs(self) -> dict[str, Any]:
-        """What the study stores about itself (user attributes)."""
+        """What the study stores about itself (user attributes). The storage URL in its config
+        is stored without its password: optuna-dashboard and report.json show these."""
+        config = self.config.to_dict()
+        if config["storage"] is not None:
+            config["storage"] = display_url(config["storage"])
         return {
             "model": {"name": self.model.identity.name,
                       "weights_hash": self.model.identity.weights_hash,
                       "source": str(self.model.source)},
             "budget": str(self.budget),
-            "config": self.config.to_dict(),
+            "config": config,
             "identity": self.config.identity(),
             "importance": self.importance.to_dict(),
             "units": [list(u) for u in self.space.units],

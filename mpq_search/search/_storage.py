@@ -20,6 +20,7 @@ milliseconds between the two leaves its trial RUNNING, as Optuna's own `optimize
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -81,10 +82,35 @@ def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
                             max_retry=liveness.max_retry)}
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except Exception as e:  # sqlalchemy raises many types for a bad URL or an unreachable server
-        raise StudyError(f"cannot open storage {url!r}: {str(e).splitlines()[0]}") from e
+        raise StudyError(
+            f"cannot open storage {display_url(url)!r}: {str(e).splitlines()[0]}") from e
     if url.startswith("sqlite"):
         _fast_sqlite(storage)
     return storage
+
+
+_URL_PASSWORD = re.compile(r"^([^:/?#]+://[^:/?#@]*:)[^/?#]*@")
+"""`scheme://user:` and the password after it, up to the authority's last `@` (RFC 3986: the
+user information ends there, so an unencoded `@` in a password is hidden with it)."""
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+"""libpq's `password=` query parameter."""
+
+
+def display_url(url: str) -> str:
+    """The URL as it may be shown (console, `--json`, logs, reports, error messages): its
+    password, in the user information or as a `password=` query parameter, replaced by `***`.
+
+    Every display of a storage URL goes through here. By pattern rather than SQLAlchemy's
+    `make_url(url).render_as_string(hide_password=True)`, which raises on a URL it cannot parse
+    (a port `xx`: the very URL an error message shows), cuts a password at an unencoded `@` and
+    shows the rest, and keeps a `password=` query parameter."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
+
+
+STORAGE_ENV = "MPQ_SEARCH_STORAGE"
+"""Environment variable the CLI's `--storage` falls back to: a URL with a password stays off
+command lines, which `ps` shows to every user of the machine (`run --workers` hands it to its
+workers this way)."""
 
 
 def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
@@ -112,8 +138,8 @@ def load_study(name: str, storage: str, liveness: Liveness | None = None,
     except KeyError as e:
         known = [s.study_name for s in optuna.get_all_study_summaries(backend)]
         listing = ", ".join(known) if known else "none"
-        raise StudyNotFoundError(f"no study {name!r} in {storage} (studies there: {listing})") \
-            from e
+        raise StudyNotFoundError(
+            f"no study {name!r} in {display_url(storage)} (studies there: {listing})") from e
 
 
 def find_study(name: str, storage: str) -> optuna.Study | None:
