@@ -43,6 +43,7 @@ from mpq_search.search import (
     stored_config,
     trial_event,
 )
+from mpq_search.search._diskfull import disk_full_stops
 
 
 def run(
@@ -61,7 +62,7 @@ def run(
     if workers < 1:
         raise StudyError(f"workers must be >= 1, got {workers}")
     say = stage or (lambda _: None)
-    with torch_threads(config.threads):
+    with torch_threads(config.threads), disk_full_stops(config):  # one line naming the path
         say("loading model")
         model, specs = load(config)
         say("timing one FP sampling pass of the proxy batch")
@@ -208,9 +209,11 @@ def _wait_for_study(name: str, storage: str, wait: float) -> optuna.Study:
 
 
 def report(study: optuna.Study, config: StudyConfig) -> ReportFiles:
-    """The report files of a study (`<root>/<study>/report/`)."""
-    return write_report(study, config.study_dir / "report",
-                        artifact_dir=config.study_dir / "artifacts")
+    """The report files of a study (`<root>/<study>/report/`); a full disk raises
+    DiskFullError naming the file (`search._diskfull`)."""
+    with disk_full_stops(config):
+        return write_report(study, config.study_dir / "report",
+                            artifact_dir=config.study_dir / "artifacts")
 
 
 def confirm_trials(

@@ -36,6 +36,7 @@ from mpq_search.evaluate import (
     fp_reference_stats,
 )
 from mpq_search.fid import dataset_stats, frechet_distance, get_feature_net, stats_of_images
+from mpq_search.files import atomic_path, write_text
 from mpq_search.images import save_grid
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model, sample
@@ -432,13 +433,14 @@ def profile_importance(
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = imp.to_csv(out_dir / "importance.csv")
     html = out_dir / "importance_heatmap.html"
-    imp.heatmap().write_html(str(html), include_plotlyjs="cdn")
+    with atomic_path(html) as temp:
+        imp.heatmap().write_html(str(temp), include_plotlyjs="cdn")
     report = {"model": loaded.identity.name, "weights_hash": loaded.identity.weights_hash,
               "layers": len(specs), "profiled_timesteps": list(imp.timesteps),
               "batch_constant_layers": list(imp.constant), "settings": dict(imp.settings),
               "seconds": imp.stats["seconds"], "peak_rss_bytes": imp.stats["peak_rss_bytes"]}
     cost_report = out_dir / "cost_report.json"
-    cost_report.write_text(json.dumps(report, indent=2) + "\n")
+    write_text(cost_report, json.dumps(report, indent=2) + "\n")
     ranking = imp.ranking("weight")
     shown = sorted({*range(min(5, len(ranking))), *range(max(0, len(ranking) - 3), len(ranking))})
     extremes = tuple(RankedLayer(r + 1, ranking[r], float(imp.weight[ranking[r]])) for r in shown)

@@ -268,14 +268,10 @@ class BitMap:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the JSON form (creating parent folders)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        except OSError as e:  # a full disk raises on flush, without the file's name
-            raise OSError(e.errno, e.strerror, str(target)) from e
-        return target
+        """Write the JSON form (creating parent folders), whole or not at all (`files`)."""
+        from mpq_search.files import write_text
+
+        return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> BitMap:

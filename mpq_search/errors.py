@@ -53,6 +53,12 @@ class StudyNotFoundError(StudyError):
     """The storage holds no study of the requested name (the storage itself was reachable)."""
 
 
+class DiskFullError(MPQSearchError):
+    """A write found no space left (ENOSPC, a disk quota, or SQLite's "database or disk is
+    full"); the message names the path. What was written before it stays whole (`files`), so
+    freeing space and running the same command again resumes."""
+
+
 class MPQSearchWarning(UserWarning):
     """Root of the warnings this package emits; the CLI prints each as one line."""
 

@@ -71,6 +71,7 @@ from mpq_search.deployment import (
     torchao_version,
 )
 from mpq_search.errors import BitMapError
+from mpq_search.files import write_text
 
 Format = Literal["json", "torchao", "modelopt", "yaml"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -93,8 +94,7 @@ class Exported:
 def _write(path: str | Path, text: str) -> Path:
     target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        write_text(target, text)  # whole or not at all; a full disk raises DiskFullError
     except OSError as e:
         raise BitMapError(f"cannot write or read {target}: {e.strerror}") from e
     return target

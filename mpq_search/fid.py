@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq_search.errors import MPQSearchError, UnknownFeatureNetError
+from mpq_search.files import atomic_path
 from mpq_search.zoo import LENET_WEIGHTS
 
 FeatureNetName = Literal["lenet", "inception"]
@@ -257,10 +258,9 @@ def cached_arrays(folder: str, key: Mapping[str, Any], names: tuple[str, ...],
             pass  # a corrupt cache entry is recomputed
     arrays = dict(compute())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
     payload: dict[str, Any] = {**arrays, "key": text}
-    np.savez(tmp, **payload)
-    tmp.replace(path)
+    with atomic_path(path) as temp:  # keeps the .npz suffix: numpy adds none
+        np.savez(temp, **payload)
     return arrays
 
 

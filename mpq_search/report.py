@@ -27,6 +27,7 @@ from rich.table import Table
 
 from mpq_search.bitmap import BitMap, quantizer_meta
 from mpq_search.errors import StudyError
+from mpq_search.files import atomic_path, write_text
 
 REPORT_SCHEMA = "mpq-search/report/v1"
 log = logging.getLogger("mpq_search")
@@ -173,7 +174,8 @@ def export(study: optuna.Study, path: str | Path, *, trial: int | None = None,
 
 def write_report(study: optuna.Study, out: str | Path, *,
                  artifact_dir: str | Path | None = None) -> ReportFiles:
-    """Write every report file for the study into `out`."""
+    """Write every report file for the study into `out`, each whole or not at all (`files`:
+    a full disk raises DiskFullError naming the file, and the files already there stay)."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     all_rows = rows(study)
@@ -182,7 +184,7 @@ def write_report(study: optuna.Study, out: str | Path, *,
     csv = _write_csv(listed, folder / "pareto.csv")
     html = write_html(study, all_rows, folder / "pareto.html")
     summary = folder / "report.json"
-    summary.write_text(json.dumps({
+    write_text(summary, json.dumps({
         "schema": REPORT_SCHEMA, "study": study.study_name, "attrs": _shown_attrs(study),
         "pareto": [asdict(r) for r in front], "references": [asdict(r) for r in
                                                              reference_rows(study)],
@@ -214,7 +216,8 @@ def _write_csv(selected: Sequence[Row], path: Path) -> Path:
     import pandas as pd
 
     frame = pd.DataFrame([asdict(r) for r in selected], columns=list(Row.__dataclass_fields__))
-    frame.to_csv(path, index=False)
+    with atomic_path(path) as temp:
+        frame.to_csv(temp, index=False)
     return path
 
 
@@ -236,9 +239,10 @@ def _grids(study: optuna.Study, trials: dict[int, FrozenTrial], front: Sequence[
         target = folder / f"trial_{row.trial:04d}.png"
         if artifact is None:
             continue
-        target.unlink(missing_ok=True)  # download_artifact refuses to overwrite
         try:
-            download_artifact(artifact_store=store, file_path=str(target), artifact_id=artifact)
+            with atomic_path(target) as temp:  # download_artifact refuses to overwrite
+                download_artifact(artifact_store=store, file_path=str(temp),
+                                  artifact_id=artifact)
         except (OSError, ArtifactNotFound) as e:  # a lost grid must not stop the report
             log.warning("no grid for trial %d: %s", row.trial, e)
             continue
@@ -248,7 +252,8 @@ def _grids(study: optuna.Study, trials: dict[int, FrozenTrial], front: Sequence[
 
 def write_html(study: optuna.Study, all_rows: Sequence[Row], path: Path) -> Path:
     """Write `pareto_figure` as a self-contained HTML page."""
-    pareto_figure(study, all_rows).write_html(str(path), include_plotlyjs=True)
+    with atomic_path(path) as temp:
+        pareto_figure(study, all_rows).write_html(str(temp), include_plotlyjs=True)
     return path
 
 

@@ -59,13 +59,12 @@ class Importance:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write `to_frame()` as CSV, preceded by '# key=value' lines of the settings."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        from mpq_search.files import write_text
+
         header = "".join(f"# {k}={v}\n" for k, v in {
             "model": self.model.name, "weights_hash": self.model.weights_hash,
             **self.settings}.items())
-        target.write_text(header + self.to_frame().to_csv(index=False))
-        return target
+        return write_text(path, header + self.to_frame().to_csv(index=False))
 
     def heatmap(self) -> Any:
         """Plotly figure: layers (network order, top to bottom) x timesteps of theta_w.

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from mpq_search.errors import NonFiniteSamplesError, StudyError
 from mpq_search.evaluate import SampleSettings
 from mpq_search.search._artifacts import artifact_store, upload_trial_artifacts
 from mpq_search.search._config import StudyConfig
+from mpq_search.search._diskfull import gives_back_on_full_disk, worker_id
 from mpq_search.search._notes import write_trial_note
 from mpq_search.search._prepare import SearchPlan
 from mpq_search.search._sampler import MapSampler, make_sampler
@@ -137,6 +136,7 @@ def _sampler(plan: SearchPlan) -> optuna.samplers.BaseSampler:
                         front_budgets=plan.front_budgets)
 
 
+@gives_back_on_full_disk
 def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
              progress: ProgressFn | None = None,
              should_stop: Callable[[], bool] | None = None,
@@ -145,11 +145,13 @@ def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
     run its baselines, or this process has run `max_trials`; return how many it ran.
 
     `should_stop` is asked before each trial: a stop requested during a trial (e.g. by Ctrl-C)
-    lets that trial finish and be stored, and a later run of the study resumes."""
+    lets that trial finish and be stored, and a later run of the study resumes. A full disk
+    stops it with DiskFullError naming the path; the trial being scored is failed and queued
+    again, and a resume after freeing space completes the study (`_diskfull`)."""
     sampler = study.sampler
     fast = isinstance(sampler, MapSampler) and sampler.fast
     store = artifact_store(plan.config)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = worker_id()
     ran = 0
     while max_trials is None or ran < max_trials:
         if should_stop is not None and should_stop():
@@ -218,6 +220,7 @@ def _next_trial(study: optuna.Study, plan: SearchPlan, sampler: MapSampler, rema
     if waiting is not None:
         handle = handle_of_frozen(waiting)
         record_heartbeat(study, handle)
+        set_trial_user_attr(study, handle, "worker", worker)  # who holds it (`_diskfull`)
         role = waiting.user_attrs.get("role") or ROLE_SEARCH
         tag = waiting.user_attrs.get("tag") or role
         levels = _stored_map(waiting, plan)
@@ -226,6 +229,7 @@ def _next_trial(study: optuna.Study, plan: SearchPlan, sampler: MapSampler, rema
     elif remaining > 0:
         handle = reserve_trial(study)
         record_heartbeat(study, handle)
+        set_trial_user_attr(study, handle, "worker", worker)  # who holds it (`_diskfull`)
         levels, role, tag = sampler.propose_claimed(study, handle), ROLE_SEARCH, ROLE_SEARCH
     else:
         return None

@@ -261,10 +261,12 @@ def pop_waiting_trial(
     Private: `Study._study_id` (through `storage_of`'s study). Optuna's own
     `Study._pop_waiting_trial_id` takes any waiting trial; this one skips those `accept` refuses
     (priors beyond the study's trial count). `set_trial_state_values(RUNNING)` succeeds for one
-    process only, so two workers never take the same trial.
+    process only, so two workers never take the same trial. Retries come first (then by
+    number): the trial a retry replaces was taken before the trials still waiting.
     """
     storage = storage_of(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    for trial in sorted(waiting, key=lambda t: not t.system_attrs.get("retry_history")):
         if not accept(trial):
             continue
         try:
