@@ -39,7 +39,9 @@ QUANTIZER_META = "quantizer"
 """Key of a map's `meta` that records the quantizer it was made for: {"rounding": "gptq",
 "weight_grid": "minmax"} (`mpq_search.quant`: how weights are rounded onto which grid)."""
 
-_SETTING = re.compile(r"\s*W(\d+)\s*A(\d+)\s*", re.IGNORECASE)
+_SETTING = re.compile(r"\s*W(\d{1,4})\s*A(\d{1,4})\s*", re.IGNORECASE)
+"""At most 4 digits per bit-width (valid ones have 1 or 2): int() raises ValueError on a string
+of over 4300 digits."""
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,23 @@ def quantizer_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:
 
     A map exported from a study made before the rounding was selectable records none, but its
     study ran round-to-nearest ("rtn") on the MSE grid: such a map (meta "study" and
-    "settings", the study's identity) reads as that.
+    "settings", the study's identity) reads as that. A rounding or grid that is not a name
+    raises BitMapError (a map file may hold anything there).
     """
     recorded = meta.get(QUANTIZER_META)
-    if isinstance(recorded, Mapping):
-        return dict(recorded)
     settings = meta.get("settings")
-    if "study" in meta and isinstance(settings, Mapping):
-        return {"rounding": settings.get("rounding", "rtn"),
-                "weight_grid": settings.get("weight_grid", "mse")}
-    return None
+    if isinstance(recorded, Mapping):
+        record = dict(recorded)
+    elif "study" in meta and isinstance(settings, Mapping):
+        record = {"rounding": settings.get("rounding", "rtn"),
+                  "weight_grid": settings.get("weight_grid", "mse")}
+    else:
+        return None
+    for key in ("rounding", "weight_grid"):
+        if not isinstance(record.get(key, ""), str):
+            raise BitMapError(f"bit map records a quantizer {key} of {record[key]!r}; "
+                              "expected a name such as 'gptq' or 'minmax'")
+    return record
 
 
 def parse_bit_list(text: str, option: str) -> tuple[int, ...]:
@@ -283,13 +292,21 @@ class BitMap:
             if size > MAX_BITMAP_BYTES:
                 raise BitMapError(f"bit map {source} is {size / 2**20:.1f} MiB, over the limit "
                                   f"of {MAX_BITMAP_BYTES // 2**20} MiB")
-            text = source.read_text()
+            text = source.read_text(encoding="utf-8")  # JSON is UTF-8 (RFC 8259)
         except OSError as e:
             raise BitMapError(f"cannot read bit map {source}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise BitMapError(f"{source} is not UTF-8 text: {e.reason} at byte {e.start}") \
+                from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise BitMapError(f"{source} is not valid JSON: {e}") from e
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            raise BitMapError(f"{source} is not a bit map: it holds a number of over 4300 "
+                              "digits") from e
+        except RecursionError as e:
+            raise BitMapError(f"{source} nests deeper than a bit map does") from e
         return cls.from_dict(data)
 
 
@@ -303,7 +320,7 @@ def _parse_group(data: Any) -> TimestepGroup:
         raise BitMapError("each group must be an object with 'start', 'end' and 'layers'")
     try:
         start, end = float(data["start"]), float(data["end"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: an int > 1e308
         raise BitMapError("each group needs numeric 'start' and 'end'") from e
     layers = {}
     for name, bits in data["layers"].items():

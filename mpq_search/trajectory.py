@@ -551,6 +551,9 @@ def prompts_from_file(path: str | Path) -> tuple[str, ...]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise MPQSearchError(f"cannot read prompts file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise MPQSearchError(f"prompts file {path} is not UTF-8 text: {e.reason} at byte "
+                             f"{e.start}") from e
     prompts = tuple(line.strip() for line in lines if line.strip())
     if not prompts:
         raise MPQSearchError(f"prompts file {path} has no prompts")

@@ -65,6 +65,29 @@ def _write_bitmaps(folder: Path, good: dict[str, Any]) -> None:
         big.truncate(17 * 2**20)
 
 
+def _write_fuzz_findings(folder: Path, good: dict[str, Any]) -> None:
+    """Files that crashed a parser when it was fuzzed (issue 30, `test_fuzz.py`): bit maps,
+    study configs, a prompts file."""
+    folder.mkdir()
+    for suffix, key in ((".json", ""), (".toml", "a = ")):
+        (folder / f"not_utf8{suffix}").write_bytes(b"\x80")
+        (folder / f"deep{suffix}").write_text(key + "[" * 5000 + "]" * 5000)
+        (folder / f"huge_int{suffix}").write_text(key + "[" + "1" * 5000 + "]")
+    far = json.loads(json.dumps(good))
+    far["groups"][0]["start"] = "START"
+    (folder / "start_1e400.json").write_text(
+        json.dumps(far).replace('"START"', "1" + "0" * 400))
+    for name, record in (("rounding_list", {"rounding": [], "weight_grid": "minmax"}),
+                         ("calib_null", {"rounding": "gptq", "weight_grid": "minmax",
+                                         "calib_n": None})):
+        odd = json.loads(json.dumps(good))
+        odd["meta"]["quantizer"] = record
+        (folder / f"{name}.json").write_text(json.dumps(odd))
+    (folder / "self.toml").write_text("self = 0\n")
+    (folder / "budget_int.toml").write_text("budget = 5\n")
+    (folder / "prompts.txt").write_bytes(b"a cat\n\x80\n")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """Build the world once: a one-trial study on the tiny model (seconds), a second model with
@@ -90,6 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     weights.unlink()
     good = next(t.user_attrs["bitmap"] for t in study.trials if "bitmap" in t.user_attrs)
     _write_bitmaps(root / "bitmaps", good)
+    _write_fuzz_findings(root / "fuzz", good)
     (root / "a_file").write_text("a plain file, not a folder\n")
     # roots that typer's --root (a Path) cannot carry: NUL (typer refuses it), empty (".")
     (root / "nul_root.toml").write_text('root = "a\\u0000b"\n')
@@ -100,6 +124,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         "config": str(write_config_toml(config, root / "s.toml")),
         "study": study.study_name, "storage": config.storage_url,
         "bitmaps": str(root / "bitmaps"), "file": str(root / "a_file"),
+        "fuzz": str(root / "fuzz"),
         "nul_root": str(root / "nul_root.toml"), "empty_root": str(root / "empty_root.toml"),
     }
     return World(root, study.study_name, config.storage_url, places)
@@ -235,6 +260,37 @@ CASES = [
                  "cannot read bit map", id="bitmap-missing-file"),
     pytest.param(["quantize", "--model", "{model}", "--uniform", "W9A8"], "got 9",
                  id="uniform-bits-out-of-range"),
+    # hostile files and strings: each crashed its parser when fuzzed (issue 30, test_fuzz.py)
+    *[pytest.param(["apply", f"{{fuzz}}/{name}.json", "--model", "{model}",
+                    "-o", "{scratch}/grid.png"], needle, id=f"bitmap-{name}")
+      for name, needle in (("not_utf8", "is not UTF-8 text"),
+                           ("deep", "nests deeper than a bit map does"),
+                           ("huge_int", "holds a number of over 4300 digits"),
+                           ("start_1e400", "each group needs numeric 'start' and 'end'"),
+                           ("rounding_list", "records a quantizer rounding of []"),
+                           ("calib_null", "calib_n must be an integer, got None"))],
+    *[pytest.param(["run", "--config", f"{{fuzz}}/{name}.toml"], needle, id=f"config-{name}")
+      for name, needle in (("not_utf8", "is not UTF-8 text"),
+                           ("deep", "nests deeper than a study config does"),
+                           ("huge_int", "holds a number of over 4300 digits"),
+                           ("self", "unknown study option(s): 'self'"),
+                           ("budget_int", "budget must be a string, got 5"))],
+    pytest.param(tiny_run("--budget", "[/]"), "cannot parse budget clause '[/]'",
+                 id="budget-rich-markup"),
+    pytest.param(tiny_run("--budget", "\\["), "cannot parse budget clause '\\\\['",
+                 id="budget-backslash-bracket"),
+    pytest.param(["quantize", "--model", "{model}", "--uniform", "W" + "9" * 5000 + "A8"],
+                 "a uniform setting looks like W4A8", id="uniform-huge-bits"),
+    pytest.param(tiny_run("--prompts", "{fuzz}/prompts.txt"), "is not UTF-8 text",
+                 id="prompts-not-utf8"),
+    pytest.param(tiny_run("--storage", "journal:"), "journal storage URL must name its file",
+                 id="storage-journal-no-file"),
+    pytest.param(tiny_run("--storage", "journal:{file}"), "is not an optuna journal",
+                 id="storage-journal-not-a-journal"),
+    pytest.param(tiny_run("--storage", "sqlite:///{file}/study.db"), "Not a directory",
+                 id="storage-under-a-file"),
+    pytest.param(tiny_run("--storage", "sqlite://\x01"), "cannot hold control characters",
+                 id="storage-control-character"),
     # models
     pytest.param(["sample", "--model", "./does/not/exist", "-o", "{scratch}/g.png"],
                  "model directory ./does/not/exist does not exist", id="missing-model-dir"),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, Protocol, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from mpq_search.errors import MPQSearchError, MPQSearchWarning
 
@@ -56,8 +57,14 @@ class Record(Protocol):
 
 def fail(message: str) -> typer.Exit:
     """Print a one-line error and return the Exit to raise (exit code 2)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(_line("error:", "bold red", message), highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_USAGE)
+
+
+def _line(label: str, style: str, message: str) -> Text:
+    """`label message`, the message as plain text: it quotes the user's input, where "[/]" or
+    "\\[" is no markup (rich would fail on the one and drop a backslash of the other)."""
+    return Text.assemble((label, style), " ", message)
 
 
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -94,7 +101,7 @@ def _one_line_warnings(previous: Callable[..., None]) -> Callable[..., None]:
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: Any = None, line: str | None = None) -> None:
         if issubclass(category, MPQSearchWarning):
-            err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False,
+            err_console.print(_line("warning:", "bold yellow", str(message)), highlight=False,
                               soft_wrap=True)
         else:
             previous(message, category, filename, lineno, file, line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
+from mpq_search._fieldtypes import check_types
 from mpq_search.bitmap import (
     DEFAULT_A_BITS,
     DEFAULT_W_BITS,
@@ -15,7 +16,7 @@ from mpq_search.bitmap import (
     quantizer_meta,
     quantizer_record,
 )
-from mpq_search.errors import CalibrationError
+from mpq_search.errors import BitMapError, CalibrationError
 from mpq_search.quant._rounding import (
     KNOWN_QUANTIZERS,
     ROUNDINGS,
@@ -129,10 +130,12 @@ class QuantConfig:
         adopted = {}
         recorded = quantizer_record(bitmap.meta) or {}
         if (recorded.get("rounding"), recorded.get("weight_grid")) in KNOWN_QUANTIZERS:
-            names = {f.name for f in fields(cls)} - {"w_bits", "a_bits"}
-            adopted = {k: v for k, v in recorded.items() if k in names}
-            candidates = recorded.get("w_bits")
-            if isinstance(candidates, list) and set(w_bits) <= set(candidates):
+            names = {f.name for f in fields(cls)} - {"a_bits"}
+            adopted = {k: tuple(v) if isinstance(v, list) else v
+                       for k, v in recorded.items() if k in names}
+            check_types(cls, adopted, BitMapError, "bit map quantizer setting ")
+            candidates = adopted.pop("w_bits", None)
+            if candidates is not None and set(w_bits) <= set(candidates):
                 w_bits = list(candidates)  # the study's tables: the same cache entry
         return cls(w_bits=tuple(w_bits) or (8,), a_bits=tuple(a_bits) or (8,),
                    **{**adopted, **settings})

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, get_args
 
+from mpq_search._fieldtypes import check_types
 from mpq_search.allocate import ALLOCATION_MODES, AllocationMode
 from mpq_search.bitmap import DEFAULT_A_BITS, DEFAULT_W_BITS, parse_bit_list
 from mpq_search.cost import canonical_budget
@@ -203,6 +204,7 @@ class StudyConfig:
         for f in fields(self):  # lists (from TOML or callers) become tuples: the record is frozen
             if isinstance(getattr(self, f.name), list):
                 object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        check_types(StudyConfig, vars(self), StudyError)  # a TOML value of any type lands here
         _check(self)
         # One text per budget: "4.50bits" and "4.5bits" are one study (BudgetError if bad).
         object.__setattr__(self, "budget", canonical_budget(self.budget))
@@ -246,12 +248,12 @@ class StudyConfig:
         data = self.to_dict()
         return {key: data[key] for key in IDENTITY_FIELDS}
 
-    def replace(self, **changes: Any) -> StudyConfig:
+    def replace(self, /, **changes: Any) -> StudyConfig:
         """A copy with some fields changed; `None` values are ignored (CLI flags left unset)."""
         given = {k: v for k, v in changes.items() if v is not None}
         unknown = sorted(set(given) - {f.name for f in fields(self)})
         if unknown:
-            raise StudyError(f"unknown study option(s): {', '.join(unknown)}")
+            raise StudyError(f"unknown study option(s): {', '.join(map(repr, unknown))}")
         return dataclasses.replace(self, **_coerce(given))
 
 
@@ -261,11 +263,19 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> StudyConfig
     if path is not None:
         source = Path(path)
         try:
-            data = tomllib.loads(source.read_text())
+            data = tomllib.loads(source.read_text(encoding="utf-8"))  # TOML is UTF-8
         except OSError as e:
             raise StudyError(f"cannot read study config {source}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise StudyError(f"{source} is not valid TOML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise StudyError(f"{source} is not UTF-8 text: {e.reason} at byte {e.start}") \
+                from e
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            raise StudyError(f"{source} is not a study config: it holds a number of over 4300 "
+                             "digits") from e
+        except RecursionError as e:
+            raise StudyError(f"{source} nests deeper than a study config does") from e
         if isinstance(data.get("study"), dict):
             data = {**{k: v for k, v in data.items() if k != "study"}, **data["study"]}
     return StudyConfig().replace(**data).replace(**overrides)

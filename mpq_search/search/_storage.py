@@ -38,7 +38,11 @@ from mpq_search.errors import StudyError, StudyNotFoundError
 
 def normalise_url(url: str) -> str:
     """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps `postgresql://` to psycopg 3,
-    while psycopg2 (`psycopg2-binary`) is what this package depends on."""
+    while psycopg2 (`psycopg2-binary`) is what this package depends on. A URL with control
+    characters, or whose local file cannot be a storage, raises StudyError (`_url_checks`)."""
+    from mpq_search.search._url_checks import check_storage_url
+
+    check_storage_url(url)
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
