@@ -158,14 +158,15 @@ def _report_new_trials(study: optuna.Study, config: StudyConfig, seen: set[int],
 def work(
     study_name: str, storage: str, *, trials: int | None = None, threads: int | None = None,
     device: str | None = None, root: str | Path | None = None, wait: float = 600.0,
-    progress: Callable[[TrialEvent], None] | None = None,
+    storage_wait: float | None = None, progress: Callable[[TrialEvent], None] | None = None,
     stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> int:
     """Join an existing study as a worker and run its trials: until it holds its `trials`, or
     `trials` here; how many this worker ran. The model, calibration, importance and every
     setting come from the study itself, so all workers score alike; only threads, device and
     the output root are this machine's. Waits up to `wait` s for the study to be created and
-    seeded by `mpq-search run`."""
+    seeded by `mpq-search run`, and up to `storage_wait` s (default: the study's) for a database
+    server that went away mid-study."""
     say = stage or (lambda _: None)
     say("waiting for the study")
     study = _wait_for_study(study_name, storage, wait)
@@ -174,7 +175,7 @@ def work(
         raise StudyError(f"study {study_name!r} holds no mpq-search config")
     config = stored_config(stored).replace(
         study=study_name, storage=storage, threads=threads, device=device,
-        root=None if root is None else str(root))
+        root=None if root is None else str(root), storage_wait=storage_wait)
     with torch_threads(config.threads):
         say("loading model")
         model, specs = load(config)

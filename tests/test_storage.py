@@ -85,3 +85,66 @@ def test_missing_study_and_bad_storage(tmp_path: Path) -> None:
     # a storage that cannot be opened is an error, never "no study yet"
     with pytest.raises(StudyError, match="cannot open storage"):
         find_study("here", "postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_storage_calls_are_retried_on_connection_errors_only() -> None:
+    """`_reconnect.retried`: a lost connection is retried with backoff until it works, within
+    the wait; past it a one-line error naming the storage (no password); any other error, and a
+    server that says its disk is full, raises at once; a commit that landed (its reply lost) is
+    taken instead of being repeated."""
+    import optuna
+    from sqlalchemy import exc
+
+    from mpq_search.search._reconnect import (
+        StorageRetryWarning,
+        StorageUnavailableError,
+        is_connection_error,
+        retried,
+    )
+
+    lost = exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    wrapped = optuna.exceptions.StorageInternalError("commit failed")
+    wrapped.__cause__ = lost
+    assert is_connection_error(lost) and is_connection_error(wrapped)
+    assert not is_connection_error(ValueError("bad value"))
+
+    class DiskFull(Exception):
+        pgcode = "53100"
+
+    assert not is_connection_error(exc.OperationalError("INSERT", {}, DiskFull("disk full")))
+
+    attempts: list[int] = []
+
+    def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise wrapped
+        return "ok"
+
+    with pytest.warns(StorageRetryWarning, match="unreachable"):
+        assert retried(flaky, wait=10, what="get", display_url="postgresql://u:***@h/db") == "ok"
+    assert len(attempts) == 3
+
+    def down() -> None:
+        raise lost
+
+    with pytest.warns(StorageRetryWarning), pytest.raises(
+            StorageUnavailableError, match=r"postgresql://u:\*\*\*@h/db unreachable .*resume"):
+        retried(down, wait=0.3, what="get", display_url="postgresql://u:***@h/db")
+
+    def broken() -> None:
+        raise ValueError("not a connection problem")
+
+    with pytest.raises(ValueError):
+        retried(broken, wait=10, what="get", display_url="x")
+
+    calls: list[int] = []
+
+    def commit_reply_lost() -> int:
+        calls.append(1)
+        raise lost
+
+    with pytest.warns(StorageRetryWarning):
+        assert retried(commit_reply_lost, wait=10, what="create", display_url="x",
+                       landed=lambda: 7) == 7
+    assert len(calls) == 1  # not repeated: the first commit had landed

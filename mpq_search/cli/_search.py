@@ -235,6 +235,10 @@ def worker_command(
         "--root", help="Folder for per-study outputs (artifacts) on this machine.")] = None,
     wait: Annotated[float, typer.Option(
         help="Seconds to wait for the study to be created and seeded.")] = 600.0,
+    storage_wait: Annotated[float | None, typer.Option(
+        help="Seconds the database server may stay unreachable (a restart, a failover) before "
+        "this worker stops; the study stays resumable (default: the study's storage_wait).")]
+    = None,
     quiet: QuietOption = False,
 ) -> None:
     """Join an existing study and run its trials, with the study's own model, settings,
@@ -245,10 +249,12 @@ def worker_command(
 
     if trials is not None and trials < 1:
         raise fail(f"--trials must be at least 1, got {trials}")
+    if storage_wait is not None and not storage_wait >= 0:
+        raise fail(f"--storage-wait must be >= 0 seconds, got {storage_wait}")
     with stop_requests("the running trial") as stop, _trial_progress(console, quiet) as progress:
         ran = work(study, storage, trials=trials, threads=threads, device=device,
-                   root=root, wait=wait, progress=progress.on_trial, stage=progress.on_stage,
-                   should_stop=stop)
+                   root=root, wait=wait, storage_wait=storage_wait,
+                   progress=progress.on_trial, stage=progress.on_stage, should_stop=stop)
     console.print(f"worker ran {ran} trials of study {study!r} in {display_url(storage)}")
     if stop():
         raise typer.Exit(stop.exit_code)

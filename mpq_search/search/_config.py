@@ -10,6 +10,7 @@ experiments.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -195,6 +196,10 @@ class StudyConfig:
     """A running trial without a heartbeat for this long is marked FAIL and retried."""
     max_retry: int = 1
     """How often a dead worker's trial is retried (`RetryHeartbeatStaleTrialCallback`)."""
+    storage_wait: float = 300.0
+    """Seconds a database server (PostgreSQL, MySQL) may stay unreachable, restarting or
+    failing over, before a command stops with an error (the study stays resumable); not part
+    of the study's identity."""
     device: str = "auto"
     """Where sampling, calibration, profiling and features run: auto (a CUDA GPU when torch
     sees one, else the CPU), cpu, cuda or cuda:N. Noise and labels are drawn on the CPU, so a
@@ -237,7 +242,8 @@ class StudyConfig:
 
     def liveness(self) -> Liveness:
         """Heartbeat and retry settings of the study's storage."""
-        return Liveness(self.heartbeat_interval, self.heartbeat_grace, self.max_retry)
+        return Liveness(self.heartbeat_interval, self.heartbeat_grace, self.max_retry,
+                        self.storage_wait)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (tuples become lists)."""
@@ -358,6 +364,9 @@ def _check(config: StudyConfig) -> None:
     if config.sample_seed in extra:
         raise StudyError(f"the promoted passes' seeds ({config.promote_seed}...) must not "
                          f"include sample_seed ({config.sample_seed})")
+    wait = config.storage_wait
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < math.inf:
+        raise StudyError(f"storage_wait must be a number of seconds >= 0, got {wait!r}")
     ratio = config.guard_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
         raise StudyError(f"guard_ratio must be a number >= 1, got {ratio!r}")

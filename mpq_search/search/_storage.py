@@ -34,6 +34,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.errors import StudyError, StudyNotFoundError
+from mpq_search.search._reconnect import ReconnectingStorage
 
 
 def normalise_url(url: str) -> str:
@@ -49,19 +50,27 @@ def normalise_url(url: str) -> str:
     return url
 
 
+DEFAULT_STORAGE_WAIT = 300.0
+"""Seconds a database server may stay unreachable before a command gives up (`_reconnect`)."""
+
+
 @dataclass(frozen=True)
 class Liveness:
     """How a study notices dead workers (module docstring): heartbeat every `interval` s, stale
-    after `grace` s, a stale trial retried at most `max_retry` times."""
+    after `grace` s, a stale trial retried at most `max_retry` times; and how long a worker
+    waits for its database server to come back (`storage_wait` s)."""
 
     interval: int = 10
     grace: int = 60
     max_retry: int = 1
+    storage_wait: float = DEFAULT_STORAGE_WAIT
 
 
 def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.BaseStorage:
     """An optuna storage for a URL; creates the folder of a local SQLite or journal file.
-    `liveness` turns on heartbeats and retries of dead workers' trials (RDB storages only)."""
+    `liveness` turns on heartbeats and retries of dead workers' trials (RDB storages only). On a
+    database server, every call once the storage is open waits up to `liveness.storage_wait` s
+    (default `DEFAULT_STORAGE_WAIT`) for the server to come back (`_reconnect`)."""
     url = normalise_url(url)
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
@@ -69,28 +78,40 @@ def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
         path = Path(url.removeprefix("journal:").removeprefix("//"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    local = url.startswith("sqlite")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # SQLite serialises writers: parallel workers wait for the lock (default 5 s) rather than
-    # fail with "database is locked".
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    try:
+    engine: dict[str, Any]
+    if local:
+        # SQLite serialises writers: parallel workers wait for the lock (default 5 s) rather
+        # than fail with "database is locked".
+        engine = {"connect_args": {"timeout": 120}}
+    else:  # replace a pooled connection the server dropped before using it
+        engine = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            engine["connect_args"] = {"connect_timeout": 10}
+    heartbeat: dict[str, Any] = {}
+    if liveness is not None:
         with warnings.catch_warnings():  # heartbeats and their retry callback are experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            heartbeat: dict[str, Any] = {}
-            if liveness is not None:
-                heartbeat = {
-                    "heartbeat_interval": liveness.interval, "grace_period": liveness.grace,
-                    "heartbeat_stale_trial_callback":
-                        optuna.storages.RetryHeartbeatStaleTrialCallback(
-                            max_retry=liveness.max_retry)}
+            heartbeat = {
+                "heartbeat_interval": liveness.interval, "grace_period": liveness.grace,
+                "heartbeat_stale_trial_callback":
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=liveness.max_retry)}
+
+    shown = display_url(url)
+    try:  # not retried: a server unreachable at the start is more often a wrong URL
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
     except Exception as e:  # sqlalchemy raises many types for a bad URL or an unreachable server
-        raise StudyError(
-            f"cannot open storage {display_url(url)!r}: {str(e).splitlines()[0]}") from e
-    if url.startswith("sqlite"):
+        raise StudyError(f"cannot open storage {shown!r}: {str(e).splitlines()[0]}") from e
+    if local:
         _fast_sqlite(storage)
-    return storage
+        return storage
+    wait = DEFAULT_STORAGE_WAIT if liveness is None else liveness.storage_wait
+    return ReconnectingStorage(storage, wait=wait, display_url=shown)
 
 
 _URL_PASSWORD = re.compile(r"^([^:/?#]+://[^:/?#@]*:)[^/?#]*@")
@@ -215,21 +236,76 @@ def write_proposal(
     distributions: Mapping[str, BaseDistribution], user_attrs: Mapping[str, Any],
     constraints: Mapping[str, float],
 ) -> None:
-    """Store a reserved trial's parameters, user attributes and constraint values.
+    """Store a reserved trial's parameters, user attributes and constraint values, at once on
+    RDB storages (`_write_at_once`).
 
     Constraints go where `Trial.set_constraint` puts them (system attribute `constraints:<key>`,
     read by `FrozenTrial.constraints` and the multi-objective Pareto front); `FrozenTrial` has no
     public setter, so the storage is written directly.
     """
     storage = storage_of(study)
-    for name, value in params.items():
-        distribution = distributions[name]
-        storage.set_trial_param(handle.trial_id, name, distribution.to_internal_repr(value),
-                                distribution)
-    for key, value in user_attrs.items():
-        storage.set_trial_user_attr(handle.trial_id, key, value)
-    for key, value in constraints.items():
-        storage.set_trial_system_attr(handle.trial_id, f"constraints:{key}", value)
+    rdb = _rdb_of(storage)
+    if rdb is None:  # journal storage: one write per item
+        for name, value in params.items():
+            distribution = distributions[name]
+            storage.set_trial_param(handle.trial_id, name, distribution.to_internal_repr(value),
+                                    distribution)
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(handle.trial_id, key, value)
+        for key, value in constraints.items():
+            storage.set_trial_system_attr(handle.trial_id, f"constraints:{key}", value)
+        return
+
+    def write() -> None:
+        _write_at_once(rdb, handle.trial_id, params, distributions, user_attrs,
+                       {f"constraints:{key}": value for key, value in constraints.items()})
+
+    if isinstance(storage, ReconnectingStorage):
+        storage.retried(write, "write_proposal")
+    else:
+        write()
+
+
+def _rdb_of(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
+    """The RDB storage under Optuna's per-process cache or our reconnecting wrapper; None for
+    other storages. Private: `_CachedStorage._backend` (no public accessor)."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    if isinstance(storage, ReconnectingStorage):
+        return storage.rdb
+    if isinstance(storage, _CachedStorage):
+        storage = storage._backend
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def _write_at_once(
+    rdb: optuna.storages.RDBStorage, trial_id: int, params: Mapping[str, Any],
+    distributions: Mapping[str, BaseDistribution], user_attrs: Mapping[str, Any],
+    system_attrs: Mapping[str, Any],
+) -> None:
+    """Every param and attribute of a proposal in one transaction: a reader (the dashboard, a
+    report, another worker) sees the trial without its map or with all of it, never half; and
+    on a server it is one round trip instead of one per layer.
+
+    Private: `optuna.storages._rdb.storage._create_scoped_session` and RDBStorage's
+    `_set_trial_param_without_commit` / `_set_trial_attr_without_commit`, the pieces its own
+    `create_new_trial(template_trial=...)` writes a whole trial with in one transaction; the
+    public setters commit one item each. A duplicate param after a retried commit is an
+    IntegrityError, ignored as Optuna's own setter does."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        for name, value in params.items():
+            distribution = distributions[name]
+            rdb._set_trial_param_without_commit(
+                session, trial_id, name, distribution.to_internal_repr(value), distribution)
+        for key, value in user_attrs.items():
+            rdb._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value)
+        for key, value in system_attrs.items():
+            rdb._set_trial_attr_without_commit(
+                session, models.TrialSystemAttributeModel, trial_id, key, value)
 
 
 def handle_of(trial: optuna.Trial) -> TrialHandle:
