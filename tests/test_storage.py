@@ -148,3 +148,41 @@ def test_storage_calls_are_retried_on_connection_errors_only() -> None:
         assert retried(commit_reply_lost, wait=10, what="create", display_url="x",
                        landed=lambda: 7) == 7
     assert len(calls) == 1  # not repeated: the first commit had landed
+
+
+@pytest.mark.parametrize("url_kind", ["sqlite", "postgresql"])
+def test_two_workers_never_take_one_waiting_trial(tmp_path: Path, url_kind: str) -> None:
+    """Two processes' storages pop waiting trials at once: each trial is taken by one of them
+    (Optuna's read-then-write took trial 0 twice on SQLite when two workers started together)."""
+    import threading
+    import uuid
+
+    import optuna
+
+    from mpq_search.search._storage import make_storage, pop_waiting_trial
+
+    name = f"pop-{uuid.uuid4().hex[:10]}"
+    url = (f"sqlite:///{tmp_path / 'pop.db'}" if url_kind == "sqlite"
+           else "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    study = optuna.create_study(study_name=name, storage=make_storage(url))
+    try:
+        for i in range(40):
+            study.enqueue_trial({"x": float(i)})
+        taken: list[list[int]] = [[], []]
+        start = threading.Barrier(2)
+
+        def pop_all(slot: int) -> None:
+            mine = optuna.load_study(study_name=name, storage=make_storage(url))
+            start.wait()
+            while (trial := pop_waiting_trial(mine, lambda _t: True)) is not None:
+                taken[slot].append(trial.number)
+
+        threads = [threading.Thread(target=pop_all, args=(slot,)) for slot in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        numbers = taken[0] + taken[1]
+        assert sorted(numbers) == list(range(40))  # all taken, none twice
+    finally:
+        optuna.delete_study(study_name=name, storage=make_storage(url))

@@ -350,11 +350,42 @@ def pop_waiting_trial(
         if not accept(trial):
             continue
         try:
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+            if _take_waiting(storage, trial._trial_id):
                 return storage.get_trial(trial._trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def _take_waiting(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
+    """Make a WAITING trial RUNNING; False when another process took it first.
+
+    On RDB storages one conditional UPDATE (`... WHERE state = 'WAITING'`, taken when it changed
+    one row). Optuna's `set_trial_state_values` reads the state first and then writes it; its
+    `SELECT ... FOR UPDATE` locks nothing on SQLite, whose driver starts the transaction only at
+    the write, so two workers starting together both took trial 0 and both scored it (the second
+    failed writing its scores: "Trial#0 has already finished"). Private: the RDB session and
+    `models.TrialModel`, as in `_write_at_once`."""
+    rdb = _rdb_of(storage)
+    if rdb is None:  # journal storage: its log serialises the state change
+        return bool(storage.set_trial_state_values(trial_id, state=TrialState.RUNNING))
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import update
+
+    def take() -> bool:
+        with _create_scoped_session(rdb.scoped_session) as session:
+            changed = session.execute(
+                update(models.TrialModel)
+                .where(models.TrialModel.trial_id == trial_id,
+                       models.TrialModel.state == TrialState.WAITING)
+                .values(state=TrialState.RUNNING, datetime_start=datetime.now())
+                .execution_options(synchronize_session=False))
+            return bool(changed.rowcount == 1)  # type: ignore[attr-defined]
+
+    if isinstance(storage, ReconnectingStorage):
+        return storage.retried(take, "take a waiting trial")
+    return take()
 
 
 def handle_of_frozen(trial: FrozenTrial) -> TrialHandle:
