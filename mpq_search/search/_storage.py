@@ -1,6 +1,7 @@
 """Optuna behind one adapter: storage URLs, opening studies, and every use of Optuna's private API.
 
-No other module of mpq-search touches a private Optuna attribute. Each use below says why the
+No other module of mpq-search touches a private Optuna attribute, but `_reconnect` (the
+reconnecting wrapper of the same storages, for the same reasons). Each use below says why the
 public API does not serve; `tests/test_storage.py` exercises every one of them, so an Optuna
 upgrade that breaks one fails there, loudly, rather than in the middle of a study.
 
