@@ -57,24 +57,27 @@ def _next_completion(cluster: Cluster, name: str, after: int, timeout: float = 6
     return float("nan")
 
 
-def scenario(name: str, trials: int,
-             inject: Callable[[Cluster, str, Any], float]) -> dict[str, Any]:
+def scenario(name: str, trials: int, inject: Callable[[Cluster, str, Any], float],
+             storage_wait: float | None = None) -> dict[str, Any]:
+    """One fault under 2 workers; with `storage_wait`, one worker that waits that long (and a
+    3 s heartbeat grace), then the same command once more after the fault."""
     cluster = Cluster()
     root = Path(tempfile.mkdtemp(prefix="mpq-faults-"))
     try:
         cluster.start()
-        wait_s = 3.0 if name == "outage past the wait" else 120.0
-        plan = seeded_study(root, cluster, "faults", trials=trials, heartbeat_grace=3 if
-                            wait_s < 10 else 60, storage_wait=wait_s)
-        extra = ("--storage-wait", "3") if wait_s < 10 else ()
-        workers = [worker(root, cluster, "faults", *extra) for _ in range(1 if extra else 2)]
+        short = storage_wait is not None
+        plan = seeded_study(root, cluster, "faults", trials=trials,
+                            heartbeat_grace=3 if short else 60,
+                            storage_wait=storage_wait if short else 120.0)
+        extra = ("--storage-wait", f"{storage_wait:g}") if short else ()
+        workers = [worker(root, cluster, "faults", *extra) for _ in range(1 if short else 2)]
         wait_for(cluster, "faults", workers,
                  lambda s: s.get("COMPLETE", 0) >= 3 and s.get("BEATING", 0) >= 1)
         before = completed(load_study("faults", cluster.url))
         recover_s = inject(cluster, "faults", workers)
         outputs = [w.communicate(timeout=600)[0] for w in workers]
         codes = [w.returncode for w in workers]
-        if extra:  # the resume: the same command once the server is back
+        if short:  # the resume: the same command once the server is back
             again = worker(root, cluster, "faults")
             outputs.append(again.communicate(timeout=600)[0])
             codes.append(again.returncode)
@@ -137,10 +140,11 @@ def main() -> None:
                         default=Path("benchmarks/results/storage_faults.jsonl"))
     args = parser.parse_args()
     rows = []
-    for name, inject in (("restart", restart), ("kill x6", kill), ("outage 20 s", outage_20s),
-                         ("outage past the wait", outage_past_wait)):
+    for name, inject, wait in (("restart", restart, None), ("kill x6", kill, None),
+                               ("outage 20 s", outage_20s, None),
+                               ("outage past the wait", outage_past_wait, 3.0)):
         started = time.monotonic()
-        row = scenario(name, args.trials, inject)
+        row = scenario(name, args.trials, inject, wait)
         row["scenario_s"] = round(time.monotonic() - started, 1)
         row["date"] = datetime.now(UTC).isoformat(timespec="seconds")
         rows.append(row)

@@ -117,3 +117,13 @@ def get_json(url: str, deadline: float) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def one_error_line(returncode: int, output: str) -> str:
+    """The one error line of a CLI command that failed as promised: exit code 2, no traceback,
+    exactly one line starting with "error"."""
+    assert returncode == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, output
+    return errors[0]

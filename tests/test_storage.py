@@ -186,3 +186,23 @@ def test_two_workers_never_take_one_waiting_trial(tmp_path: Path, url_kind: str)
         assert sorted(numbers) == list(range(40))  # all taken, none twice
     finally:
         optuna.delete_study(study_name=name, storage=make_storage(url))
+
+
+def test_reconnecting_storage_makes_trials_as_the_rdb_storage_does(tmp_path: Path) -> None:
+    """`ReconnectingStorage.create_new_trial` adds only its token: without a template the trial
+    runs from now (as RDBStorage makes it), with one it keeps the template's params."""
+    import optuna
+
+    from mpq_search.search._reconnect import TOKEN_ATTR, ReconnectingStorage
+
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'r.db'}")
+    storage = ReconnectingStorage(rdb, wait=1.0, display_url="sqlite:///r.db")
+    study = optuna.create_study(study_name="r", storage=storage)
+    asked = study.ask()
+    made = storage.get_trial(asked._trial_id)
+    assert made.state == optuna.trial.TrialState.RUNNING and made.datetime_start is not None
+    assert TOKEN_ATTR in made.system_attrs
+    study.enqueue_trial({"x": 0.5})
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0]
+    assert waiting.system_attrs["fixed_params"] == {"x": 0.5}
+    assert TOKEN_ATTR in waiting.system_attrs

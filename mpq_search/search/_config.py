@@ -364,9 +364,9 @@ def _check(config: StudyConfig) -> None:
     if config.sample_seed in extra:
         raise StudyError(f"the promoted passes' seeds ({config.promote_seed}...) must not "
                          f"include sample_seed ({config.sample_seed})")
-    wait = config.storage_wait
-    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < math.inf:
-        raise StudyError(f"storage_wait must be a number of seconds >= 0, got {wait!r}")
+    if not 0 <= config.storage_wait < math.inf:  # its type is checked with every field's
+        raise StudyError(f"storage_wait must be a number of seconds >= 0, got "
+                         f"{config.storage_wait!r}")
     ratio = config.guard_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
         raise StudyError(f"guard_ratio must be a number >= 1, got {ratio!r}")

@@ -30,11 +30,13 @@ What a retry promises, call by call:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Container, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import optuna
@@ -178,18 +180,13 @@ class ReconnectingStorage(BaseStorage, BaseHeartbeat):
     # --- trials ----------------------------------------------------------------------------
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         token = uuid.uuid4().hex
-        if template_trial is None:
+        if template_trial is None:  # what the RDB storage makes without one: running from now
             template_trial = FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
+                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
                 datetime_complete=None, params={}, distributions={}, user_attrs={},
                 system_attrs={}, intermediate_values={}, trial_id=-1)
-        template = FrozenTrial(
-            number=-1, state=template_trial.state, value=None,
-            values=template_trial.values, datetime_start=template_trial.datetime_start,
-            datetime_complete=template_trial.datetime_complete, params=template_trial.params,
-            distributions=template_trial.distributions, user_attrs=template_trial.user_attrs,
-            system_attrs={**template_trial.system_attrs, TOKEN_ATTR: token},
-            intermediate_values=template_trial.intermediate_values, trial_id=-1)
+        template = copy.copy(template_trial)
+        template.system_attrs = {**template_trial.system_attrs, TOKEN_ATTR: token}
 
         def landed() -> int | None:
             for trial in self._rdb.get_all_trials(study_id, deepcopy=False):

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -36,6 +36,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.errors import StudyError, StudyNotFoundError
 from mpq_search.search._reconnect import ReconnectingStorage
+
+T = TypeVar("T")
 
 
 def normalise_url(url: str) -> str:
@@ -257,14 +259,17 @@ def write_proposal(
             storage.set_trial_system_attr(handle.trial_id, f"constraints:{key}", value)
         return
 
-    def write() -> None:
-        _write_at_once(rdb, handle.trial_id, params, distributions, user_attrs,
-                       {f"constraints:{key}": value for key, value in constraints.items()})
+    _reconnecting(storage, lambda: _write_at_once(
+        rdb, handle.trial_id, params, distributions, user_attrs,
+        {f"constraints:{key}": value for key, value in constraints.items()}), "write_proposal")
 
+
+def _reconnecting(storage: optuna.storages.BaseStorage, call: Callable[[], T], what: str) -> T:
+    """`call()`, a transaction on the RDB under `storage`, retried like the storage's own calls
+    where it reconnects (`_reconnect`)."""
     if isinstance(storage, ReconnectingStorage):
-        storage.retried(write, "write_proposal")
-    else:
-        write()
+        return storage.retried(call, what)
+    return call()
 
 
 def _rdb_of(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage | None:
@@ -384,9 +389,7 @@ def _take_waiting(storage: optuna.storages.BaseStorage, trial_id: int) -> bool:
                 .execution_options(synchronize_session=False))
             return bool(changed.rowcount == 1)  # type: ignore[attr-defined]
 
-    if isinstance(storage, ReconnectingStorage):
-        return storage.retried(take, "take a waiting trial")
-    return take()
+    return _reconnecting(storage, take, "take a waiting trial")
 
 
 def handle_of_frozen(trial: FrozenTrial) -> TrialHandle:
