@@ -224,9 +224,8 @@ def confirm_trials(
 ) -> dict[int, float]:
     """Re-score trials (default: the Pareto points) on held-out noise and rewrite the report.
 
-    The proxy (N = 128 by default) ranks maps that differ by 10-20% only roughly; at 4.5 bits on
-    the embedded model an N = 256 held-out could not rank them either, N = 1000 could
-    (benchmarks/RESULTS.md section 4.1). The model, quantizer calibration and importance are the
+    The trial proxy ranks near-best maps only roughly; many samples on fresh noise rank them
+    better. The model, quantizer calibration and importance are the
     study's own; `config` gives storage and output folders, the study its settings.
     """
     stored = study.user_attrs.get("config")

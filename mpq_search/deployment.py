@@ -27,7 +27,7 @@ position, not per output channel).
 
 Storage: on an x86 CPU torchao 0.18 offers one layout for int2..int8 weights,
 `IntxUnpackedToInt8Tensor` (one int8 per weight); its packed layouts need ARM KleidiAI or
-torchao's C++ kernels (benchmarks/RESULTS.md, deploy section). `DeployReport` gives both the
+torchao's C++ kernels, which the PyPI wheel does not ship. `DeployReport` gives both the
 bytes torchao stores and the bytes of the same codes packed at their bit-width (what the cost
 model counts).
 """

@@ -25,11 +25,10 @@ def keep_freed_memory() -> bool:
     """Let glibc keep freed activation buffers instead of returning them to the OS.
 
     By default glibc serves large blocks (from 128 KiB) with their own mmap and unmaps them on
-    free, so every denoiser call on CPU page-faults its activations in again. On the embedded
-    model (N = 128 x 20 steps, 2 threads) that was 1.0-1.3 million page faults and 2.2-3.2 s of
-    system time per sample run; with blocks kept, 0.15-0.17 million, 0.5 s, and 17-22% less time
-    (benchmarks/bench_allocator.py, RESULTS.md section 4.1). Idempotent; returns whether the
-    thresholds are set (False without glibc).
+    free, so every denoiser call on CPU page-faults its activations in again and spends system
+    time on it. Raising the mmap and trim thresholds keeps the blocks for the next call; it
+    moves memory, not numbers. Idempotent; returns whether the thresholds are set (False
+    without glibc).
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -49,8 +48,8 @@ def keep_freed_memory() -> bool:
 
 
 def limit_blas_threads() -> None:
-    """Run numpy/scipy BLAS single-threaded. The FID's 128x128 matrix square root took 7 s with
-    OpenBLAS threads on a busy 2-core machine and 0.05 s with one thread; torch keeps its own."""
+    """Run numpy/scipy BLAS single-threaded: OpenBLAS threads compete with torch's for the same
+    cores and make the FID's small matrix square root far slower; torch keeps its own."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")

@@ -173,10 +173,9 @@ class FusedFakeQuant:
     """`fake_quant_act` compiled by torch.compile (inductor) into one fused elementwise kernel.
 
     Why: on CPU the eager version makes four passes over the activation (mul, round, clamp, mul);
-    the fused kernel makes one and halved the op's time on the embedded model's tensors
-    (benchmarks/RESULTS.md section 2). Numbers are bit-identical to the eager version (same ops,
-    same order), which tests check. The grid parameters must be tensors (0-d or broadcastable):
-    with Python floats, dynamo would specialise on each value and recompile for every layer.
+    the fused kernel makes one. Numbers are bit-identical to the eager version (same ops, same
+    order), which tests check. The grid parameters must be tensors (0-d or broadcastable): with
+    Python floats, dynamo would specialise on each value and recompile for every layer.
     If compilation fails (no C++ compiler, unsupported platform) it warns once and runs eagerly.
     """
 

@@ -1,7 +1,7 @@
 """Held-out confirmation: re-score chosen trials on noise no trial used, with many samples.
 
-The proxy (N = 128 by default) ranks maps that differ by 10-20% only roughly; N = 1000 on fresh
-noise can (benchmarks/RESULTS.md section 4.1). Finished trials are read-only in Optuna, so the
+The trial proxy (few samples, few steps) ranks near-best maps only roughly; many samples at the
+sampler's steps on fresh noise rank them better. Finished trials are read-only in Optuna, so the
 held-out scores live on the study, for one held-out setting at a time.
 """
 

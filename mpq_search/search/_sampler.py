@@ -212,8 +212,8 @@ class MapSampler(BaseSampler):
 
 def best_prior_mode(study: Study, budget: Budget | str, modes: Iterable[str]) -> str | None:
     """Of `modes`, the one whose ILP prior at `budget` (tag `prior:<mode>@<budget>`) has the
-    lowest finished score in the study; None while none has one. On `mnist-dit` that is the
-    sensitivity prior, on `mnist-ddpm` at 4-4.5 bits the orthogonality prior (RESULTS 9.8)."""
+    lowest finished score in the study; None while none has one. Which prior is best depends
+    on the model and the budget, so the search's start is chosen per study."""
     tags = {f"prior:{mode}@{budget}": mode for mode in modes}
     best: tuple[float, str] | None = None
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
