@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Run the README's commands as written, as a new user would, from a fresh clone; print a summary.
+# Also the examples of docs/commands.md and docs/deployment.md that need no server or network.
 #
 #   bash benchmarks/readme_commands.sh [REPO] [--venv DIR] [--full] [--dev]
 #
@@ -60,8 +61,8 @@ else
 fi
 step "run (main job)" 0 "$A mpq-search run --budget 4.5bits $small"
 step "run --config quick" 0 "$A mpq-search run --config studies/quick.toml $small"
-for config in tight-3bit timestep-groups; do
-  step "config $config loads" 0 "$A python -c \"from mpq_search.search import load_config; \
+for config in default tight-3bit timestep-groups bops; do
+  step "config $config loads" 0 "$A python -c \"from mpq_search.config import load_config; \
     print(load_config('studies/$config.toml').study_name)\""
 done
 # --- 2. the Pareto table and plot --------------------------------------------------------------
@@ -88,22 +89,29 @@ for format in torchao modelopt yaml; do
   step "export --format $format" 0 "$A mpq-search export --study mnist-ddpm-4.5bits --best \
     --format $format -o best.$format"
 done
+# --- 6. your own diffusers model: a local pipeline folder; a hub id (offline: a clear error) ----
+step "own model (local folder)" 0 "$A cp -r mpq_search/zoo/mnist-ddpm my-pipeline && \
+  mpq-search run --model ./my-pipeline --budget 4.5bits $small"
+step "hub id offline" 2 "$A HF_HUB_OFFLINE=1 mpq-search run --model google/ddpm-cifar10-32 \
+  --budget 4.5bits $small"
+# --- 7. many workers, one study (the README's PostgreSQL worker: here on the study's SQLite) -----
 step "run --workers 2" 0 "$A mpq-search run --budget 4.5bits --study pair --workers 2 $small"
 step "worker joins a study" 0 "$A mpq-search worker --study pair \
   --storage sqlite:///studies/pair/study.db --trials 1 --threads 1"
+# --- from Python (the README's snippet as written) ------------------------------------------------
 step "python API" 0 "$A python - <<'EOF'
 import mpq_search as mq
-from mpq_search.allocate import allocate
+
 model = mq.load_model('mnist-ddpm')
 specs = mq.discover_layers(model.denoiser)
-budget = mq.parse_budget('4.5bits', specs)
-prior = allocate(specs, budget, mode='size', model=model.identity)
+prior = mq.allocate(specs, mq.parse_budget('4.5bits', specs), mode='size',
+                    model=model.identity)
 engine = mq.apply(model, prior)
-images = mq.sample(model, n=4, steps=5, seed=0)
+images = mq.sample(model, n=16, steps=20, seed=0)
 engine.remove()
 print(images.shape, prior.save('prior.json'))
 EOF"
-# --- 6. your own diffusers model: a local pipeline folder; a hub id (offline: a clear error) ----
+# --- docs/deployment.md: torchao ------------------------------------------------------------------
 step "deploy (torchao)" 0 "$A python - <<'EOF'
 import mpq_search as mq
 
@@ -114,11 +122,7 @@ images = mq.sample(model, n=64, steps=20, seed=0)
 mq.undeploy(model)
 print(images.shape)
 EOF"
-step "own model (local folder)" 0 "$A cp -r mpq_search/zoo/mnist-ddpm my-pipeline && \
-  mpq-search run --model ./my-pipeline --budget 4.5bits $small"
-step "hub id offline" 2 "$A HF_HUB_OFFLINE=1 mpq-search run --model google/ddpm-cifar10-32 \
-  --budget 4.5bits $small"
-# --- the commands table ------------------------------------------------------------------------
+# --- docs/commands.md: the commands table -------------------------------------------------------
 step "models" 0 "$A mpq-search models"
 step "sample" 0 "$A mpq-search sample --model mnist-ddpm --n 16 --steps 5 --seed 0 --out fp.png"
 step "budget --check" 0 "$A mpq-search budget --check 4.5bits --json | python -m json.tool \
