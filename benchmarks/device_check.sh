@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check: a 4-trial study on each embedded model with --device (default cuda), then trial
-# time against FP sampling time of the same N x steps on that device (device_check.py).
-# Run it whenever a machine with a GPU is at hand; record the output in benchmarks/RESULTS.md.
+# time against FP sampling time of the same N x steps on that device (device_trial_cost.py).
+# Run it whenever a machine with a GPU is at hand; record the output in docs/results.md#gpu.
 #
 #   benchmarks/device_check.sh [DEVICE] [OUT_DIR]
 #
@@ -35,7 +35,7 @@ for model in mnist-ddpm mnist-dit; do
   fi
 done
 if [ ${#studies[@]} -gt 0 ]; then
-  python3 benchmarks/device_check.py --root "$root" --device "$device" "${studies[@]}" \
+  python3 benchmarks/device_trial_cost.py --root "$root" --device "$device" "${studies[@]}" \
     "${seconds[@]}" --out "$out/device_check.json" || status=1
 fi
 exit $status

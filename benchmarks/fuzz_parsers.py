@@ -1,4 +1,4 @@
-"""Fuzz every parser of a user's file or string for a bounded time each (issue 30).
+"""Fuzz every parser of a user's file or string for a bounded time each (docs/results.md#fuzzing).
 
 The targets and strategies are `tests/_fuzz_targets.py`'s (bit-map JSON, study TOML, budget
 strings, prompt files, storage URLs); `tests/test_fuzz.py` runs them briefly and
@@ -7,14 +7,13 @@ finding is an input that ends in anything but success or a one-line `MPQSearchEr
 are grouped by exception type and the line of mpq-search it escaped from; each keeps the
 shortest input seen (hypothesis shrinks it). Prints a markdown table:
 
-    .venv/bin/python benchmarks/fuzz_parsers.py --seconds 60
+    python benchmarks/fuzz_parsers.py --seconds 60
 
 Exits 1 when there is a finding, so it can guard a release.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import harness
 from _fuzz_targets import TARGETS, Target
 from hypothesis import HealthCheck, Verbosity, given, seed, settings
 from hypothesis.errors import HypothesisException
@@ -122,15 +122,17 @@ def table(tallies: list[Tally]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__, model=None, threads=1)
     parser.add_argument("--seconds", type=float, default=60.0, help="fuzzing time per target")
     parser.add_argument("--targets", default=",".join(t.name for t in TARGETS),
                         help="comma-separated target names")
     parser.add_argument("--batch", type=int, default=200, help="examples per hypothesis run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first batch")
-    args = parser.parse_args()
-    chosen = args.targets.split(",")
+    args = harness.parse(parser, argv)
+    if args.quick:
+        args.seconds, args.batch = 1.0, 20
+    chosen = harness.str_list(args.targets)
     unknown = sorted(set(chosen) - {t.name for t in TARGETS})
     if unknown:
         parser.error(f"unknown targets {unknown}; known: {[t.name for t in TARGETS]}")

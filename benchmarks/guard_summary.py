@@ -1,31 +1,30 @@
 """What the full-steps guard (`StudyConfig.guard_n`) did in a folder of studies: how many maps
 it checked and pruned, what it cost, and how its N = 128 full-steps score ranks maps against
-their held-out scores.
+their held-out scores. (docs/results.md#the-full-steps-guard)
 
-    .venv/bin/python benchmarks/guard_summary.py --root /tmp/mpq-bench-budgets \
-        --heldout benchmarks/results/budgets_mnist-ddpm-guard.jsonl
+    python benchmarks/guard_summary.py --root /tmp/mpq-bench-budgets \
+        --heldout benchmarks/results/search_budgets_mnist-ddpm.jsonl
 
 Per study: trials, guarded maps, pruned maps (with the guard's score over the lowest kept one),
 the guard's share of the study's sampling (each guard pass samples guard_n x steps, against
 n x proxy_steps for a trial's pass) and the study's wall time in FP passes of the proxy batch.
-With `--heldout` (bench_budgets JSON lines), the Spearman rank correlation between the guard
+With `--heldout` (search_budgets.py's JSON lines), the Spearman rank correlation between the guard
 score and the held-out FID-excess of the maps that have both.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+import harness
 import optuna
-from bench_budgets import map_key
+from harness import map_key
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
 from mpq_search.bitmap import BitMap
-from mpq_search.search._loop import guard_score
+from mpq_search.search._loop import guard_score  # the guard's score as a trial stores it
 
 
 def study_row(study: optuna.Study) -> dict[str, Any]:
@@ -56,18 +55,16 @@ def study_row(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", required=True, help="folder of study folders (study.db each)")
-    parser.add_argument("--heldout", default=None, help="bench_budgets JSON lines")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, model=None)
+    made.add_argument("--root", required=True, help="folder of study folders (study.db each)")
+    made.add_argument("--heldout", default=None, help="search_budgets.py JSON lines")
+    args = harness.parse(made, argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     heldout: dict[str, float] = {}
     if args.heldout:
-        for line in Path(args.heldout).read_text().splitlines():
-            row = json.loads(line)
-            if "map" in row:
-                heldout[row["map"]] = row["heldout"]
+        heldout = {row["map"]: row["heldout"] for row in harness.Results(args.heldout)
+                   if "map" in row}
     print("| study | trials | guarded | pruned (trial, guard score) | lowest kept | "
           "guard share of sampling | trial time (s) | FP passes |")
     print("|---|---|---|---|---|---|---|---|")

@@ -11,14 +11,15 @@ figures are drawn with matplotlib instead (same data, plainer look).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
-import mpq_search as mq
+import harness
+
 from mpq_search import report
 from mpq_search.api import run
+from mpq_search.models import sample
 from mpq_search.search import find_study, load, load_config
 
 
@@ -71,14 +72,14 @@ def _matplotlib(figure: Any, path: Path, *, width: int, height: int) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="studies/default.toml")
-    parser.add_argument("--root", default=None, help="study folder root (default: the config's)")
-    parser.add_argument("--out", default="docs")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    overrides = {"threads": args.threads, **({"root": args.root} if args.root else {})}
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out="docs", model=None, threads=0)
+    made.add_argument("--config", default="studies/default.toml")
+    made.add_argument("--root", default=None, help="study folder root (default: the config's)")
+    args = harness.parse(made, argv)
+    overrides = {"threads": args.threads or None, **({"root": args.root} if args.root else {})}
+    if args.quick:
+        overrides |= {**harness.QUICK_STUDY, "root": str(harness.QUICK_RESULTS / "studies")}
     config = load_config(args.config, **overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def main() -> None:
                       width=900, height=520)]
 
     model, _specs = load(config)
-    fp = mq.sample(model, n=config.n, steps=config.trial_steps, seed=config.sample_seed,
+    fp = sample(model, n=config.n, steps=config.trial_steps, seed=config.sample_seed,
                    batch_size=config.batch_size)[: config.grid_n]  # the trials' grids' noise
     artifacts = config.study_dir / "artifacts"
     best = min(front, key=lambda r: r.fid_excess)

@@ -1,5 +1,5 @@
 """The proxy study: which cheap score ranks bit maps, the near-best ones above all, as a large
-held-out FID-excess does?
+held-out FID-excess does? (docs/results.md#the-trial-proxy)
 
 1. **Maps.** Run (or resume) a few short studies of one model (`--sources`, each
    `budget:seed:trials`) and take >= `--maps` distinct finished maps from them: the best half by
@@ -15,11 +15,11 @@ held-out FID-excess does?
    steps), Spearman with the reference over all maps and over the maps within 1.5x of the best
    reference, and the seed-to-seed spread (median |a - b| / mean, and Spearman between the seeds).
 
-Every measurement is one JSON line in `--out`; a rerun skips those already there, so the script
-resumes after an interruption (`--table-only` prints the table from what is there).
+Every measurement is one JSON line in `--out` (default `results/proxy_quality_<model>.jsonl`),
+keyed by (map, setting); a rerun skips those already there, so the script resumes after an
+interruption (`--table-only` prints the table from what is there).
 
-    .venv/bin/python benchmarks/bench_proxy.py --model mnist-ddpm \
-        --out benchmarks/results/proxy_mnist-ddpm.jsonl
+    python benchmarks/proxy_quality.py --model mnist-dit
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
 from scipy.stats import spearmanr
 
 from mpq_search.api import run
 from mpq_search.bitmap import BitMap
 from mpq_search.evaluate import PROXIES, SampleSettings
-from mpq_search.runtime import configure_process
 from mpq_search.search import ImportanceScores, StudyConfig, calibrate, find_study, load, prepare
 
 
@@ -47,9 +47,10 @@ def source_maps(args: argparse.Namespace) -> tuple[list[dict[str, Any]], StudyCo
     first: StudyConfig | None = None
     for index, source in enumerate(args.sources.split(",")):
         budget, seed, trials = source.split(":")
-        config = StudyConfig(model=args.model, budget=budget, seed=int(seed), trials=int(trials),
-                             root=args.root, threads=args.threads, proxy="fid",
-                             study=f"proxy-{args.model}-{budget}-s{seed}")
+        config = harness.study_config(
+            quick=args.quick, model=args.model, budget=budget, seed=int(seed),
+            trials=int(trials), root=str(args.root), threads=args.threads, proxy="fid",
+            study=f"proxy-{Path(args.model).name}-{budget}-s{seed}")
         first = first or config
         study = find_study(config.study_name, config.storage_url)
         if study is None or _finished(study) < int(trials):
@@ -80,12 +81,7 @@ def _finished(study: Any) -> int:
 
 def measure(args: argparse.Namespace) -> None:
     """Score every map at the reference and every candidate setting (resumes from --out)."""
-    out = Path(args.out)
-    done: set[tuple[str, str]] = set()
-    if out.is_file():
-        for line in out.read_text().splitlines():
-            row = json.loads(line)
-            done.add((row["map"], row["setting"]))
+    results = harness.Results(args.out, key=("map", "setting"))
     maps, config = source_maps(args)
     print(f"{len(maps)} maps", flush=True)
     model, specs = load(config)
@@ -108,18 +104,16 @@ def measure(args: argparse.Namespace) -> None:
     for index, item in enumerate(maps):  # map by map, so a partial run covers whole maps
         bitmap = BitMap.from_dict(item["bitmap"])
         for name, setting in settings.items():
-            if (item["id"], name) in done:
+            if results.done((item["id"], name)):
                 continue
             started = time.perf_counter()
             try:
                 scores = scorer.score(bitmap, setting, references[name]).scores
             except Exception as e:  # a NaN map is recorded, not fatal
                 scores = {"error": str(e)}
-            row = {"map": item["id"], "tag": item["tag"], "budget": item["budget"],
-                   "study_proxy": item["study_proxy"], "setting": name,
-                   "seconds": time.perf_counter() - started, "scores": scores}
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            row = results.add({"map": item["id"], "tag": item["tag"], "budget": item["budget"],
+                               "study_proxy": item["study_proxy"], "setting": name,
+                               "seconds": time.perf_counter() - started, "scores": scores})
             print(f"map {index + 1}/{len(maps)} {item['id']} {name}: "
                   f"fid {scores.get('fid', float('nan')):.3f} ({row['seconds']:.1f} s)",
                   flush=True)
@@ -127,7 +121,7 @@ def measure(args: argparse.Namespace) -> None:
 
 def table(path: Path, near: float = 1.5) -> str:
     """The proxy table (markdown) from the measurements in `path`."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = harness.Results(path).rows
     by: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     references_only = {row["map"] for row in rows if row["tag"].startswith("uniform:")}
@@ -237,23 +231,28 @@ def _replay(first: dict[str, dict[str, float]], second: dict[str, dict[str, floa
                             [reference[k] for k in every]).statistic))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--sources", default="4.5bits:0:44,4.5bits:1:24,3bits:0:20",
-                        help="source studies, each budget:seed:trials")
-    parser.add_argument("--maps", type=int, default=44)
-    parser.add_argument("--ref-n", type=int, default=2000)
-    parser.add_argument("--ref-seed", type=int, default=7)
-    parser.add_argument("--candidates", default="128:20,256:10,64:20",
-                        help="candidate sample settings, each N:steps")
-    parser.add_argument("--seeds", default="0,3", help="two noise seeds of the candidates")
-    parser.add_argument("--root", default="/tmp/mpq-bench-proxy")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/proxy_mnist-ddpm.jsonl")
-    parser.add_argument("--table-only", action="store_true")
-    args = parser.parse_args()
-    configure_process(args.threads)
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=None)
+    made.add_argument("--out", type=Path, default=None,
+                      help="result rows (default: results/proxy_quality_<model>.jsonl)")
+    made.add_argument("--sources", default="4.5bits:0:44,4.5bits:1:24,3bits:0:20",
+                      help="source studies, each budget:seed:trials")
+    made.add_argument("--maps", type=int, default=44)
+    made.add_argument("--ref-n", type=int, default=2000)
+    made.add_argument("--ref-seed", type=int, default=7)
+    made.add_argument("--candidates", default="128:20,256:10,64:20",
+                      help="candidate sample settings, each N:steps")
+    made.add_argument("--seeds", default="0,3", help="two noise seeds of the candidates")
+    made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-proxy"))
+    made.add_argument("--table-only", action="store_true")
+    args = made.parse_args(argv)
+    if args.out is None:
+        args.out = harness.RESULTS / f"proxy_quality_{Path(args.model).name}.jsonl"
+    harness.quick_out(args)
+    if args.quick:  # two tiny source studies, a small reference, one candidate
+        args.sources, args.maps = "5bits:0:4,4.5bits:0:4", 6
+        args.ref_n, args.candidates = 16, "8:3"
+    harness.start(args)
     if not args.table_only:
         measure(args)
     print(table(Path(args.out)))

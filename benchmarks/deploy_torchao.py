@@ -1,8 +1,9 @@
-"""Benchmark: bit maps deployed with torchao against the fake-quant simulation.
+"""Bit maps deployed with torchao against the fake-quant simulation (docs/results.md#deployment).
 
-Run (one process, pinned to one thread; writes benchmarks/results/deploy_<model>.json and .md):
+Run (one process, pinned to one thread; writes results/deploy_torchao_<model>[-<rounding>].json
+and .md, no suffix for the study's default rounding):
 
-    .venv/bin/python benchmarks/bench_deploy.py --model mnist-ddpm --n 128 --steps 20 \
+    python benchmarks/deploy_torchao.py --model mnist-ddpm --n 128 --steps 20 \
         --maps benchmarks/results/deploy_maps/mnist-ddpm_*.json [--compile]
 
 Per map (uniform W8A8, W4A8, W8A16, W4A16, plus the --maps files):
@@ -22,24 +23,23 @@ import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import harness
 import torch
 from scipy.stats import spearmanr
 
 from mpq_search.bitmap import BitMap
 from mpq_search.cost import cost_of
-from mpq_search.deployment import TorchaoDeployer, runs_bitmap
 from mpq_search.evaluate import SampleSettings, fp_reference_stats
 from mpq_search.fid import frechet_distance, get_feature_net, stats_of_images
 from mpq_search.layers import discover_layers
 from mpq_search.models import load_model, sample
 from mpq_search.quant import QuantEngine
-from mpq_search.search import StudyConfig
-from mpq_search.search._scorer import quant_config
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+if TYPE_CHECKING:
+    from mpq_search.deployment import TorchaoDeployer
+
 UNIFORM = ["W8A8", "W4A8", "W8A16", "W4A16"]
 
 
@@ -57,6 +57,8 @@ def _maps(model: Any, names: list[str], paths: list[str]) -> list[tuple[str, Bit
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mpq_search.deployment import TorchaoDeployer, runs_bitmap  # torchao: seconds to import
+
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     specs = discover_layers(model.denoiser)
@@ -64,9 +66,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = SampleSettings(n=args.n, steps=args.steps, seed=0, batch_size=args.n)
     net = get_feature_net("lenet")
     reference = fp_reference_stats(model, net, settings)
-    study = StudyConfig(model=args.model, **({"rounding": args.rounding} if args.rounding else {}),
-                        **({"weight_grid": args.weight_grid} if args.weight_grid else {}))
-    engine = QuantEngine(model, specs, quant_config(study)).calibrate()
+    study = harness.study_config(quick=args.quick, model=args.model, rounding=args.rounding,
+                                 weight_grid=args.weight_grid)
+    engine = QuantEngine(model, specs, study.quant).calibrate()
     deployer = TorchaoDeployer(model, specs)
 
     def excess(images: torch.Tensor) -> float:
@@ -178,24 +180,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--maps", nargs="*", default=[])
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--rounding", default=None, help="default: the study default")
-    parser.add_argument("--weight-grid", default=None, help="default: the study default")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, threads=1)
+    made.add_argument("--n", type=int, default=128)
+    made.add_argument("--steps", type=int, default=20)
+    made.add_argument("--maps", nargs="*", default=[])
+    made.add_argument("--compile", action="store_true")
+    made.add_argument("--rounding", default=None, help="default: the study default")
+    made.add_argument("--weight-grid", default=None, help="default: the study default")
+    args = harness.parse(made, argv)
+    if args.quick:
+        args.n, args.steps = 8, 3
     result = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    # results of the old default quantizer (rtn, mse grid) keep their file name
+    default = harness.study_config().quant.rounding
     rounding = result["rounding"]
-    stem = RESULTS / (f"deploy_{args.model}" if rounding == "rtn" else
-                      f"deploy_{args.model}-{rounding}")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    stem = (harness.QUICK_RESULTS if args.quick else harness.RESULTS) / (
+        f"deploy_torchao_{Path(args.model).name}"
+        + ("" if rounding == default else f"-{rounding}"))
+    harness.write_json(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 

@@ -1,9 +1,10 @@
-"""Benchmark: orthogonality profiling cost (k timesteps vs all), ranking stability, vs MixDQ SQNR.
+"""Orthogonality profiling: cost (k timesteps vs all), ranking stability, against MixDQ's SQNR.
+(docs/results.md#profiling-cost)
 
-Run:  .venv/bin/python benchmarks/bench_importance.py [--model mnist-ddpm] [--n 64]
+    python benchmarks/importance_profiling.py [--model mnist-ddpm] [--n 64]
 
 Each timed configuration runs in a fresh subprocess (one thread), so peak RSS is its own. Prints a
-JSON summary and writes it to benchmarks/results/importance.json.
+JSON summary and writes it to `--out` (results/importance_profiling.json) as parts finish.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "results" / "importance.json"
 
 
 def rss() -> float:
@@ -34,8 +31,7 @@ def one(kind: str, model_name: str, n: int, k: int, steps: int, estimator: str) 
     torch.set_num_threads(1)
     from mpq_search.importance import profile_orthogonality
     from mpq_search.layers import discover_layers
-    from mpq_search.models import load_model
-    from mpq_search.trajectory import sample
+    from mpq_search.models import load_model, sample
 
     model = load_model(model_name)
     specs = discover_layers(model.denoiser)
@@ -53,16 +49,10 @@ def one(kind: str, model_name: str, n: int, k: int, steps: int, estimator: str) 
 
 
 def run(kind: str, model: str, n: int, k: int, steps: int, estimator: str = "debiased") -> Any:
-    cmd = [sys.executable, __file__, "--one", kind, "--model", model, "--n", str(n), "--k", str(k),
-           "--steps", str(steps), "--estimator", estimator]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def save(summary: dict[str, Any]) -> None:
-    """Write what is measured so far (the machine is shared; long runs may be cut short)."""
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(summary, indent=1) + "\n")
+    """One measurement in a fresh process (`--one`)."""
+    return harness.run_json([sys.executable, __file__, "--one", kind, "--model", model, "--n",
+                             str(n), "--k", str(k), "--steps", str(steps), "--estimator",
+                             estimator])
 
 
 def rho(a: dict[str, float], b: dict[str, float]) -> float:
@@ -101,20 +91,27 @@ def sqnr_part(model_name: str, n: int, k: int, steps: int, orth: dict[str, float
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--one", default="")
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--estimator", default="debiased")
-    parser.add_argument("--skip-sqnr", action="store_true")
-    parser.add_argument("--n-sqnr", type=int, default=16)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=harness.RESULTS / "importance_profiling.json",
+                          threads=1)
+    made.add_argument("--one", default="", help=argparse.SUPPRESS)
+    made.add_argument("--n", type=int, default=64)
+    made.add_argument("--k", type=int, default=5)
+    made.add_argument("--steps", type=int, default=20)
+    made.add_argument("--estimator", default="debiased")
+    made.add_argument("--skip-sqnr", action="store_true")
+    made.add_argument("--n-sqnr", type=int, default=16)
+    args = harness.parse(made, argv)
     if args.one:
         print(json.dumps(one(args.one, args.model, args.n, args.k, args.steps, args.estimator)))
         return
+    if args.quick:
+        args.n, args.k, args.steps, args.n_sqnr = 8, 2, 3, 2
+
+    def save(summary: dict[str, Any]) -> None:
+        """Write what is measured so far (the machine is shared; runs may be cut short)."""
+        harness.write_json(args.out, summary)
+
     m, n, steps = args.model, args.n, args.steps
     # alternate the three configurations twice; the machine is shared, so take each one's min
     runs: dict[str, list[Any]] = {"fp": [], "k": [], "all": []}
@@ -156,12 +153,14 @@ def main() -> None:
         summary["sqnr"] = sq
         save(summary)
     # ranking stability in n, both estimators (reference: n = 128, debiased)
-    ref = run("profile", m, 128, args.k, steps)["weight"]
+    sizes = (4, 8) if args.quick else (32, 64)
+    ref_n = 16 if args.quick else 128
+    ref = run("profile", m, ref_n, args.k, steps)["weight"]
     for est in ("debiased", "biased"):
-        for size in (32, 64):
+        for size in sizes:
             got = prof_k if (size == n and est == "debiased") else run("profile", m, size, args.k,
                                                                        steps, est)
-            summary[f"spearman_n{size}_{est}_vs_n128"] = rho(got["weight"], ref)
+            summary[f"spearman_n{size}_{est}_vs_n{ref_n}"] = rho(got["weight"], ref)
             save(summary)
     short = {k: v for k, v in summary.items() if k not in ("orth_weight_k", "sqnr")}
     short["sqnr"] = {k: v for k, v in summary.get("sqnr", {}).items() if "sqnr_" not in k[:5]}

@@ -1,11 +1,13 @@
-"""Benchmark: the quantization engine on the embedded model.
+"""The quantization engine on the embedded model: FID of uniform settings, speed, switching.
+(docs/results.md#uniform-settings, #quantizer-cost)
 
-Run (each part appends its numbers to benchmarks/results/quant.json; `report` writes quant.md):
+Each part stores its record under its name in `--out` (results/quant_engine.json); `report`
+writes the tables to quant_engine.md beside it:
 
-    .venv/bin/python benchmarks/bench_quant.py fid    [--model mnist-ddpm] [--n 1000] [--steps 20]
-    .venv/bin/python benchmarks/bench_quant.py speed  [--n 250] [--steps 10] [--repeats 3]
-    .venv/bin/python benchmarks/bench_quant.py switch
-    .venv/bin/python benchmarks/bench_quant.py report
+    python benchmarks/quant_engine.py fid    [--model mnist-ddpm] [--n 1000] [--steps 20]
+    python benchmarks/quant_engine.py speed  [--n 250] [--steps 10] [--repeats 3]
+    python benchmarks/quant_engine.py switch
+    python benchmarks/quant_engine.py report
 
 * fid: FID-excess over FP (same seeds) of uniform settings, the proxy noise (FP against FP with
   another seed), FID against the held-out split, and a sample grid per setting.
@@ -19,8 +21,6 @@ Run (each part appends its numbers to benchmarks/results/quant.json; `report` wr
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import time
@@ -29,11 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-RAW = RESULTS / "quant.json"
+RESULTS = harness.RESULTS  # the sample grids (grids/) stay here, beside the tables
 SETTINGS = ["W8A8", "W6A8", "W4A8", "W3A8", "W2A8", "W8A6", "W8A4"]
 
 
@@ -56,13 +55,11 @@ def _engine(model: Any, specs: Any, args: argparse.Namespace, **settings: Any) -
     return engine, time.perf_counter() - started
 
 
-def _save(part: str, record: dict[str, Any]) -> None:
-    data = json.loads(RAW.read_text()) if RAW.is_file() else {}
-    data[part] = {**record, "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                  "machine": "2-core CPU VM", "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "python": platform.python_version()}
-    RAW.parent.mkdir(parents=True, exist_ok=True)
-    RAW.write_text(json.dumps(data, indent=2) + "\n")
+def _save(args: argparse.Namespace, part: str, record: dict[str, Any]) -> None:
+    """Store one part's record under its name in `--out` (other parts' records kept)."""
+    data = harness.read_json(args.out, {})
+    data[part] = {**record, **harness.stamp()}
+    harness.write_json(args.out, data)
 
 
 def _log(message: str) -> None:
@@ -87,7 +84,8 @@ def part_fid(args: argparse.Namespace) -> None:
     fp_images = sample(model, n=args.n, steps=args.steps, seed=0, batch_size=args.batch_size)
     fp_seconds = time.perf_counter() - started
     reference = stats_of_images(fp_images, net)  # what fp_reference_stats computes, uncached
-    save_grid(fp_images[:64], RESULTS / "grids" / "FP.png", nrow=8)
+    root = harness.QUICK_RESULTS if args.quick else RESULTS
+    save_grid(fp_images[:64], root / "grids" / "FP.png", nrow=8)
     other = sample(model, n=args.n, steps=args.steps, seed=1, batch_size=args.batch_size)
     noise = frechet_distance(stats_of_images(other, net), reference)
     rows: dict[str, Any] = {
@@ -101,7 +99,7 @@ def part_fid(args: argparse.Namespace) -> None:
     _log(f"proxy noise {noise:.2f}; FP vs held-out {rows['FP']['fid_heldout']:.2f}")
     engine, calib_s = _engine(model, specs, args, act_calibration=args.act_calibration,
                               act_ranges=args.act_ranges)
-    grids = RESULTS / "grids" / ("" if args.act_ranges == "per-timestep" else args.act_ranges)
+    grids = root / "grids" / ("" if args.act_ranges == "per-timestep" else args.act_ranges)
     _log(f"calibrated in {calib_s:.1f}s, cache {engine.cache_bytes() / 2**20:.1f} MiB")
     names = [s.name for s in specs]
     for setting in args.settings:
@@ -119,13 +117,13 @@ def part_fid(args: argparse.Namespace) -> None:
             engine.remove()
         rows[setting] = row
         _log(f"{setting}: {row}")
-    _save(f"fid-{args.act_calibration}-{args.act_ranges}", {
-        "command": f"bench_quant.py fid --model {args.model} --n {args.n} --steps {args.steps} "
+    _save(args, f"fid-{args.act_calibration}-{args.act_ranges}", {
+        "command": f"quant_engine.py fid --model {args.model} --n {args.n} --steps {args.steps} "
                    f"--act-ranges {args.act_ranges}",
         "model": str(model.identity), "n": args.n, "steps": args.steps, "calib_n": args.calib_n,
         "calibration_seconds": calib_s, "data_floor": floor, "rows": rows,
         "act_calibration": args.act_calibration, "act_ranges": args.act_ranges,
-        "grids": str(grids.relative_to(RESULTS)),
+        "grids": str(grids.relative_to(root)),
     })
 
 
@@ -183,7 +181,7 @@ def part_speed(args: argparse.Namespace) -> None:
     fp = statistics.median(times["FP"])
     rows = {name: {"median_s": statistics.median(t), "ratio_vs_fp": statistics.median(t) / fp,
                    "all_s": t} for name, t in times.items()}
-    _save("speed", {"command": f"bench_quant.py speed --n {args.n} --steps {args.steps} "
+    _save(args, "speed", {"command": f"quant_engine.py speed --n {args.n} --steps {args.steps} "
                                f"--repeats {args.repeats}", "n": args.n, "steps": args.steps,
                     "batch_size": args.batch_size, "rows": rows})
 
@@ -235,8 +233,8 @@ def part_switch(args: argparse.Namespace) -> None:
         lean.apply(bitmap)
         lean_ms.append(1e3 * (time.perf_counter() - started))
     lean.remove()
-    _save("switch", {
-        "command": "bench_quant.py switch", "layers": len(specs), "maps": len(maps),
+    _save(args, "switch", {
+        "command": "quant_engine.py switch", "layers": len(specs), "maps": len(maps),
         "apply_ms_median": statistics.median(apply_ms), "apply_ms_max": max(apply_ms),
         "remove_ms_median": statistics.median(remove_ms),
         "group_switch_ms_median": statistics.median(group_ms[2::2]),
@@ -257,7 +255,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # --- report ------------------------------------------------------------
 def part_report(args: argparse.Namespace) -> None:
-    data = json.loads(RAW.read_text())
+    data = harness.read_json(args.out, {})
     lines = ["# Quantization engine: measured numbers", ""]
     for key, record in data.items():
         if key.startswith("fid-"):
@@ -267,7 +265,7 @@ def part_report(args: argparse.Namespace) -> None:
     if "switch" in data:
         lines += _switch_table(data["switch"])
     lines += NOTES
-    (RESULTS / "quant.md").write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -340,22 +338,23 @@ def _switch_table(r: dict[str, Any]) -> list[str]:
             f"- calibration (all candidates): {r['calibration_seconds']:.1f} s.", ""]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["fid", "speed", "switch", "report"])
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--n", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--calib-n", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--act-calibration", default="mse")
-    parser.add_argument("--act-ranges", default="per-timestep", choices=["per-timestep", "shared"])
-    parser.add_argument("--settings", nargs="+", default=SETTINGS)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=RESULTS / "quant_engine.json", threads=1)
+    made.add_argument("part", choices=["fid", "speed", "switch", "report"])
+    made.add_argument("--n", type=int, default=None)
+    made.add_argument("--steps", type=int, default=20)
+    made.add_argument("--batch-size", type=int, default=250)
+    made.add_argument("--calib-n", type=int, default=64)
+    made.add_argument("--repeats", type=int, default=3)
+    made.add_argument("--act-calibration", default="mse")
+    made.add_argument("--act-ranges", default="per-timestep", choices=["per-timestep", "shared"])
+    made.add_argument("--settings", nargs="+", default=SETTINGS)
+    args = harness.parse(made, argv)
     if args.n is None:
         args.n = {"fid": 1000, "speed": 250}.get(args.part, 250)
+    if args.quick:
+        args.n, args.steps, args.calib_n, args.repeats = 8, 3, 4, 1
+        args.batch_size, args.settings = 8, args.settings[:2]
     torch.set_num_threads(args.threads)
     {"fid": part_fid, "speed": part_speed, "switch": part_switch, "report": part_report}[
         args.part](args)

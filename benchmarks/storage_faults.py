@@ -1,8 +1,9 @@
-"""Benchmark: workers on PostgreSQL through faults of the server, on a throwaway cluster.
+"""Workers on PostgreSQL through faults of the server, on a throwaway cluster.
+(docs/results.md#storage-faults)
 
 Run (as root, where the tests run; a cluster per fault, removed afterwards):
 
-    .venv/bin/python benchmarks/bench_storage_faults.py [--trials 12]
+    python benchmarks/storage_faults.py [--trials 12]
 
 Faults, each under 2 workers (`mpq-search worker`) of a tiny-model study:
 * restart: `pg_ctl restart -m fast` while a trial is scored;
@@ -19,18 +20,17 @@ to the next trial completing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import harness
 from _pg_cluster import Cluster
 from optuna.trial import TrialState
 from test_storage_faults import (
@@ -133,33 +133,29 @@ def outage_past_wait(cluster: Cluster, name: str, workers: Any) -> float:
     return float("nan")  # measured as the resume's whole run, below
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--out", type=Path,
-                        default=Path("benchmarks/results/storage_faults.jsonl"))
-    args = parser.parse_args()
+FAULTS = (("restart", restart, None), ("kill x6", kill, None),
+          ("outage 20 s", outage_20s, None), ("outage past the wait", outage_past_wait, 3.0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=harness.RESULTS / "storage_faults.jsonl", model=None)
+    made.add_argument("--trials", type=int, default=12)
+    args = harness.parse(made, argv)
+    results = harness.Results(args.out)  # every run appends: a run is a new measurement
     rows = []
-    for name, inject, wait in (("restart", restart, None), ("kill x6", kill, None),
-                               ("outage 20 s", outage_20s, None),
-                               ("outage past the wait", outage_past_wait, 3.0)):
+    for name, inject, wait in FAULTS[:1] if args.quick else FAULTS:
         started = time.monotonic()
         row = scenario(name, args.trials, inject, wait)
         row["scenario_s"] = round(time.monotonic() - started, 1)
-        row["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-        rows.append(row)
+        rows.append(results.add(row))
         print(json.dumps(row), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-    print("\n| fault | exit codes | complete before | counted after / target | lost | failed "
-          "and re-run | duplicate numbers / maps | time to recover (s) | tracebacks |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['fault']} | {r['exit_codes']} | {r['complete_before']} | "
-              f"{r['counted_after']} / {r['target']} | {r['lost']} | {r['failed_and_rerun']} | "
-              f"{r['duplicate_numbers']} / {r['duplicate_maps']} | {r['recover_s']} | "
-              f"{r['tracebacks']} |")
+    print(harness.table(
+        ["fault", "exit codes", "complete before", "counted after / target", "lost",
+         "failed and re-run", "duplicate numbers / maps", "time to recover (s)", "tracebacks"],
+        ([r["fault"], r["exit_codes"], r["complete_before"],
+          f"{r['counted_after']} / {r['target']}", r["lost"], r["failed_and_rerun"],
+          f"{r['duplicate_numbers']} / {r['duplicate_maps']}", r["recover_s"], r["tracebacks"]]
+         for r in rows)))
 
 
 if __name__ == "__main__":

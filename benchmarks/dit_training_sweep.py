@@ -1,22 +1,27 @@
 """Sweep `mnist-dit` training settings: train DiTs on the shipped VAE's latents (one process per
 setting, all at once) and score checkpoints by lenet FID vs the held-out split and the LeNet class
 accuracy of conditional samples, at several guidance scales (N = 1000, 20 DDIM steps, seed 0).
+(docs/results.md#training-mnist-dit)
 
 Made to run on a GPU machine (training on `--device cuda`, sampling on its CPUs); it picks the
 training recipe that `mpq_search.training.train_mnist_dit` ships with on the CPU.
 
-    python benchmarks/dit_sweep.py --device cuda --out results/dit_sweep \
+    python benchmarks/dit_training_sweep.py --device cuda --out /tmp/dit_sweep \
         --setting base:steps=10000 --setting lr2:steps=10000,lr=2e-3
+
+Each setting's checkpoints and log go to `--out/<name>`; the EVAL lines are printed at the end
+(results/dit_training_sweep_h200.jsonl holds the recorded sweep).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import time
 from pathlib import Path
 from typing import Any
+
+import harness
 
 EVAL_EVERY = 2000
 GUIDANCES = (1.0, 1.5, 2.0, 3.0)
@@ -83,15 +88,13 @@ def _worker(name: str, options: dict[str, Any], device: str, out: Path, threads:
                                   "seconds": time.perf_counter() - started}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dit_sweep"))
-    parser.add_argument("--threads", type=int, default=4, help="CPU threads per setting")
-    parser.add_argument("--setting", action="append", required=True,
-                        help="name:key=value,... (steps, lr, batch_size, ema_decay, "
-                             "label_dropout, hidden, layers)")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out="/tmp/mpq-dit-sweep", model=None, threads=4)
+    made.add_argument("--device", default="cpu")
+    made.add_argument("--setting", action="append", required=True,
+                      help="name:key=value,... (steps, lr, batch_size, ema_decay, "
+                           "label_dropout, hidden, layers)")
+    args = harness.parse(made, argv)
     args.out.mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     workers = [context.Process(target=_worker, args=(*_parse(s), args.device, args.out,

@@ -1,21 +1,21 @@
 """Trial time against FP sampling time on a device, for the studies `device_check.sh` ran.
+(docs/results.md#gpu)
 
 For each study: its trials' mean wall time (proposal, scoring and artifacts; the uniform baseline
 trials included) over one FP sampling pass of the same N x steps on the same device (best of 2
 after a warm-up, in this process), plus the run's wall time. Prints a table and writes JSON.
 
-    python benchmarks/device_check.py --root /tmp/device-check --device cuda \
+    python benchmarks/device_trial_cost.py --root /tmp/device-check --device cuda \
         --study mnist-ddpm=devcheck-mnist-ddpm --study mnist-dit=devcheck-mnist-dit
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 
@@ -36,26 +36,24 @@ def _fp_sampling_seconds(model_name: str, device: str, n: int, steps: int,
     return min(times[1:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--study", action="append", required=True, help="MODEL=STUDY")
-    parser.add_argument("--run-seconds", action="append", default=[], help="STUDY=SECONDS")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, model=None, threads=0)
+    made.add_argument("--root", type=Path, required=True)
+    made.add_argument("--device", default="cuda")
+    made.add_argument("--study", action="append", required=True, help="MODEL=STUDY")
+    made.add_argument("--run-seconds", action="append", default=[], help="STUDY=SECONDS")
+    made.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    args = harness.start(harness.parse(made, argv))
 
-    from mpq_search.runtime import configure_process
     from mpq_search.search import load_config, load_study
 
-    configure_process()
     run_seconds = dict(item.split("=") for item in args.run_seconds)
     rows = []
     for item in args.study:
         model_name, study_name = item.split("=")
         config = load_config(None, model=model_name, study=study_name, root=str(args.root))
         study = load_study(study_name, config.storage_url)
-        stored = study.user_attrs.get("config", {})
+        stored = study.user_attrs.get("config", {})  # n, steps, batch_size: top level
         n, steps = int(stored.get("n", config.n)), int(stored.get("steps", config.steps))
         batch = int(stored.get("batch_size", config.batch_size))
         done = [t for t in study.trials if t.duration is not None and t.values is not None]
@@ -77,7 +75,7 @@ def main() -> None:
               f"{r['trials_finished']:>6} {r['mean_trial_s']:8.3f} {r['fp_sampling_s']:7.3f} "
               f"{r['ratio']:8.2f}x {r['run_s']:7.1f}")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        harness.write_json(args.out, rows)
 
 
 if __name__ == "__main__":

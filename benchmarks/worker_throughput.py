@@ -1,4 +1,5 @@
 """Trials per hour of parallel workers against one process, side by side in one run.
+(docs/results.md#workers)
 
 Settings (workers x torch threads each): 1 x 1, 1 x 2 and 2 x 1 by default. One study is
 profiled and seeded once (priors, baselines); each setting gets its own copy of it
@@ -7,12 +8,11 @@ fixed wall time from their start (model loading and calibration included: a work
 too). Reported per setting: trials finished in that time, trials per hour, and the best
 FID-excess within the budget found by then (same proxy noise for all: comparable).
 
-    python benchmarks/bench_workers.py --seconds 300 --out benchmarks/results/workers.json
+    python benchmarks/worker_throughput.py --seconds 300
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
@@ -22,6 +22,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import harness
 import optuna
 from optuna.trial import TrialState
 
@@ -67,23 +68,24 @@ def _run_setting(base: str, storage_dir: Path, root: Path, workers: int, threads
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--budget", default="4.5bits")
-    parser.add_argument("--seconds", type=float, default=300.0,
-                        help="wall time of each setting, worker start-up included")
-    parser.add_argument("--settings", default="1x1,1x2,2x1", help="workers x threads, ...")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/workers.json"))
-    args = parser.parse_args()
-    configure_process()  # the settings a user's run has
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=harness.RESULTS / "worker_throughput.json")
+    made.add_argument("--budget", default="4.5bits")
+    made.add_argument("--seconds", type=float, default=300.0,
+                      help="wall time of each setting, worker start-up included")
+    made.add_argument("--settings", default="1x1,1x2,2x1", help="workers x threads, ...")
+    args = harness.parse(made, argv)
+    configure_process()  # the settings a user's run has (each worker sets its own threads)
+    if args.quick:
+        args.seconds, args.settings = 20.0, "1x1"
+    quick = harness.QUICK_STUDY if args.quick else {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         folder = Path(tmp)
         base = f"sqlite:///{folder / 'base.db'}"
-        config = load_config("studies/default.toml", model=args.model, budget=args.budget,
-                             study="base", storage=base, root=str(folder / "studies"),
-                             trials=100000, threads=2)
+        config = load_config(harness.ROOT / "studies/default.toml", **{
+            **quick, "model": args.model, "budget": args.budget, "study": "base",
+            "storage": base, "root": str(folder / "studies"), "trials": 100000, "threads": 2})
         started = time.perf_counter()
         model, specs = load(config)
         plan = prepare(config, model, specs)
@@ -104,14 +106,11 @@ def main() -> None:
                                         / int(single["trials_in_time"]), 2)  # type: ignore[call-overload]
     result = {"date": datetime.now().isoformat(timespec="seconds"), "model": args.model,
               "budget": args.budget, "seconds": args.seconds, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("| setting | trials in time | trials/hour | ratio to 1 x 1 | best FID-excess |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        best = row["best_fid_excess"]
-        print(f"| {row['setting']} | {row['trials_in_time']} | {row['trials_per_hour']} | "
-              f"{row.get('ratio_to_1x1', '-')} | {'-' if best is None else f'{best:.3f}'} |")
+    harness.write_json(args.out, result)
+    print(harness.table(
+        ["setting", "trials in time", "trials/hour", "ratio to 1 x 1", "best FID-excess"],
+        ([r["setting"], r["trials_in_time"], r["trials_per_hour"], r.get("ratio_to_1x1"),
+          r["best_fid_excess"]] for r in rows)))
 
 
 if __name__ == "__main__":

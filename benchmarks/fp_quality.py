@@ -1,20 +1,20 @@
-"""Foundation figures: FP FID vs held-out (lenet, inception) beside the data floor, lenet accuracy,
-DDIM time per step per image, and feature-net time per image.
+"""The FP model's quality: FID against held-out data (lenet, inception) beside the data floor,
+lenet's accuracy, DDIM time per step per image, feature-net time per image.
+(docs/results.md#models-and-feature-nets)
 
-    python benchmarks/bench_foundation.py --out benchmarks/results/foundation.json
+    python benchmarks/fp_quality.py
 
-Writes a sample grid of the FP model next to the JSON.
+Writes results/fp_quality.json and a sample grid of the FP model beside it (fp_quality_grid.png).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
+import harness
 import torch
 
 from mpq_search.data import mnist_split
@@ -24,14 +24,14 @@ from mpq_search.images import save_grid
 from mpq_search.models import load_model, sample
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--n-lenet", type=int, default=1000)
-    parser.add_argument("--n-inception", type=int, default=500)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/foundation.json"))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=harness.RESULTS / "fp_quality.json")
+    made.add_argument("--steps", type=int, default=20)
+    made.add_argument("--n-lenet", type=int, default=1000)
+    made.add_argument("--n-inception", type=int, default=500)
+    args = harness.start(harness.parse(made, argv))
+    if args.quick:
+        args.steps, args.n_lenet, args.n_inception = 3, 16, 8
 
     model = load_model(args.model)
     results: dict[str, object] = {
@@ -42,8 +42,10 @@ def main() -> None:
         "params": sum(p.numel() for p in model.denoiser.parameters()),
         "steps": args.steps,
     }
-    grid = sample(model, n=64, steps=50, seed=0)
-    save_grid(grid, args.out.with_name("fp_grid.png"), nrow=8)
+    grid = sample(model, n=8 if args.quick else 64, steps=args.steps if args.quick else 50,
+                  seed=0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(grid, args.out.with_name(f"{args.out.stem}_grid.png"), nrow=8)
 
     started = time.perf_counter()
     images = sample(model, n=args.n_lenet, steps=args.steps, seed=0)
@@ -64,8 +66,9 @@ def main() -> None:
     inception = get_feature_net("inception")
     subset = images[: args.n_inception]
     started = time.perf_counter()
-    inception.features(subset[:50])
-    results["inception_ms_per_image"] = 1000 * (time.perf_counter() - started) / 50
+    timed = subset[:50]
+    inception.features(timed)
+    results["inception_ms_per_image"] = 1000 * (time.perf_counter() - started) / len(timed)
     from mpq_search.fid import stats_of_images
 
     results["inception_fid_model"] = frechet_distance(
@@ -74,8 +77,7 @@ def main() -> None:
     results["inception_fid_floor"] = _floor(inception, args.n_inception)
     results["inception_n"] = args.n_inception
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    harness.write_json(args.out, results)
     print(json.dumps(results, indent=2))
 
 

@@ -1,10 +1,11 @@
 """FP sampling with glibc's default allocator thresholds against `runtime.keep_freed_memory`.
+(docs/results.md#quantizer-cost)
 
 Each measurement is a fresh process (the thresholds are process-wide and cannot be undone), the two
 kinds alternated; each process samples N x S twice and reports the faster run, its minor page
 faults and its system time.
 
-    .venv/bin/python benchmarks/bench_allocator.py --rounds 2
+    python benchmarks/malloc_arena.py --rounds 2
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
+import harness
 
-def measure(kind: str, n: int, steps: int, threads: int) -> dict[str, float]:
+
+def measure(kind: str, model_name: str, n: int, steps: int,
+            threads: int) -> dict[str, float]:
     """One process's best of two sampling runs (`kind`: 'default' or 'kept')."""
     import torch
 
@@ -26,7 +29,7 @@ def measure(kind: str, n: int, steps: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     if kind == "kept":  # opt-in since issue 10: loading a model no longer tunes the allocator
         runtime.keep_freed_memory()
-    model = models.load_model("mnist-ddpm")
+    model = models.load_model(model_name)
     models.sample(model, n=8, steps=2, seed=0, batch_size=8)  # warm-up
     best: dict[str, float] = {}
     for _ in range(2):
@@ -41,30 +44,32 @@ def measure(kind: str, n: int, steps: int, threads: int) -> dict[str, float]:
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__)
+    made.add_argument("--rounds", type=int, default=2)
+    made.add_argument("--n", type=int, default=128)
+    made.add_argument("--steps", type=int, default=20)
+    made.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = harness.parse(made, argv)
+    if args.quick:
+        args.rounds, args.n, args.steps = 1, 8, 3
     if args.one:
-        print(json.dumps(measure(args.one, args.n, args.steps, args.threads)), flush=True)
+        print(json.dumps(measure(args.one, args.model, args.n, args.steps, args.threads)),
+              flush=True)
         return
     rows = []
     for _ in range(args.rounds):
         for kind in ("default", "kept"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", kind, "--n", str(args.n), "--steps",
-                 str(args.steps), "--threads", str(args.threads)],
-                capture_output=True, text=True, check=True).stdout
-            row = {"kind": kind, **json.loads(out.strip().splitlines()[-1])}
+            row = {"kind": kind, **harness.run_json(
+                [sys.executable, __file__, "--one", kind, "--model", args.model, "--n",
+                 str(args.n), "--steps", str(args.steps), "--threads", str(args.threads)])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    for kind in ("default", "kept"):
-        seconds = [r["seconds"] for r in rows if r["kind"] == kind]
-        print(f"{kind}: {min(seconds):.2f}-{max(seconds):.2f} s")
+    print(harness.table(["allocator", "fastest s", "slowest s", "minor faults", "system s"], (
+        [kind, min(r["seconds"] for r in rows if r["kind"] == kind),
+         max(r["seconds"] for r in rows if r["kind"] == kind),
+         min(r["minor_faults"] for r in rows if r["kind"] == kind),
+         min(r["sys_s"] for r in rows if r["kind"] == kind)] for kind in ("default", "kept"))))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Benchmark: what profiling and a trial cost on a model, against FP sampling of the same batch.
+"""What profiling and a trial cost on a model, against FP sampling of the same batch.
+(docs/results.md#profiling-cost)
 
 Measured in one process under the CLI's settings (`runtime.configure_process`), each timing the
 best of `--repeats` after a warm-up:
@@ -10,53 +11,37 @@ best of `--repeats` after a warm-up:
 - with `--study`, that study's mean trial wall time (proposal, scoring, artifacts, storage) over
   the same FP sampling.
 
-    python benchmarks/bench_pipeline_costs.py --model mnist-dit [--study mnist-dit-4.5bits]
+    python benchmarks/pipeline_costs.py --model mnist-dit [--study mnist-dit-4.5bits]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import harness
 import torch
+from harness import best_of
 
 
-def best_of(repeats: int, work: Callable[[], Any]) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mnist-dit")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--study", default=None, help="a finished study of this model")
-    parser.add_argument("--root", default="studies")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_costs.json"))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, out=harness.RESULTS / "pipeline_costs.json", model="mnist-dit")
+    made.add_argument("--device", default="cpu")
+    made.add_argument("--repeats", type=int, default=2)
+    made.add_argument("--study", default=None, help="a finished study of this model")
+    made.add_argument("--root", default="studies")
+    args = harness.start(harness.parse(made, argv))
 
     from mpq_search.bitmap import BitMap
     from mpq_search.importance import profile_orthogonality, profile_sensitivity
-    from mpq_search.runtime import configure_process
-    from mpq_search.search import StudyConfig, load, load_study
-    from mpq_search.search._prepare import prepare
-    from mpq_search.search._scorer import calibrate, proxy_settings
-    from mpq_search.trajectory import sample
+    from mpq_search.models import sample
+    from mpq_search.search import calibrate, load, load_study, prepare
 
-    configure_process(args.threads)
-    config = StudyConfig(model=args.model, device=args.device, prior_modes=("size",))
+    if args.quick:
+        args.repeats = 1
+    config = harness.study_config(quick=args.quick, model=args.model, device=args.device,
+                                  prior_modes=("size",))
     model, specs = load(config)
     steps = config.steps
     out: dict[str, Any] = {"model": args.model, "device": str(model.device),
@@ -75,14 +60,14 @@ def main() -> None:
     n_sens = config.sensitivity_n
     out["fp_sensitivity_batch_s"] = fp(n_sens)
     out["sensitivity_s"] = best_of(args.repeats, lambda: profile_sensitivity(
-        model, specs, w_bits=config.w_bits, a_bits=config.a_bits,
+        model, specs, w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
         timesteps=config.importance_timesteps, steps=steps, n=n_sens,
         probes=config.sensitivity_probes, seed=0))
     out["sensitivity_over_fp"] = out["sensitivity_s"] / out["fp_sensitivity_batch_s"]
 
     plan = prepare(config, model, specs)
     scorer = calibrate(plan)
-    settings = proxy_settings(config)
+    settings = scorer.settings  # the proxy's N x steps
     out["fp_trial_batch_s"] = fp(settings.n)
     names = [s.name for s in specs]
     for setting, (w, a) in {"W4A8": (4, 8), "W8A8": (8, 8)}.items():
@@ -90,7 +75,7 @@ def main() -> None:
         out[f"score_{setting}_s"] = best_of(args.repeats, lambda b=bitmap: scorer.score(b))
         out[f"score_{setting}_over_fp"] = out[f"score_{setting}_s"] / out["fp_trial_batch_s"]
     if args.study:
-        stored = StudyConfig(model=args.model, study=args.study, root=args.root)
+        stored = harness.study_config(model=args.model, study=args.study, root=args.root)
         study = load_study(args.study, stored.storage_url)
         durations = [t.duration.total_seconds() for t in study.trials
                      if t.duration is not None and t.values is not None]
@@ -100,8 +85,7 @@ def main() -> None:
         out["study_median_trial_s"] = statistics.median(durations)
         out["study_trial_over_fp"] = out["study_mean_trial_s"] / out["fp_trial_batch_s"]
     print(json.dumps(out, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    harness.write_json(args.out, {**out, **harness.stamp()})
 
 
 if __name__ == "__main__":

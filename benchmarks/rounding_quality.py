@@ -1,18 +1,20 @@
-"""Benchmark: weight rounding x weight grid, uniform settings held-out, and the rounding's cost.
+"""Weight rounding x weight grid: uniform settings held-out, the grid's damage, the cost.
+(docs/results.md#uniform-settings, #weight-grid-bias, #quantizer-cost)
 
-    .venv/bin/python benchmarks/bench_rounding.py uniform --model mnist-ddpm
-    .venv/bin/python benchmarks/bench_rounding.py uniform --model mnist-dit
-    .venv/bin/python benchmarks/bench_rounding.py layers --model mnist-ddpm   # the grid's damage
-    .venv/bin/python benchmarks/bench_rounding.py bias --model mnist-ddpm     # its sign
-    .venv/bin/python benchmarks/bench_rounding.py cost --model mnist-ddpm     # trial cost
-    .venv/bin/python benchmarks/bench_rounding.py table
+    python benchmarks/rounding_quality.py uniform --model mnist-ddpm
+    python benchmarks/rounding_quality.py uniform --model mnist-dit
+    python benchmarks/rounding_quality.py layers --model mnist-ddpm   # the grid's damage
+    python benchmarks/rounding_quality.py bias --model mnist-ddpm     # its sign
+    python benchmarks/rounding_quality.py cost --model mnist-ddpm     # trial cost
+    python benchmarks/rounding_quality.py table
 
 * uniform: for each (rounding, grid) a QuantEngine is calibrated with the default study's
-  calibration (`quant_config(StudyConfig(...))`), timed in parts (weight tables, everything),
+  calibration (`StudyConfig.quant`), timed in parts (weight tables, everything),
   next to one FP sampling pass of the default proxy batch (N 512 x 5 steps) in the same process;
   then every uniform setting is scored held-out: FID-excess over FP at N x steps on a noise seed
   no trial uses (default N 1000, 20 steps, seed 1). Rows append to
-  benchmarks/results/rounding_<model>.jsonl and a rerun skips rows already there.
+  results/rounding_quality_<model>.jsonl, keyed by (rounding, grid, setting): a rerun skips
+  rows already there. `layers` and `bias` write results/rounding_quality_layers_<model>.jsonl.
 * layers: at W4 weights (activations float), each layer alone quantized on the MSE grid vs the
   min-max grid (both round to nearest), scored by FID-excess at N 256 x 20 steps: which layers
   the MSE grid's clipping hurts.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -34,10 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 SETTINGS = ("W8A8", "W6A8", "W4A16", "W4A8", "W3A16", "W3A8", "W2A16")
 METHODS = (("rtn", "mse"), ("gptq", "minmax"), ("rtn", "minmax"), ("gptq", "mse"))
 
@@ -46,19 +46,15 @@ def _log(message: str) -> None:
     print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _results(args: argparse.Namespace, part: str = "") -> harness.Results:
+    """The rows of `results/rounding_quality[_part]_<model>.jsonl` (a quick run's elsewhere)."""
+    folder = harness.QUICK_RESULTS if args.quick else harness.RESULTS
+    name = "_".join(filter(None, ("rounding_quality", part, Path(args.model).name)))
+    return harness.Results(folder / f"{name}.jsonl", key=("rounding", "grid", "setting"))
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-             "machine": f"{torch.get_num_threads()}-thread CPU VM", "torch": torch.__version__,
-             "python": platform.python_version()}
-    with path.open("a") as f:
-        f.write(json.dumps({**row, **stamp}) + "\n")
+    return harness.Results(path).rows
 
 
 def part_uniform(args: argparse.Namespace) -> None:
@@ -68,23 +64,21 @@ def part_uniform(args: argparse.Namespace) -> None:
     from mpq_search.layers import discover_layers
     from mpq_search.models import load_model, sample
     from mpq_search.quant import QuantEngine, weight_tables
-    from mpq_search.search._config import StudyConfig, quant_config
     from mpq_search.search._scorer import default_feature_net
 
-    out = RESULTS / f"rounding_{args.model}.jsonl"
-    done = {(r["rounding"], r["grid"], r["setting"]) for r in _rows(out) if "setting" in r}
+    out = _results(args)
     model = load_model(args.model)
     specs = discover_layers(model.denoiser)
-    study = StudyConfig(model=args.model)
+    study = harness.study_config(quick=args.quick, model=args.model)
     net = get_feature_net(default_feature_net(model))
     settings = SampleSettings(n=args.n, steps=args.steps, seed=args.seed, batch_size=128)
     reference = fp_reference(model, net, settings)
     names = [s.name for s in specs]
     methods = METHODS if args.methods is None else [tuple(m.split("/")) for m in args.methods]
     for rounding, grid in methods:
-        if all((rounding, grid, s) in done for s in args.settings):
+        if all(out.done((rounding, grid, s)) for s in args.settings):
             continue
-        config = quant_config(study.replace(rounding=rounding, weight_grid=grid))
+        config = study.replace(rounding=rounding, weight_grid=grid).quant
         # cost, side by side: an FP pass of the proxy batch, then the rounding, then calibration
         sample(model, n=8, steps=2, seed=0, batch_size=128)  # warm-up
         started = time.perf_counter()
@@ -107,11 +101,11 @@ def part_uniform(args: argparse.Namespace) -> None:
         calib_s = time.perf_counter() - started
         _log(f"{args.model} {rounding}/{grid}: tables {tables_s:.1f}s, rest of calibration "
              f"{calib_s:.1f}s, FP proxy pass {fp_pass:.1f}s")
-        _append(out, {"rounding": rounding, "grid": grid, "tables_s": tables_s,
+        out.add({"rounding": rounding, "grid": grid, "tables_s": tables_s,
                       "calibration_s": calib_s, "fp_proxy_pass_s": fp_pass,
                       "tables_per_fp_pass": tables_s / fp_pass})
         for text in args.settings:
-            if (rounding, grid, text) in done:
+            if out.done((rounding, grid, text)):
                 continue
             bits = LayerBits.parse(text)
             engine.apply(BitMap.uniform(model.identity, names, bits.w, bits.a))
@@ -124,8 +118,8 @@ def part_uniform(args: argparse.Namespace) -> None:
             finally:
                 engine.remove()
             _log(f"{args.model} {rounding}/{grid} {text}: {row}")
-            _append(out, {"rounding": rounding, "grid": grid, "setting": text, "n": args.n,
-                          "steps": args.steps, "seed": args.seed, **row})
+            out.add({"rounding": rounding, "grid": grid, "setting": text, "n": args.n,
+                     "steps": args.steps, "seed": args.seed, **row})
 
 
 def part_layers(args: argparse.Namespace) -> None:
@@ -141,10 +135,11 @@ def part_layers(args: argparse.Namespace) -> None:
     from mpq_search.layers import discover_layers, quantizable_modules
     from mpq_search.models import load_model
     from mpq_search.quant import QuantConfig, weight_tables
+    from mpq_search.sampling import initial_noise
     from mpq_search.search._scorer import default_feature_net
-    from mpq_search.trajectory import initial_noise, trajectory_for
+    from mpq_search.trajectory import trajectory_for
 
-    out = RESULTS / f"rounding_layers_{args.model}.jsonl"
+    out = _results(args, "layers")
     model = load_model(args.model)
     specs = discover_layers(model.denoiser)
     modules = quantizable_modules(model.denoiser)
@@ -189,7 +184,7 @@ def part_layers(args: argparse.Namespace) -> None:
              f"{row['minmax_output_rel_err']:.2e} (x{row['output_ratio']:.1f}), weight err "
              f"mse {row['mse_weight_rel_err']:.2e} minmax {row['minmax_weight_rel_err']:.2e}")
     for row in rows:
-        _append(out, row)
+        out.add(row)
     worst = sorted(rows, key=lambda r: -(r["mse_output_rel_err"] - r["minmax_output_rel_err"]))
     names = [s.name for s in specs]
     net = get_feature_net(default_feature_net(model))
@@ -213,7 +208,7 @@ def part_layers(args: argparse.Namespace) -> None:
         label = (f"mse grid, the {args.worst} worst layers on min-max" if grid == "mixed"
                  else f"{grid} grid")
         _log(f"W4A16 {label}: FID-excess {value:.2f}")
-        _append(out, {"check": label, "worst": [r["layer"] for r in worst[:args.worst]],
+        out.add({"check": label, "worst": [r["layer"] for r in worst[:args.worst]],
                       "fid_excess": value, "n": args.n, "steps": args.steps, "seed": args.seed})
 
 
@@ -227,8 +222,10 @@ def part_bias(args: argparse.Namespace) -> None:
     from mpq_search.layers import discover_layers, quantizable_modules
     from mpq_search.models import load_model
     from mpq_search.quant import QuantConfig, weight_tables
-    from mpq_search.trajectory import initial_noise, trajectory_for
+    from mpq_search.sampling import initial_noise
+    from mpq_search.trajectory import trajectory_for
 
+    out = _results(args, "layers")
     model = load_model(args.model)
     specs = discover_layers(model.denoiser)
     modules = quantizable_modules(model.denoiser)
@@ -273,9 +270,9 @@ def part_bias(args: argparse.Namespace) -> None:
                    "median_gain_over_rel": statistics.median(
                        abs(g) / e for g, e in zip(gains, errs, strict=True))}
         _log(json.dumps(summary))
-        _append(RESULTS / f"rounding_layers_{args.model}.jsonl", summary)
+        out.add(summary)
     for row in rows:
-        _append(RESULTS / f"rounding_layers_{args.model}.jsonl", {"part": "bias", **row})
+        out.add({"part": "bias", **row})
 
 
 def part_cost(args: argparse.Namespace) -> None:
@@ -288,17 +285,16 @@ def part_cost(args: argparse.Namespace) -> None:
     from mpq_search.layers import discover_layers
     from mpq_search.models import load_model, sample
     from mpq_search.quant import QuantEngine
-    from mpq_search.search._config import StudyConfig, quant_config
-
     model = load_model(args.model)
     specs = discover_layers(model.denoiser)
-    study = StudyConfig(model=args.model)
-    engines = {f"{r}/{g}": QuantEngine(model, specs, quant_config(
-        study.replace(rounding=r, weight_grid=g))).calibrate()
+    study = harness.study_config(quick=args.quick, model=args.model)
+    engines = {f"{r}/{g}": QuantEngine(model, specs, study.replace(
+        rounding=r, weight_grid=g).quant).calibrate()
         for r, g in (("rtn", "mse"), ("gptq", "minmax"))}
     rng = random.Random(0)
+    quant = study.quant
     bitmap = BitMap.from_layers(model.identity, {
-        s.name: LayerBits(rng.choice(study.w_bits), rng.choice(study.a_bits)) for s in specs})
+        s.name: LayerBits(rng.choice(quant.w_bits), rng.choice(quant.a_bits)) for s in specs})
 
     def timed() -> float:
         started = time.perf_counter()
@@ -321,12 +317,12 @@ def part_cost(args: argparse.Namespace) -> None:
            **{f"{k}_s": v for k, v in best.items()},
            **{f"{k}_over_fp": best[k] / best["FP"] for k in engines}}
     _log(json.dumps(row))
-    _append(RESULTS / f"rounding_{args.model}.jsonl", row)
+    _results(args).add(row)
 
 
 def part_table(args: argparse.Namespace) -> None:
     for model in ("mnist-ddpm", "mnist-dit"):
-        rows = _rows(RESULTS / f"rounding_{model}.jsonl")
+        rows = _rows(harness.RESULTS / f"rounding_quality_{model}.jsonl")
         scored = [r for r in rows if "setting" in r]
         if not scored:
             continue
@@ -358,23 +354,23 @@ def part_table(args: argparse.Namespace) -> None:
                       f"{r['gptq/minmax_over_fp']:.3f}x FP (best of {r['repeats']})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("uniform", "layers", "bias", "cost", "table"))
-    parser.add_argument("--model", default="mnist-ddpm")
-    parser.add_argument("--n", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=1, help="held-out noise seed")
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="*", default=None,
-                        help="rounding/grid pairs, e.g. gptq/minmax (default: all four)")
-    parser.add_argument("--repeats", type=int, default=3, help="cost: rounds of timings")
-    parser.add_argument("--worst", type=int, default=3,
-                        help="layers: how many of the worst layers take the min-max grid")
-    args = parser.parse_args()
-    if args.n is None:
-        args.n = 1000
+def main(argv: list[str] | None = None) -> None:
+    made = harness.parser(__doc__, threads=1)
+    made.add_argument("part", choices=("uniform", "layers", "bias", "cost", "table"))
+    made.add_argument("--n", type=int, default=harness.MIN_HELDOUT_N)
+    made.add_argument("--steps", type=int, default=20)
+    made.add_argument("--seed", type=int, default=1, help="held-out noise seed")
+    made.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    made.add_argument("--methods", nargs="*", default=None,
+                      help="rounding/grid pairs, e.g. gptq/minmax (default: all four)")
+    made.add_argument("--repeats", type=int, default=3, help="cost: rounds of timings")
+    made.add_argument("--worst", type=int, default=3,
+                      help="layers: how many of the worst layers take the min-max grid")
+    args = harness.parse(made, argv)
+    if args.quick:
+        args.n, args.steps, args.repeats = 16, 3, 1
+        args.settings, args.methods = args.settings[:1], args.methods or ["rtn/mse"]
+    torch.set_num_threads(args.threads)
     {"uniform": part_uniform, "layers": part_layers, "bias": part_bias, "cost": part_cost,
      "table": part_table}[args.part](args)
 

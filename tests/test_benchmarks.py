@@ -1,0 +1,109 @@
+"""The benchmarks' harness and scenarios, cheaply: every scenario answers `--help` (so it
+imports against today's package), `benchmarks/README.md` lists each one, and the resumable
+JSON-lines results skip finished cases, resume after a partial file and survive a torn last
+line. The scenarios themselves are not run here (minutes each; `--quick` runs them small)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCENARIOS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "harness")
+
+sys.path.insert(0, str(BENCHMARKS))  # scenarios import the harness as `harness`
+harness = importlib.import_module("harness")
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_every_scenario_answers_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--help"])
+    assert exited.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_the_readme_lists_every_benchmark() -> None:
+    readme = (BENCHMARKS / "README.md").read_text()
+    scripts = [p.name for p in BENCHMARKS.glob("*.py")]
+    scripts += [p.name for p in BENCHMARKS.glob("*.sh")]
+    assert [s for s in scripts if s not in readme] == []
+
+
+def test_results_skip_done_cases_and_resume(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    results = harness.Results(path, key=("budget", "seed"))
+    for seed in (0, 1):
+        results.add({"budget": "4bits", "seed": seed, "value": seed / 2})
+    results.add({"note": "a row without the key marks nothing done"})
+    again = harness.Results(path, key=("budget", "seed"))  # a rerun reads what is there
+    assert again.done(("4bits", 0)) and again.done(("4bits", 1))
+    assert not again.done(("4bits", 2))
+    assert len(again) == 3
+    todo = [s for s in range(4) if not again.done(("4bits", s))]
+    assert todo == [2, 3]
+    again.add({"budget": "4bits", "seed": 2, "value": 1.0})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r.get("seed") for r in rows] == [0, 1, None, 2]
+    assert all("date" in r for r in rows)
+
+
+def test_results_drop_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"case": "a", "v": 1}\n{"case": "b", "v"')  # killed mid-write
+    results = harness.Results(path, key=lambda row: row["case"])
+    assert results.done("a") and not results.done("b")
+    results.add({"case": "b", "v": 2}, stamp_row=False)
+    assert path.read_text().splitlines() == ['{"case": "a", "v": 1}', '{"case": "b", "v": 2}']
+    assert harness.Results(path, key=lambda row: row["case"]).done("b")
+
+
+def test_results_refuse_a_broken_line_inside_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"case": "a"}\nnot json\n{"case": "b"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2"):
+        harness.Results(path)
+
+
+def test_a_quick_run_writes_outside_the_results(tmp_path: Path) -> None:
+    made = harness.parser("doc", out=harness.RESULTS / "x.json")
+    assert harness.parse(made, []).out == harness.RESULTS / "x.json"
+    assert harness.parse(made, ["--quick"]).out == harness.QUICK_RESULTS / "x.json"
+
+
+def test_heldout_scores_need_many_samples() -> None:
+    config = harness.study_config(heldout_n=256)
+    with pytest.raises(ValueError, match="held-out N = 256"):
+        harness.HeldOut.of(object(), config)  # refused before any sampling
+
+
+def test_table_and_cells() -> None:
+    text = harness.table(["map", "FID", "note"], [["W4A8", 1.234, None], ["W8A8", float("inf"),
+                                                                           "x"]])
+    assert text.splitlines() == ["| map | FID | note |", "|---|---|---|",
+                                 "| W4A8 | 1.23 | - |", "| W8A8 | inf | x |"]
+    assert harness.spread([3.0, 1.0, 2.0]) == "2.00 [1.00-3.00]"
+    assert harness.spread([]) == "-"
+    assert harness.int_list("0,1 2") == [0, 1, 2]
+
+
+def test_budget_cells_pass_the_options_on() -> None:
+    search_budgets = importlib.import_module("search_budgets")
+    argv = ["--model", "mnist-dit", "--procs", "2", "--seeds=0,1", "--budgets", "3bits",
+            "--variants", "best-prior,random"]
+    kept = search_budgets._without(argv, ("--procs", "--seeds", "--budgets", "--threads"))
+    assert kept == ["--model", "mnist-dit", "--variants", "best-prior,random"]
+
+
+def test_results_keep_a_whole_last_row_without_its_newline(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"case": "a"}')
+    results = harness.Results(path, key=lambda row: row["case"])
+    assert results.done("a")
+    results.add({"case": "b"}, stamp_row=False)
+    assert path.read_text() == '{"case": "a"}\n{"case": "b"}\n'
