@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from _search_fixtures import build_study, free_port, get_json
 
-from mpq_search.report import start_dashboard
+from mpq_search.dashboard import start_dashboard
 from mpq_search.runtime import stop_child
 
 pytestmark = [pytest.mark.slow,

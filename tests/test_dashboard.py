@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _search_fixtures import build_study, free_port, get_json
 
-from mpq_search.report import dashboard_command, start_dashboard
+from mpq_search.dashboard import dashboard_command, start_dashboard
 from mpq_search.runtime import stop_child
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -68,3 +68,34 @@ def test_sigterm_to_the_dashboard_command_stops_its_server(tmp_path: Path) -> No
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_adapter_private_names() -> None:
+    """Every private optuna-dashboard name `dashboard._optuna_dashboard` uses is still there,
+    with the shape it is used with, and a note round-trips through the duck-typed trial: an
+    optuna-dashboard upgrade that moves one fails here, not on a user's screen."""
+    import inspect
+
+    import optuna
+    import optuna_dashboard._app as dashboard_app
+    import optuna_dashboard._cli as dashboard_cli
+    import optuna_dashboard._serializer as serializer
+
+    from mpq_search.dashboard import constrain_dashboard
+    from mpq_search.dashboard._optuna_dashboard import get_note, save_note
+
+    assert list(inspect.signature(dashboard_cli.main).parameters) == []
+    pareto = inspect.signature(dashboard_app.get_pareto_front_trials).parameters
+    assert list(pareto)[:2] == ["trials", "directions"]
+    serialize = inspect.signature(serializer.serialize_frozen_trial).parameters
+    assert list(serialize)[:2] == ["study_id", "trial"]
+    constrain_dashboard()
+    assert getattr(dashboard_app.get_pareto_front_trials, "_mpq_feasible", False)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    first, second = study.get_trials()
+    assert get_note(study, first) == ""
+    save_note(study, first, "## a note")
+    assert get_note(study, first) == "## a note" and get_note(study, second) == ""
