@@ -49,6 +49,12 @@ class StudyError(MPQSearchError):
     """A study is missing, or its stored settings disagree with the request."""
 
 
+class ConfigError(StudyError, CalibrationError):
+    """A setting is invalid: a value out of range, an unknown name or option, or a config file
+    that cannot be read (`mpq_search.config`). It is a StudyError and a CalibrationError, what
+    the study's and the quantizer's settings raised before they shared one check."""
+
+
 class StudyNotFoundError(StudyError):
     """The storage holds no study of the requested name (the storage itself was reachable)."""
 

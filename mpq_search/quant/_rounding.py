@@ -23,13 +23,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mpq_search.bitmap import quantizer_record
+from mpq_search.choices import KNOWN_QUANTIZERS as KNOWN_QUANTIZERS  # defined there, torch-free
+from mpq_search.choices import ROUNDINGS as ROUNDINGS
+from mpq_search.choices import WEIGHT_GRIDS as WEIGHT_GRIDS
+from mpq_search.choices import Rounding as Rounding
+from mpq_search.choices import WeightGrid as WeightGrid
 from mpq_search.errors import CalibrationError, RoundingMismatchWarning
 from mpq_search.quant._quantizers import (
     WeightQuant,
@@ -39,11 +44,6 @@ from mpq_search.quant._quantizers import (
     quantize_weight,
 )
 
-Rounding = Literal["rtn", "gptq"]
-ROUNDINGS: tuple[str, ...] = get_args(Rounding)
-WeightGrid = Literal["mse", "minmax"]
-WEIGHT_GRIDS: tuple[str, ...] = get_args(WeightGrid)
-KNOWN_QUANTIZERS = frozenset((r, g) for r in ROUNDINGS for g in WEIGHT_GRIDS)
 """Every (rounding, grid) pair this version can apply."""
 
 GPTQ_BLOCK = 128
