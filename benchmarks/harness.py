@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -207,7 +208,7 @@ def _fields_key(fields: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
 def stamp() -> dict[str, Any]:
     """When and where a row was measured: UTC date, machine, torch threads and version."""
     out: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                           "machine": f"{platform.machine()} {platform.node()}",
+                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                            "python": platform.python_version()}
     torch = sys.modules.get("torch")
     if torch is not None:

@@ -256,7 +256,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 # --- report ------------------------------------------------------------
 def part_report(args: argparse.Namespace) -> None:
     data = harness.read_json(args.out, {})
-    lines = ["# Quantization engine: measured numbers", ""]
+    lines = ["# Quantization engine: measured numbers", "",
+             "How the engine gets its speed, and the tables in context: "
+             "docs/results.md#quantizer-cost.", ""]
     for key, record in data.items():
         if key.startswith("fid-"):
             lines += _fid_table(record)
@@ -264,33 +266,8 @@ def part_report(args: argparse.Namespace) -> None:
         lines += _speed_table(data["speed"])
     if "switch" in data:
         lines += _switch_table(data["switch"])
-    lines += NOTES
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-NOTES = [
-    "## How the engine gets its speed (design notes)", "",
-    "- Weights: the Parameter's storage is swapped (`.data`) for a cached fake-quantized copy, so "
-    "a forward pass does no weight work. Every candidate bit-width is precomputed at calibration.",
-    "- Input activations: an instance-level `forward` on each quantized layer fake-quantizes "
-    "the input and then runs the layer's own forward. Float layers keep their class forward: "
-    "zero cost. The quantizer (`round(x / s)` clamped to the grid, times `s`) is compiled by "
-    "`torch.compile(dynamic=True)` into one fused loop (`QuantConfig.kernel=\"compiled\"`, the "
-    "default); its grid numbers are 0-d tensors so one graph serves every layer and bit-width "
-    "(9 graphs in all on mnist-ddpm, one per input layout, compiled during calibration). The "
-    "eager kernel (`mul / round_ / clamp_ / mul_`, one allocation) gives bit-identical numbers.",
-    "- Micro-benchmark on the quiet machine (2026-11-26 15:03 UTC, a (128, 64, 14, 14) input): "
-    "eager chain 0.85 ms, compiled 0.44 ms (a plain copy: 0.29 ms); first compile 18 s cold, "
-    "3 s with inductor's on-disk cache. An earlier micro-benchmark on the saturated machine had "
-    "the compiled kernel slower (10.6 ms vs 1.6 ms); that reading did not survive a quiet re-run.",
-    "- Sampling runs under `torch.inference_mode()`: no autograd bookkeeping, for FP and "
-    "quantized alike (dynamo also guards on the grad mode, so one mode means one set of graphs).",
-    "- Alternatives measured side by side in the speed table: the eager kernel and forward "
-    "pre-hooks running it. `torch.fake_quantize_per_tensor_affine` was 1.29-2.04x FP in the "
-    "earlier contended run and is no longer benchmarked.",
-    "",
-]
 
 
 def _fid_table(r: dict[str, Any]) -> list[str]:

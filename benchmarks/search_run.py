@@ -257,6 +257,8 @@ def arguments() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = harness.start(harness.parse(arguments(), argv))
+    if args.quick:
+        args.precise_n = min(args.precise_n, 16)
     if args.heldout_only:
         heldout_only(args)
     elif args.precise:
