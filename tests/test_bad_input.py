@@ -93,7 +93,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """Build the world once: a one-trial study on the tiny model (seconds), a second model with
     other weights, a corrupt and an unsupported copy of the pipeline, bit maps, a plain file."""
     root = tmp_path_factory.mktemp("world")
-    config, _, study = build_study(root, trials=1, n=4, steps=2, calib_steps=2, grid_n=4)
+    config, _, study = build_study(root, trials=1, n=4, steps=2, calib_steps=2, calib_timesteps=2,
+                                   grid_n=4)
     model = root / "tiny-ddpm"
     other = tiny_pipeline_dir(root / "other", seed=1)
     broken = root / "broken"

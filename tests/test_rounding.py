@@ -11,6 +11,7 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from mpq_search.models import LoadedModel, load_model
 from mpq_search.quant import QuantConfig, QuantEngine, apply, weight_tables
 from mpq_search.quant._quantizers import quantize_weight
 from mpq_search.quant._rounding import gptq_round, grid_of, round_to_nearest
-from mpq_search.search import StudyConfig, stored_config, study_quantizer
+from mpq_search.search import StudyConfig, stored_config
 
 FAST = QuantConfig(calib_n=4, calib_steps=4, calib_timesteps=2, batch_size=4,
                    act_samples_per_step=512, kernel="eager", w_bits=(3, 4, 8), a_bits=(8,),
@@ -220,27 +221,38 @@ def test_rounding_is_part_of_a_study_and_old_studies_resume_as_rtn(tmp_path: Pat
     from mpq_search.search._study import _check_same
 
     default = StudyConfig()
-    assert (default.rounding, default.weight_grid) == ("gptq", "minmax")
-    assert StudyConfig(rounding="rtn").identity() != default.identity()
-    assert StudyConfig(weight_grid="mse").identity() != default.identity()
+    assert (default.quant.rounding, default.quant.weight_grid) == ("gptq", "minmax")
+    assert default.replace(rounding="rtn").identity() != default.identity()
+    assert default.replace(weight_grid="mse").identity() != default.identity()
     with pytest.raises(StudyError, match="unknown rounding"):
-        StudyConfig(rounding="adaround")  # type: ignore[arg-type]
+        default.replace(rounding="adaround")
     model = {"weights_hash": "h"}
-    legacy = {k: v for k, v in StudyConfig(rounding="rtn", weight_grid="mse").identity().items()
+    as_rtn = default.replace(rounding="rtn", weight_grid="mse")
+    flat = {k: v for k, v in as_rtn.identity().items() if "." not in k}  # version 1's names
+    legacy = {k: v for k, v in flat.items()
               if k not in ("rounding", "weight_grid")}  # stored before the fields existed
-    as_rtn = StudyConfig(rounding="rtn", weight_grid="mse")
     _check_same({"model": model, "identity": legacy}, {"model": model,
                                                        "identity": as_rtn.identity()})
     # workers and `confirm` rebuild such a study's config as it ran, not with today's defaults
-    stored = {k: v for k, v in StudyConfig().to_dict().items()
-              if k not in ("rounding", "weight_grid")}
+    stored = {k: v for k, v in _flat_v1(default).items() if k not in ("rounding", "weight_grid")}
     again = stored_config(stored)
-    assert (again.rounding, again.weight_grid) == ("rtn", "mse")
-    assert study_quantizer(stored).weight_settings() == {"rounding": "rtn", "weight_grid": "mse"}
+    assert (again.quant.rounding, again.quant.weight_grid) == ("rtn", "mse")
+    assert again.quant.weight_settings() == {"rounding": "rtn", "weight_grid": "mse"}
     with pytest.raises(StudyError, match=r"rounding.*--rounding rtn"):
         _check_same({"model": model, "identity": legacy},
-                    {"model": model, "identity": StudyConfig(rounding="gptq",
-                                                             weight_grid="mse").identity()})
+                    {"model": model, "identity": default.replace(
+                        rounding="gptq", weight_grid="mse").identity()})
+
+
+def _flat_v1(config: StudyConfig) -> dict[str, Any]:
+    """`config` as a version-1 study stored it: one flat dict of the fields it had."""
+    data = config.to_dict()
+    del data["version"]
+    quant, guided, liveness = data.pop("quant"), data.pop("guided"), data.pop("liveness")
+    flat = {**data, **guided, **liveness}
+    v1_quant = ("w_bits", "a_bits", "act_calibration", "calib_n", "calib_steps",
+                "calib_timesteps", "rounding", "weight_grid")
+    return {**flat, **{k: quant[k] for k in v1_quant}}
 
 
 def test_maps_record_their_rounding_and_applying_another_warns(

@@ -34,10 +34,10 @@ def test_example_config_is_valid_and_documented(name: str, specs: list[Any]) -> 
         assert f"mpq-search run --config studies/{name}" in text  # says how to run it
         assert text.startswith("# ")  # and what it is for, first
     budget = parse_budget(config.budget, specs)
-    check_feasible(budget, specs, config.w_bits, config.a_bits)
+    check_feasible(budget, specs, config.quant.w_bits, config.quant.a_bits)
     for tighter in config.prior_budgets or ():
         check_feasible(parse_budget(tighter, specs), specs,
-                       config.w_bits, config.a_bits)
+                       config.quant.w_bits, config.quant.a_bits)
 
 
 def test_example_configs_name_distinct_studies() -> None:
@@ -57,6 +57,7 @@ def test_what_each_example_changes() -> None:
     groups = load_config(STUDIES / "timestep-groups.toml")
     assert groups.timestep_groups == 2 and groups.budget == default.budget
     bops = load_config(STUDIES / "bops.toml")
-    assert bops.budget.startswith("bops<=") and bops.explore_share > default.explore_share == 0
+    assert bops.budget.startswith("bops<=")
+    assert bops.guided.explore_share > default.guided.explore_share == 0
     # command-line flags still override a config's values
     assert load_config(STUDIES / "quick.toml", trials=3).trials == 3

@@ -115,7 +115,7 @@ def test_kill_9_mid_trial_loses_nothing_and_the_resume_finishes(tmp_path: Path) 
     running = [t.number for t in killed.trials if t.state == TrialState.RUNNING]
     assert len(before) >= 4 and len(running) == 1, (before, running)
 
-    time.sleep(config.heartbeat_grace + 1)  # the dead run's heartbeat goes stale
+    time.sleep(config.liveness.heartbeat_grace + 1)  # the dead run's heartbeat goes stale
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
 

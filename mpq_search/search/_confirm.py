@@ -13,9 +13,9 @@ from collections.abc import Callable
 import optuna
 
 from mpq_search.bitmap import BitMap
+from mpq_search.config import StudyConfig
 from mpq_search.errors import NonFiniteSamplesError
 from mpq_search.evaluate import SampleSettings
-from mpq_search.search._config import StudyConfig
 from mpq_search.search._scorer import Scorer
 
 

@@ -41,9 +41,9 @@ from typing import Concatenate, ParamSpec, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mpq_search.config import StudyConfig
 from mpq_search.errors import DiskFullError, MPQSearchWarning
 from mpq_search.files import DISK_FULL, disk_full, is_disk_full
-from mpq_search.search._config import StudyConfig
 from mpq_search.search._prepare import SearchPlan
 from mpq_search.search._storage import handle_of_frozen, storage_of
 
@@ -106,7 +106,7 @@ def gives_back_on_full_disk(
     @functools.wraps(loop)
     def wrapper(study: optuna.Study, plan: SearchPlan, /, *args: P.args,
                 **kwargs: P.kwargs) -> R:
-        recover_dead_local_trials(study, plan.config.max_retry)
+        recover_dead_local_trials(study, plan.config.liveness.max_retry)
         with _quiet_threads():
             try:
                 return loop(study, plan, *args, **kwargs)

@@ -32,9 +32,10 @@ from optuna.samplers import BaseSampler
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
+from mpq_search.choices import PARENT_ESTIMATES, SAMPLERS
+from mpq_search.config import GuidedConfig, StudyConfig
 from mpq_search.cost import Budget
 from mpq_search.errors import StudyError
-from mpq_search.search._config import PARENT_ESTIMATES, SAMPLERS, StudyConfig
 from mpq_search.search._repair import Repairer, Surrogate
 from mpq_search.search._space import Levels, SearchSpace, SpaceCost
 from mpq_search.search._storage import (
@@ -45,6 +46,7 @@ from mpq_search.search._storage import (
 )
 
 _DEFAULTS = StudyConfig()
+_GUIDED = GuidedConfig()
 CLAIM_ATTR = "proposal"
 """System attribute in which a running trial claims its map (hex key) before writing it."""
 CLAIM_ATTEMPTS = 8
@@ -237,10 +239,10 @@ class GuidedSampler(MapSampler):
     def __init__(
         self, *, space: SearchSpace, cost: SpaceCost, prior: Surrogate, seed: int = _DEFAULTS.seed,
         starts: Mapping[str, Surrogate] | None = None,
-        front_budgets: Sequence[Budget] = (), front_share: float = _DEFAULTS.front_share,
-        sigma: float = 0.5, max_moves: int = 3, global_share: float = _DEFAULTS.global_share,
-        global_sigma: float = 1.0, parent_estimate: str = _DEFAULTS.parent_estimate,
-        explore_share: float = _DEFAULTS.explore_share,
+        front_budgets: Sequence[Budget] = (), front_share: float = _GUIDED.front_share,
+        sigma: float = 0.5, max_moves: int = 3, global_share: float = _GUIDED.global_share,
+        global_sigma: float = 1.0, parent_estimate: str = _GUIDED.parent_estimate,
+        explore_share: float = _GUIDED.explore_share,
     ) -> None:
         super().__init__(space=space, cost=cost, prior=prior, seed=seed, starts=starts)
         for name, share in (("front_share", front_share), ("global_share", global_share),
@@ -355,10 +357,10 @@ def make_sampler(
     name, seed = config.sampler, config.seed
     if name == "guided":
         return GuidedSampler(space=space, cost=cost, prior=prior, seed=seed, starts=starts,
-                             front_budgets=front_budgets, global_share=config.global_share,
-                             front_share=config.front_share,
-                             parent_estimate=config.parent_estimate,
-                             explore_share=config.explore_share)
+                             front_budgets=front_budgets, global_share=config.guided.global_share,
+                             front_share=config.guided.front_share,
+                             parent_estimate=config.guided.parent_estimate,
+                             explore_share=config.guided.explore_share)
     base: BaseSampler
     if name == "nsga2":
         base = optuna.samplers.NSGAIISampler(seed=seed, population_size=population)

@@ -13,9 +13,8 @@ from typing import Any
 
 import optuna
 
-from mpq_search.cost import canonical_budget
+from mpq_search.config import StudyConfig, stored_identity
 from mpq_search.errors import StudyError
-from mpq_search.search._config import LEGACY_IDENTITY, StudyConfig
 from mpq_search.search._space import Levels, SearchSpace
 from mpq_search.search._storage import create_or_load
 
@@ -37,7 +36,7 @@ def open_study(
     study, _created = create_or_load(
         config.study_name, config.storage_url, sampler=sampler,
         metric_names=[PROXY_METRIC_NAMES[config.proxy] if o == "fid" else METRIC_NAMES[o]
-                      for o in config.objectives], liveness=config.liveness())
+                      for o in config.objectives], liveness=config.liveness)
     stored = study.user_attrs
     if stored.get("schema") == STUDY_SCHEMA:
         _check_same(stored, attrs)
@@ -53,11 +52,9 @@ def _check_same(stored: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
             f"study was run on model {stored.get('model')}, not {attrs['model']}; "
             "use another --study name"
         )
-    # A field added to the identity after the study was made compares as its default; a budget
-    # stored before budgets were canonical compares in canonical form.
-    old = {**StudyConfig().identity(), **LEGACY_IDENTITY, **stored.get("identity", {})}
-    if isinstance(old.get("budget"), str):
-        old["budget"] = canonical_budget(old["budget"])
+    # An older study's identity reads as it ran (`config.migrate_config`: fields added since
+    # at the values it ran with, the budget in canonical form).
+    old = stored_identity(stored)
     new = dict(attrs["identity"])
     for fields in (old, new):  # proxy_steps None (or above steps) samples with `steps`
         proxy_steps, steps = fields.get("proxy_steps"), fields.get("steps")
