@@ -231,7 +231,10 @@ def studies(args: argparse.Namespace) -> None:
 
 
 def arguments() -> argparse.ArgumentParser:
-    made = harness.parser(__doc__, out=harness.RESULTS / "search_run.json")
+    made = harness.parser(__doc__)
+    made.add_argument("--out", type=Path, default=None,
+                      help="result file (default: results/search_run.json, with --precise "
+                           "search_run_precise.json, with --heldout-only search_run_heldout.json)")
     made.add_argument("--budget", default="4.5bits")
     made.add_argument("--samplers", default="guided,random,nsga2")
     made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-studies"))
@@ -256,7 +259,12 @@ def arguments() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = harness.start(harness.parse(arguments(), argv))
+    args = arguments().parse_args(argv)
+    if args.out is None:
+        suffix = "_precise" if args.precise else "_heldout" if args.heldout_only else ""
+        args.out = harness.RESULTS / f"search_run{suffix}.json"
+    harness.start(args)
+    harness.quick_out(args)
     if args.quick:
         args.precise_n = min(args.precise_n, 16)
     if args.heldout_only:

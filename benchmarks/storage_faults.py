@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     made = harness.parser(__doc__, out=harness.RESULTS / "storage_faults.jsonl", model=None)
     made.add_argument("--trials", type=int, default=12)
     args = harness.parse(made, argv)
+    if args.quick:  # one fault, a shorter study
+        args.trials = min(args.trials, 6)
     results = harness.Results(args.out)  # every run appends: a run is a new measurement
     rows = []
     for name, inject, wait in FAULTS[:1] if args.quick else FAULTS:
