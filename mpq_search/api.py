@@ -3,8 +3,8 @@
 load the model and its layers -> prepare the plan (budget, space, importance profiles and ILP
 priors; a resumed study reuses its stored importance) -> calibrate the quantizer and the FP
 reference -> create or resume the study, enqueue priors and baselines -> trials -> report.
-Every other command's work is a function here too (`mpq_search.api_commands`), with a typed
-result the CLI prints.
+The commands' records for the CLI (`mpq_search.api_commands`) sit above this module and call
+it; this module imports only the stages.
 """
 
 from __future__ import annotations
@@ -15,17 +15,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from mpq_search.errors import StudyError
+from mpq_search.dashboard import refresh_notes, write_trial_note
+from mpq_search.errors import StudyError, StudyNotFoundError
 from mpq_search.quant import weight_tables
 from mpq_search.report import ReportFiles, write_report
 from mpq_search.runtime import stop_child, torch_threads
 from mpq_search.search import (
     STORAGE_ENV,
     ImportanceScores,
+    SearchPlan,
     StudyConfig,
     TrialEvent,
     calibrate,
@@ -39,7 +42,6 @@ from mpq_search.search import (
     load_study,
     optimize,
     prepare,
-    quant_config,
     stored_config,
     trial_event,
 )
@@ -72,20 +74,20 @@ def run(
         if workers > 1:
             # the weight tables once, here: the workers read them from the disk cache instead of
             # each running the same GPTQ calibration at once
-            say(f"rounding weights ({config.rounding}, {config.weight_grid} grid)")
-            weight_tables(model, specs, quant_config(config))
+            say(f"rounding weights ({config.quant.rounding}, {config.quant.weight_grid} grid)")
+            weight_tables(model, specs, config.quant)
             study = create_study(plan)
             study.set_user_attr("fp_pass_seconds", fp_pass)
             say(f"searching ({config.sampler}, {config.trials} trials, {workers} workers)")
             run_workers(study, config, workers, progress, should_stop)
         else:
-            say(f"calibrating quantizer ({config.rounding} weights, {config.weight_grid} grid) "
-                "and FP reference")
+            say(f"calibrating quantizer ({config.quant.rounding} weights, "
+                f"{config.quant.weight_grid} grid) and FP reference")
             scorer = calibrate(plan)
             study = create_study(plan)
             study.set_user_attr("fp_pass_seconds", fp_pass)
             say(f"searching ({config.sampler}, {config.trials} trials)")
-            optimize(study, plan, scorer, progress, should_stop)
+            optimize(study, plan, scorer, progress, should_stop, after_trial=write_trial_note)
         say("writing report")
         report(study, config)
     return study
@@ -170,34 +172,24 @@ def work(
     say = stage or (lambda _: None)
     say("waiting for the study")
     study = _wait_for_study(study_name, storage, wait)
-    stored = study.user_attrs.get("config")
-    if not isinstance(stored, dict):
-        raise StudyError(f"study {study_name!r} holds no mpq-search config")
-    config = stored_config(stored).replace(
-        study=study_name, storage=storage, threads=threads, device=device,
-        root=None if root is None else str(root), storage_wait=storage_wait)
+    config = study_settings(study, study=study_name, storage=storage, threads=threads,
+                            device=device, root=None if root is None else str(root),
+                            storage_wait=storage_wait)
     with torch_threads(config.threads):
         say("loading model")
-        model, specs = load(config)
-        expected = study.user_attrs.get("model", {}).get("weights_hash")
-        if expected and expected != model.identity.weights_hash:
-            raise StudyError(f"model {config.model!r} here has other weights "
-                             f"({model.identity.weights_hash}) than the study's ({expected})")
-        plan = prepare(config, model, specs,
-                       importance=ImportanceScores.from_dict(study.user_attrs.get("importance")))
-        say(f"calibrating quantizer ({config.rounding} weights, {config.weight_grid} grid) "
-            "and FP reference")
+        plan = reopen(study, config)
+        say(f"calibrating quantizer ({config.quant.rounding} weights, "
+            f"{config.quant.weight_grid} grid) and FP reference")
         scorer = calibrate(plan)
         joined = join_study(plan, wait=wait)
         say(f"searching ({config.sampler}, study {study_name!r})")
-        return optimize(joined, plan, scorer, progress, should_stop, max_trials=trials)
+        return optimize(joined, plan, scorer, progress, should_stop, max_trials=trials,
+                        after_trial=write_trial_note)
 
 
 def _wait_for_study(name: str, storage: str, wait: float) -> optuna.Study:
     """The study once it exists (a worker may start before `run` creates it); a name that
     could not be a folder under the root is refused before any wait."""
-    from mpq_search.errors import StudyNotFoundError
-
     check_study_name(name)
     deadline = time.monotonic() + wait
     while True:
@@ -210,11 +202,14 @@ def _wait_for_study(name: str, storage: str, wait: float) -> optuna.Study:
 
 
 def report(study: optuna.Study, config: StudyConfig) -> ReportFiles:
-    """The report files of a study (`<root>/<study>/report/`); a full disk raises
-    DiskFullError naming the file (`search._diskfull`)."""
+    """The report files of a study (`<root>/<study>/report/`), and every trial's dashboard
+    note brought up to date (it compares with every reference, and held-out scores); a full
+    disk raises DiskFullError naming the file (`search._diskfull`)."""
     with disk_full_stops(config):
-        return write_report(study, config.study_dir / "report",
-                            artifact_dir=config.study_dir / "artifacts")
+        files = write_report(study, config.study_dir / "report",
+                             artifact_dir=config.study_dir / "artifacts")
+        refresh_notes(study)
+        return files
 
 
 def confirm_trials(
@@ -228,12 +223,8 @@ def confirm_trials(
     better. The model, quantizer calibration and importance are the
     study's own; `config` gives storage and output folders, the study its settings.
     """
-    stored = study.user_attrs.get("config")
-    if not isinstance(stored, dict):
-        raise StudyError(f"study {study.study_name!r} holds no mpq-search config")
-    settings = stored_config(stored).replace(
-        storage=config.storage_url, root=config.root, heldout_n=n, heldout_seed=seed,
-        threads=threads, device=device)
+    settings = study_settings(study, storage=config.storage_url, root=config.root, heldout_n=n,
+                              heldout_seed=seed, threads=threads, device=device)
     # a pruned trial holds its map too: confirming it shows whether the guard was right
     done = {t.number for t in study.trials if t.values is not None
             or (t.state == TrialState.PRUNED and "bitmap" in t.user_attrs)}
@@ -242,16 +233,32 @@ def confirm_trials(
     if missing:
         raise StudyError(f"no finished trial {', '.join(missing)} in study {study.study_name!r}")
     with torch_threads(settings.threads):
-        model, specs = load(settings)
-        expected = study.user_attrs.get("model", {}).get("weights_hash")
-        if expected and expected != model.identity.weights_hash:
-            raise StudyError(f"model {settings.model!r} has other weights "
-                             f"({model.identity.weights_hash}) than the study's ({expected})")
-        importance = ImportanceScores.from_dict(study.user_attrs.get("importance"))
-        plan = prepare(settings, model, specs, importance=importance)
+        plan = reopen(study, settings)
         scores = confirm(study, settings, calibrate(plan), numbers, progress)
     report(study, settings)
     return scores
+
+
+def study_settings(stored_study: optuna.Study, /, **overrides: Any) -> StudyConfig:
+    """The settings a stored study ran with (its stored config, migrated to this version), with
+    this machine's `overrides` (storage, root, threads, device...; None values ignored)."""
+    stored = stored_study.user_attrs.get("config")
+    if not isinstance(stored, dict):
+        raise StudyError(f"study {stored_study.study_name!r} holds no mpq-search config")
+    return stored_config(stored).replace(**overrides)
+
+
+def reopen(study: optuna.Study, settings: StudyConfig) -> SearchPlan:
+    """The search plan of a stored study, as its trials were scored: the model (refused if its
+    weights differ from the study's), its layers and the importance the study was seeded with
+    (profiling is not repeated). Workers and `confirm` score through it."""
+    model, specs = load(settings)
+    expected = study.user_attrs.get("model", {}).get("weights_hash")
+    if expected and expected != model.identity.weights_hash:
+        raise StudyError(f"model {settings.model!r} here has other weights "
+                         f"({model.identity.weights_hash}) than the study's ({expected})")
+    importance = ImportanceScores.from_dict(study.user_attrs.get("importance"))
+    return prepare(settings, model, specs, importance=importance)
 
 
 def stored_importance(config: StudyConfig) -> ImportanceScores | None:
@@ -262,5 +269,3 @@ def stored_importance(config: StudyConfig) -> ImportanceScores | None:
         return None
     return ImportanceScores.from_dict(study.user_attrs["importance"])
 
-
-from mpq_search.api_commands import *  # noqa: E402, F403

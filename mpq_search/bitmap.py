@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mpq_search.errors import BitMapError
+from mpq_search.files import write_text
 
 SCHEMA = "mpq-search/bitmap/v1"
 QUANT_BITS = frozenset(range(2, 9))
@@ -278,8 +279,6 @@ class BitMap:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON form (creating parent folders), whole or not at all (`files`)."""
-        from mpq_search.files import write_text
-
         return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -14,12 +14,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mpq_search.choices import DEFAULT_BATCH_SIZE as DEFAULT_BATCH_SIZE
+from mpq_search.choices import PROXIES as PROXIES  # defined there, torch-free
+from mpq_search.choices import ProxyName as ProxyName
 from mpq_search.errors import NonFiniteSamplesError
 from mpq_search.fid import (
     FeatureNet,
@@ -28,13 +31,13 @@ from mpq_search.fid import (
     cached_stats,
     dataset_stats,
     frechet_distance,
+    get_feature_net,
+    lenet_digits,
     stats_of_features,
     stats_of_images,
 )
-from mpq_search.models import LoadedModel, StepHook, sample
-
-DEFAULT_BATCH_SIZE = 250
-"""Images per denoiser batch unless a caller says otherwise: throughput only, never the images."""
+from mpq_search.models import LoadedModel, StepHook, load_model, sample
+from mpq_search.trajectory import trajectory_for
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,6 @@ class SampleSettings:
         return {"n": self.n, "steps": self.steps, "seed": self.seed}
 
 
-ProxyName = Literal["fid", "kid", "paired", "pixel", "fid+paired"]
-PROXIES: tuple[str, ...] = get_args(ProxyName)
 PROXY_LABELS: dict[str, str] = {
     "fid": "FID-excess",
     "kid": "KID-excess",
@@ -286,10 +287,6 @@ def fp_fid_report(
     sample statistics are cached (weights hash, net, n, steps, seed, sampling settings); a
     class-conditional model is sampled anew, since its accuracy needs the images.
     """
-    from mpq_search.fid import get_feature_net, lenet_digits
-    from mpq_search.models import load_model
-    from mpq_search.trajectory import trajectory_for
-
     model = load_model(spec, guidance_scale=guidance_scale, device=device)
     net = get_feature_net(feature_net, device=str(model.device))
     settings = SampleSettings(n=n, steps=steps, seed=seed)

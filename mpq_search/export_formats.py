@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from mpq_search import __version__
+from mpq_search._version import __version__
 from mpq_search.bitmap import (
     FLOAT,
     QUANTIZER_META,

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq_search.choices import FEATURE_NETS as FEATURE_NETS  # defined there, torch-free
+from mpq_search.choices import FeatureNetName as FeatureNetName
+from mpq_search.data import mnist_split
 from mpq_search.errors import MPQSearchError, UnknownFeatureNetError
 from mpq_search.files import atomic_path
 from mpq_search.zoo import LENET_WEIGHTS
-
-FeatureNetName = Literal["lenet", "inception"]
-FEATURE_NETS: tuple[str, ...] = ("lenet", "inception")
 
 
 class FeatureNet(Protocol):
@@ -277,8 +277,6 @@ def cached_stats(key: Mapping[str, Any], compute: Callable[[], FeatureStats]) ->
 def dataset_stats(split: Literal["train", "heldout"], net: FeatureNet, n: int) -> FeatureStats:
     """Cached feature stats of the first n images of an MNIST split (n capped at the split
     size)."""
-    from mpq_search.data import mnist_split
-
     def compute() -> FeatureStats:
         images, _ = mnist_split(split)
         return stats_of_images(images[:n], net)

@@ -9,6 +9,7 @@ used everywhere else in the tool.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,3 +180,12 @@ def discover_layers(denoiser: nn.Module) -> list[LayerSpec]:
             )
         )
     return specs
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) over every tensor of the state dict, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -13,7 +13,6 @@ are read where the folder's `model_index.json` names the class.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,16 +23,15 @@ import torch
 
 from mpq_search.bitmap import ModelIdentity as ModelIdentity
 from mpq_search.errors import InvalidModelError, ModelNotFoundError
-from mpq_search.trajectory import (
-    SamplingOptions,
-    StepHook,
-    family_for,
-    initial_noise,
-    sample,
-    sampling_timesteps,
-    trajectory_for,
-)
+from mpq_search.layers import weights_hash as weights_hash
+from mpq_search.runtime import resolve_device
+from mpq_search.sampling import StepHook as StepHook
+from mpq_search.sampling import initial_noise as initial_noise
+from mpq_search.sampling import sample as sample
+from mpq_search.sampling import sampling_timesteps as sampling_timesteps
+from mpq_search.trajectory import SamplingOptions, family_for, trajectory_for
 from mpq_search.zoo import EMBEDDED_MODELS
+from mpq_search.zoo import list_models as list_models
 
 
 @dataclass(frozen=True)
@@ -106,20 +104,6 @@ class LoadedModel:
         return trajectory_for(self, 1).key()
 
 
-def list_models() -> list[tuple[str, str, str]]:
-    """(name, path, description) of every embedded model."""
-    return [(e.name, str(e.path), e.description) for e in EMBEDDED_MODELS.values()]
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) over every tensor of the state dict, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def load_model(
     spec: str | Path, *, guidance_scale: float | None = None,
     prompts: Sequence[str] | None = None, device: str = "cpu",
@@ -129,8 +113,6 @@ def load_model(
     and `prompts` set how conditional families sample (default: the embedded model's own
     guidance scale, else the family's; the built-in prompts); they are checked against the
     family here."""
-    from mpq_search.runtime import resolve_device
-
     target = resolve_device(device)
     model = _load(str(spec))
     if guidance_scale is None and str(spec) in EMBEDDED_MODELS:

@@ -13,6 +13,8 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mpq_search.errors import MPQSearchError
+
 _MALLOC_TUNED = False
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -113,8 +115,6 @@ def resolve_device(spec: str | None) -> str:
     """The torch device a `--device` value means: "auto" (the default) is "cuda" when a GPU is
     visible, else "cpu"; "cuda" without a GPU is an error rather than a silent CPU run."""
     import torch
-
-    from mpq_search.errors import MPQSearchError
 
     text = (spec or "auto").strip().lower()
     if text == "auto":

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from mpq_search.data import mnist_split
+from mpq_search.fid import LeNet
+from mpq_search.runtime import resolve_device
 
 LogFn = Callable[[str], None]
 
@@ -151,8 +153,6 @@ def train_lenet(
     Returns the held-out accuracy; the weights are saved as safetensors.
     """
     from safetensors.torch import save_file
-
-    from mpq_search.fid import LeNet
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -351,8 +351,6 @@ def train_mnist_dit(
     steps) is saved, and `device` runs the DiT's training there (random numbers are
     drawn on the CPU, so the batches and noise are the same on every device)."""
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    from mpq_search.runtime import resolve_device
 
     device = resolve_device(device)  # "auto" and "cuda" without a GPU, before any training
     started = time.perf_counter()

@@ -39,18 +39,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from mpq_search.errors import MPQSearchError, UnsupportedPipelineError
-from mpq_search.layers import forward_params
-
-if TYPE_CHECKING:
-    from mpq_search.models import LoadedModel
+from mpq_search.layers import forward_params, weights_hash
 
 SampleConditions = Mapping[str, torch.Tensor]
 """Per-sample conditions of a run, each a tensor whose first dimension is the samples (DiT:
@@ -77,6 +73,25 @@ class SamplingOptions:
 
     guidance_scale: float | None = None
     prompts: tuple[str, ...] | None = None
+
+
+class PipelineModel(Protocol):
+    """What the seam reads of a loaded model (`mpq_search.models.PipelineModel` is one); a
+    protocol, so that the seam sits below the loader that checks a pipeline against it."""
+
+    pipeline: Any
+    denoiser: torch.nn.Module
+    sampling: SamplingOptions
+    memo: dict[Any, Any]
+
+    @property
+    def decoder(self) -> torch.nn.Module | None: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]: ...
 
 
 @dataclass
@@ -162,7 +177,7 @@ class Trajectory(ABC):
     takes_prompts: ClassVar[bool] = False
     takes_guidance: ClassVar[bool] = False
 
-    def __init__(self, model: LoadedModel, steps: int) -> None:
+    def __init__(self, model: PipelineModel, steps: int) -> None:
         if steps < 1:
             raise MPQSearchError(f"steps must be >= 1, got {steps}")
         self.model = model
@@ -315,7 +330,7 @@ class _Guided(LatentDDIM):
     unconditional_first: ClassVar[bool]
     """Order of the halves in the batch, as the family's diffusers pipeline has it."""
 
-    def __init__(self, model: LoadedModel, steps: int) -> None:
+    def __init__(self, model: PipelineModel, steps: int) -> None:
         super().__init__(model, steps)
         scale = model.sampling.guidance_scale
         self.guidance_scale = float(self.default_guidance if scale is None else scale)
@@ -345,7 +360,7 @@ class ClassConditionalDDIM(_Guided):
     default_guidance = 4.0  # DiTPipeline.__call__'s default
     unconditional_first = False  # DiTPipeline: conditional half first
 
-    def __init__(self, model: LoadedModel, steps: int) -> None:
+    def __init__(self, model: PipelineModel, steps: int) -> None:
         super().__init__(model, steps)
         config: Any = model.denoiser.config
         classes = getattr(config, "num_embeds_ada_norm", None)
@@ -391,7 +406,7 @@ class TextConditionalDDIM(_Guided):
     unconditional_first = True  # StableDiffusionPipeline: empty-prompt half first
     takes_prompts = True
 
-    def __init__(self, model: LoadedModel, steps: int) -> None:
+    def __init__(self, model: PipelineModel, steps: int) -> None:
         super().__init__(model, steps)
         self.prompts = model.sampling.prompts or DEFAULT_PROMPTS
 
@@ -454,7 +469,7 @@ def family_of(pipeline: Any) -> type[Trajectory]:
     return family_for(type(pipeline).__name__)
 
 
-def trajectory_for(model: LoadedModel, steps: int) -> Trajectory:
+def trajectory_for(model: PipelineModel, steps: int) -> Trajectory:
     """The trajectory implementation of the model's pipeline family."""
     return family_of(model.pipeline)(model, steps)
 
@@ -473,89 +488,11 @@ def _label_rows(denoiser: torch.nn.Module) -> int:
     return min(rows) if rows else 0
 
 
-def _hash_of(model: LoadedModel, component: str) -> str:
+def _hash_of(model: PipelineModel, component: str) -> str:
     """Weights hash of a float component (decoder, text encoder), computed once per model."""
-    from mpq_search.models import weights_hash
-
     key = ("hash", component)
     if key not in model.memo:
         module: Any = model.decoder if component == "decoder" else getattr(model.pipeline,
                                                                              component)
         model.memo[key] = weights_hash(module)
     return str(model.memo[key])
-
-
-# --- sampling: the first consumer of the seam ----------------------------------------------
-StepHook = Callable[[int, int], None]
-"""Called as hook(step_index, timestep) before every denoiser call during sampling."""
-
-
-def initial_noise(model: LoadedModel, n: int, seed: int) -> torch.Tensor:
-    """All starting noise for n samples (latents for latent families), drawn from one seeded CPU
-    generator (common random numbers that do not depend on the batch size or the device)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((n, *model.sample_shape), generator=generator)
-
-
-def sampling_timesteps(model: LoadedModel, steps: int) -> list[int]:
-    """The denoiser timesteps a run of `steps` steps visits, in sampling order."""
-    return trajectory_for(model, steps).timesteps()
-
-
-def _rows(conditions: SampleConditions, part: slice) -> dict[str, torch.Tensor]:
-    return {name: value[part] for name, value in conditions.items()}
-
-
-@torch.inference_mode()
-def sample(
-    model: LoadedModel,
-    *,
-    n: int,
-    steps: int = 20,
-    seed: int = 0,
-    batch_size: int = 250,
-    step_hook: StepHook | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Draw n images in [0, 1] from seeded noise and conditions (deterministic DDIM), on the
-    model's device; the images come back on the CPU.
-
-    All noise and conditions are drawn up front (on the CPU), so the images do not depend on
-    `batch_size` or the device; each batch is decoded as it finishes. Runs under inference
-    mode: no autograd bookkeeping, and one grad mode for every caller, so the compiled activation
-    quantizer is not compiled twice (dynamo guards on the grad mode).
-    """
-    if n < 1:
-        raise MPQSearchError(f"n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise MPQSearchError(f"batch size must be >= 1, got {batch_size}")
-    trajectory = trajectory_for(model, steps)
-    noise = initial_noise(model, n, seed)
-    conditions = trajectory.conditions(n, seed)
-    out = []
-    for start in range(0, n, batch_size):
-        part = slice(start, start + batch_size)
-        run = trajectory.run(noise[part], _rows(conditions, part))
-        for call in run:
-            if step_hook is not None:
-                step_hook(call.step, call.timestep)
-        out.append(trajectory.decode(run.result).cpu())
-        if progress is not None:
-            progress(len(out[-1]))
-    return torch.cat(out)
-
-
-def prompts_from_file(path: str | Path) -> tuple[str, ...]:
-    """Prompts of a text file, one per line (blank lines skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise MPQSearchError(f"cannot read prompts file {path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise MPQSearchError(f"prompts file {path} is not UTF-8 text: {e.reason} at byte "
-                             f"{e.start}") from e
-    prompts = tuple(line.strip() for line in lines if line.strip())
-    if not prompts:
-        raise MPQSearchError(f"prompts file {path} has no prompts")
-    return prompts
-

@@ -305,9 +305,9 @@ TOML_INPUTS: st.SearchStrategy[str | bytes] = st.one_of(
 def toml_target(data: str | bytes, scratch: Path) -> None:
     """`mpq-search run --config`: load the config, then what is read from it before any model
     is loaded (names, storage URL, identity, quantizer, budgets and settings it lists)."""
+    from mpq_search.config import surrogate_modes
     from mpq_search.cost import canonical_budget
     from mpq_search.search import load_config
-    from mpq_search.search._config import quant_config, surrogate_modes
 
     path = scratch / "study.toml"
     path.write_bytes(data if isinstance(data, bytes) else data.encode())
@@ -317,7 +317,7 @@ def toml_target(data: str | bytes, scratch: Path) -> None:
         assert config.study_name and config.storage_url and config.study_dir
         json.dumps(config.to_dict())
         config.identity()
-        quant_config(config)
+        config.quant.weight_settings()
         surrogate_modes(config)
         for text in config.prior_budgets or ():
             canonical_budget(text)
@@ -388,7 +388,7 @@ PROMPT_INPUTS: st.SearchStrategy[bytes] = st.one_of(
 def prompts_target(data: bytes, scratch: Path) -> None:
     """`run --prompts FILE` (text-conditional pipelines): read the prompts; those read are
     non-empty single lines."""
-    from mpq_search.trajectory import prompts_from_file
+    from mpq_search.sampling import prompts_from_file
 
     path = scratch / "prompts.txt"
     path.write_bytes(data)

@@ -28,35 +28,25 @@ def tiny_pipeline_dir(root: Path, seed: int = 0) -> Path:
 
 def tiny_config(model_dir: Path, root: Path, **changes: Any) -> Any:
     """A StudyConfig that runs in seconds on the tiny model."""
-    from mpq_search.search import StudyConfig
+    from mpq_search.config import StudyConfig
 
     base = dict(
         model=str(model_dir), root=str(root / "studies"), budget="5bits", trials=4, n=8,
-        steps=3, batch_size=8, calib_n=4, calib_steps=3, importance_n=8, importance_timesteps=2,
+        steps=3, batch_size=8, calib_n=4, calib_steps=3, calib_timesteps=3, importance_n=8,
+        importance_timesteps=2,
         grid_n=4, heldout_n=8, prior_modes=("size",), feature_net="lenet", threads=1,
         act_calibration="minmax", promote_passes=1, guard_n=0,
         surrogate_prior="orthogonality",  # the uniform test importance has no sensitivity
     )
     base.update(changes)
-    return StudyConfig(**base)
-
-
-def _toml(value: Any) -> str:
-    """A TOML value (a study config holds strings, numbers, booleans and lists only)."""
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
+    return StudyConfig().replace(**base)  # flat names, routed into the sub-records
 
 
 def write_config_toml(config: Any, path: Path) -> Path:
-    """A StudyConfig's settings as a flat TOML file (`mpq-search run --config`)."""
-    lines = [f"{key} = {_toml(value)}" for key, value in config.to_dict().items()
-             if value is not None]
-    path.write_text("\n".join(lines) + "\n")
+    """A StudyConfig's settings as a TOML file (`mpq-search run --config`)."""
+    from mpq_search.config.text import config_toml
+
+    path.write_text(config_toml(config))
     return path
 
 
@@ -80,6 +70,7 @@ class Searched:
 
 def build_study(root: Path, **changes: Any) -> tuple[Any, Searched, Any]:
     """(config, plan and scorer, study) after running the tiny search; importance is uniform."""
+    from mpq_search.dashboard import write_trial_note
     from mpq_search.search import calibrate, create_study, load, optimize, prepare
 
     model_dir = root / "tiny-ddpm"
@@ -90,7 +81,7 @@ def build_study(root: Path, **changes: Any) -> tuple[Any, Searched, Any]:
     plan = prepare(config, model, specs, importance=uniform_importance(model_dir))
     scorer = calibrate(plan)
     study = create_study(plan)
-    optimize(study, plan, scorer)
+    optimize(study, plan, scorer, after_trial=write_trial_note)  # as `api.run` does
     return config, Searched(plan, scorer), study
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpq_search.allocate import (
+from mpq_search.allocation import (
     DEFAULT_A_BITS,
     DEFAULT_W_BITS,
     AllocationError,

@@ -215,7 +215,8 @@ def test_parse_bit_list_refuses(text: str, message: str) -> None:
 
 
 def test_defaults_and_model_identity_have_one_home() -> None:
-    from mpq_search import allocate, models
+    from mpq_search import allocation as allocate
+    from mpq_search import models
     from mpq_search.quant import QuantConfig
 
     assert DEFAULT_W_BITS == (2, 3, 4, 5, 6, 7, 8) and DEFAULT_A_BITS == (4, 5, 6, 7, 8)

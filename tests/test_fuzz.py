@@ -194,7 +194,7 @@ def test_budget_findings(text: str, needle: str, tmp_path: Path) -> None:
 
 def test_prompts_finding(tmp_path: Path) -> None:
     """A prompts file that is not UTF-8 crashed `run --prompts` with UnicodeDecodeError."""
-    from mpq_search.trajectory import prompts_from_file
+    from mpq_search.sampling import prompts_from_file
 
     (tmp_path / "p.txt").write_bytes(b"a cat\n\x80\n")
     with pytest.raises(MPQSearchError, match="is not UTF-8 text: invalid start byte at byte 6"):

@@ -22,7 +22,8 @@ from mpq_search.importance import (
 )
 from mpq_search.layers import discover_layers
 from mpq_search.models import LoadedModel, ModelIdentity
-from mpq_search.trajectory import initial_noise, trajectory_for
+from mpq_search.sampling import initial_noise
+from mpq_search.trajectory import trajectory_for
 
 ESTIMATORS = ["biased", "debiased"]
 

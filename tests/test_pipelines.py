@@ -16,12 +16,11 @@ from _search_fixtures import write_config_toml
 from mpq_search.errors import MPQSearchError, UnsupportedPipelineError
 from mpq_search.layers import discover_layers, example_inputs
 from mpq_search.models import LoadedModel, load_model
+from mpq_search.sampling import initial_noise, sample
 from mpq_search.trajectory import (
     ClassConditionalDDIM,
     LatentDDIM,
     TextConditionalDDIM,
-    initial_noise,
-    sample,
     trajectory_for,
 )
 
@@ -347,7 +346,7 @@ def test_cli_run_on_each_family(saved: dict[str, Path], tmp_path: Path, name: st
     from mpq_search.search._storage import load_study
 
     root = tmp_path / "studies"
-    config = StudyConfig(
+    config = StudyConfig().replace(
         model=str(saved[name]), root=str(root), budget="5bits", n=4, steps=2, batch_size=4,
         calib_n=2, calib_steps=2, calib_timesteps=2, importance_n=4, importance_timesteps=1,
         sensitivity_n=2, sensitivity_probes=1, grid_n=2, heldout_n=4,

@@ -116,7 +116,8 @@ def test_a_study_made_before_proxies_resumes_with_its_own_settings(tmp_path: Pat
     identity = {k: v for k, v in stored["identity"].items()
                 if k not in ("proxy", "proxy_steps", "promote_passes", "promote_margin",
                              "promote_seed", "guard_n", "guard_ratio", "guard_seed")}
-    legacy = {**stored, "identity": identity}
+    # such a study stored a version-1 (unversioned) config
+    legacy = {**stored, "identity": identity, "config": {"model": config.model}}
     same = config.replace(proxy_steps=config.steps, promote_passes=1)
     model, specs = load(same)
     _check_same(legacy, prepare(same, model, specs,
@@ -203,7 +204,7 @@ def test_a_would_be_best_that_breaks_at_full_steps_is_pruned_and_never_leads(
             assert "guard" not in trial.user_attrs["fidelity"]
     # a pruned map can be confirmed on held-out noise (was the guard right?); its note says so
     from mpq_search.api import confirm_trials
-    from mpq_search.search._notes import trial_note
+    from mpq_search.dashboard import trial_note
 
     scores = confirm_trials(study, config, trials=[broken], n=8, seed=1)
     assert study.user_attrs["heldout"][str(broken)] == pytest.approx(scores[broken])

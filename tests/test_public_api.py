@@ -14,7 +14,7 @@ import mpq_search as mq
 def test_every_public_name_resolves(name: str) -> None:
     import types
 
-    import mpq_search.allocate  # noqa: F401  importing a submodule must not shadow the function
+    import mpq_search.allocation  # noqa: F401  importing a submodule must not shadow the function
 
     value = getattr(mq, name)
     assert value is not None
@@ -30,7 +30,7 @@ def test_readme_example_on_a_tiny_model(tiny_pipeline_dir: Path, tmp_path: Path)
     model = mq.load_model(tiny_pipeline_dir)
     specs = mq.discover_layers(model.denoiser)
     budget = mq.parse_budget("4.5bits", specs)
-    from mpq_search.allocate import allocate
+    from mpq_search.allocation import allocate
 
     prior = allocate(specs, budget, mode="size", model=model.identity)
     assert mq.cost_of(specs, prior).avg_w_bits <= 4.5 + 1e-9

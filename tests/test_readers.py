@@ -4,7 +4,7 @@ and none sees a half-written trial: a running trial has no map yet or all of it
 (`_storage._write_at_once`), a finished one has its values and its bit map.
 
 `MPQ_READERS_SECONDS` sets how long the readers read (default 10 s per storage here;
-benchmarks/RESULTS.md records a 3-minute run)."""
+docs/results.md#storage-faults records a 3-minute run)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from _search_fixtures import (
 )
 from optuna.trial import TrialState
 
-from mpq_search.report import start_dashboard
+from mpq_search.dashboard import start_dashboard
 from mpq_search.runtime import stop_child
 from mpq_search.search import create_study, load, load_study, make_storage, prepare
 

@@ -62,7 +62,7 @@ def test_export_round_trips(searched: tuple[Any, Any, Any], tmp_path: Path) -> N
     # the quantizer it was scored with (the study's: gptq, the default), calibration included,
     # so that applying or deploying it elsewhere recomputes the same codes
     engine = built.scorer.engine
-    assert config.rounding == "gptq" and loaded.meta["settings"]["rounding"] == "gptq"
+    assert config.quant.rounding == "gptq" and loaded.meta["settings"]["rounding"] == "gptq"
     assert loaded.meta["quantizer"] == engine.config.weight_settings()
     assert QuantConfig.for_bitmap(loaded).weight_settings() == engine.config.weight_settings()
     # the exported map decodes to exactly the trial's params, and to itself through JSON
@@ -155,9 +155,9 @@ def test_heldout_figure_and_spearman(searched: tuple[Any, Any, Any]) -> None:
         figure.layout.title.text
 
 
-# --- the dashboard: notes and a constraint-aware Pareto front ---------------------------------
+# --- the dashboard beside the report: notes and a constraint-aware Pareto front ---------------
 def test_trial_notes_say_role_budget_and_scores(searched: tuple[Any, Any, Any]) -> None:
-    from mpq_search.search._notes import trial_note
+    from mpq_search.dashboard import trial_note
 
     _config, built, study = searched
     by_tag = {t.user_attrs.get("tag"): t for t in study.trials}
@@ -180,33 +180,26 @@ def test_trial_notes_say_role_budget_and_scores(searched: tuple[Any, Any, Any]) 
 
 def test_notes_are_written_by_the_search_and_rewritten_idempotently(
         searched: tuple[Any, Any, Any]) -> None:
-    from optuna_dashboard import get_note
-
-    from mpq_search.search._notes import (
-        _NoteTarget,
-        refresh_notes,
-        trial_note,
-        write_trial_note,
-    )
-    from mpq_search.search._storage import TrialHandle, storage_of
+    from mpq_search.dashboard import refresh_notes, trial_note, write_trial_note
+    from mpq_search.dashboard._optuna_dashboard import get_note
+    from mpq_search.search import storage_of
 
     _config, _built, study = searched
     storage = storage_of(study)
     study_id = storage.get_study_id_from_name(study.study_name)
     scored = [t for t in study.trials if t.values]
     for trial in scored:  # every scored trial got its note while the search ran
-        assert get_note(_NoteTarget(study, trial._trial_id)).startswith(f"## Trial {trial.number}")
+        assert get_note(study, trial).startswith(f"## Trial {trial.number}")
     # notes written during the search compare with the references scored by then; the report
     # brings them all up to date, and a second pass writes nothing
     refresh_notes(study)
     for trial in study.get_trials():
         if trial.values:
-            assert get_note(_NoteTarget(study, trial._trial_id)) == trial_note(study, trial)
+            assert get_note(study, trial) == trial_note(study, trial)
     before = dict(storage.get_study_system_attrs(study_id))
     assert refresh_notes(study) == 0
     trial = study.trials[0]
-    body = write_trial_note(study, TrialHandle(trial._trial_id, trial.number))
-    assert body == trial_note(study, trial)
+    assert write_trial_note(study, trial) == trial_note(study, trial)
     assert dict(storage.get_study_system_attrs(study_id)) == before  # nothing rewritten
 
 
@@ -215,7 +208,7 @@ def test_dashboard_best_trials_are_feasible_and_trials_carry_constraints(
     import optuna_dashboard._app as dashboard_app
     import optuna_dashboard._serializer as serializer
 
-    from mpq_search.report import constrain_dashboard
+    from mpq_search.dashboard import constrain_dashboard
 
     _config, _built, study = searched
     constrain_dashboard()

@@ -53,7 +53,7 @@ def specs(model_dir: Path) -> list[Any]:
 
 
 def _space(specs: list[Any], groups: int = 1) -> SearchSpace:
-    from mpq_search.allocate import units_of
+    from mpq_search.allocation import units_of
 
     return SearchSpace(tuple(specs), tuple(tuple(u) for u in units_of(specs)),
                        (2, 3, 4, 5, 6, 7, 8), (4, 5, 6, 7, 8), groups)
@@ -321,7 +321,7 @@ def test_best_prior_start_runs_the_search_of_the_prior_that_scored_best(tmp_path
     assert chosen is not None
     assert values[f"prior:{chosen}@5bits"] < values[f"prior:{other}@5bits"]
     assert len(chosen_maps) >= 4
-    from mpq_search.api_commands import surrogate_start
+    from mpq_search.api_commands._study import surrogate_start
     assert surrogate_start(study, config) == chosen  # what the run reports
     assert search_maps(chosen)[1] == chosen_maps
     assert search_maps(other)[1] != chosen_maps
@@ -362,7 +362,7 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "x.toml"
     path.write_text('budget = "4bits"\ntrials = 7\nw_bits = [3, 4, 8]\n')
     config = load_config(path, trials=9, sampler=None)
-    assert (config.budget, config.trials, config.w_bits) == ("4bits", 9, (3, 4, 8))
+    assert (config.budget, config.trials, config.quant.w_bits) == ("4bits", 9, (3, 4, 8))
     with pytest.raises(StudyError, match="unknown study option"):
         load_config(path, colour="red")
     with pytest.raises(StudyError, match="supported: guided, nsga2, tpe, gp, random"):
@@ -526,7 +526,8 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
     assert re.search(r"\(\d+ s = \d+ FP sampling passes of the proxy batch, [\d.]+ s each",
                      " ".join(result.output.split())), result.output
     made = load_study("cli", f"sqlite:///{tmp_path / 'studies' / 'cli' / 'study.db'}")
-    assert made.user_attrs["config"]["surrogate_prior"] == "sensitivity"  # the flag over the toml
+    # the flag over the toml
+    assert made.user_attrs["config"]["guided"]["surrogate_prior"] == "sensitivity"
     tags = {t.user_attrs["tag"] for t in made.trials}
     assert {"prior:orthogonality@5bits", "prior:sensitivity@5bits", "uniform:W4A8"} <= tags
     finished = [t for t in made.trials if t.state.is_finished()]
@@ -576,8 +577,8 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
 def test_embedded_model_search_beats_uniform_w4a8(tmp_path: Path) -> None:
     from mpq_search.api import run
 
-    config = StudyConfig(root=str(tmp_path), trials=6, n=64, steps=10, calib_n=16,
-                         calib_steps=10, threads=2)
+    config = StudyConfig().replace(root=str(tmp_path), trials=6, n=64, steps=10, calib_n=16,
+                                   calib_steps=10, threads=2)
     study = run(config)
     w4a8 = next(t.values[0] for t in study.trials if t.user_attrs["tag"] == "uniform:W4A8")
     best = min(t.values[0] for t in study.best_trials)

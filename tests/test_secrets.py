@@ -100,7 +100,7 @@ def test_roots_that_are_no_path_are_refused(root: str) -> None:
 
 def test_dashboard_binds_to_this_machine_by_default() -> None:
     """The dashboard shows the study to whoever reaches it: 127.0.0.1 unless --host says so."""
-    from mpq_search.report import dashboard_command
+    from mpq_search.dashboard import dashboard_command
 
     command = dashboard_command("sqlite:///x.db", None)
     assert command[command.index("--host") + 1] == "127.0.0.1"
@@ -131,7 +131,8 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secrets]:
     """Every command that prints or writes, on one tiny PostgreSQL study with a password."""
     tmp = tmp_path_factory.mktemp("secrets")
     model_dir = tiny_pipeline_dir(tmp)
-    config = tiny_config(model_dir, tmp, trials=2, n=4, steps=2, calib_steps=2)
+    config = tiny_config(model_dir, tmp, trials=2, n=4, steps=2, calib_steps=2,
+                         calib_timesteps=2)
     toml = write_config_toml(config, tmp / "tiny.toml")  # no storage in it: given below
     found = Secrets(tmp, f"mpq-secrets-{uuid.uuid4().hex[:12]}")
     root = ["--root", str(tmp / "studies")]
@@ -159,13 +160,13 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secrets]:
         _invoke(found, "bad port", ["report", "--study", found.name, "--storage",
                                     URL.replace(":5432", ":xx")], code=2)
         with pytest.MonkeyPatch.context() as patch:
-            import mpq_search.report
+            import mpq_search.dashboard
 
             def fake_start(storage: str, artifacts: Any, **kwargs: Any) -> Any:
                 found.dashboard.update(kwargs)
                 return subprocess.Popen(["true"])
 
-            patch.setattr(mpq_search.report, "start_dashboard", fake_start)
+            patch.setattr(mpq_search.dashboard, "start_dashboard", fake_start)
             _invoke(found, "dashboard", ["dashboard", *study])
         yield found
     finally:

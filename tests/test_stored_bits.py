@@ -9,7 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from mpq_search.allocate import allocate
+from mpq_search.allocation import allocate
 from mpq_search.bitmap import BitMap, LayerBits, ModelIdentity, TimestepGroup
 from mpq_search.cost import (
     REL_TOL,

@@ -10,7 +10,8 @@ import torch
 
 from mpq_search.errors import MPQSearchError
 from mpq_search.models import LoadedModel, load_model
-from mpq_search.trajectory import initial_noise, sample, trajectory_for
+from mpq_search.sampling import initial_noise, sample
+from mpq_search.trajectory import trajectory_for
 
 STEPS = 4
 

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from mpq_search.allocate import ALLOCATION_MODES
+from mpq_search.choices import ALLOCATION_MODES
 from mpq_search.cli._app import (
     DeviceOption,
     GuidanceOption,
@@ -41,24 +40,14 @@ def budget(
     json_out: JsonOption = False,
 ) -> None:
     """Print the costs of uniform settings (and check a budget string against them)."""
-    from mpq_search.api_commands import budget_table
-    from mpq_search.cost import format_bops, format_bytes
+    from mpq_search.api_commands import budget_table as uniform_costs
+    from mpq_search.cli._tables import budget_table
 
-    result = budget_table(model, steps=steps, check=check or None)
+    result = uniform_costs(model, steps=steps, check=check or None)
     if json_out:
         print_json(result)
         return
-    table = Table(title=f"{result.model}: {result.layers} layers, cost of uniform settings "
-                        "(BOPs per denoiser call per sample; per run = x steps)")
-    for column in ("setting", "avg W bits", "avg A bits", "BOPs/call",
-                   f"BOPs/{result.steps}-step run", "weight memory"):
-        table.add_column(column, justify="right")
-    for row in result.rows:
-        cost = row.cost
-        table.add_row(row.setting, f"{cost.avg_w_bits:g}", f"{cost.avg_a_bits:g}",
-                      format_bops(cost.bops), format_bops(cost.bops_per_run(result.steps)),
-                      format_bytes(cost.weight_bytes))
-    console.print(table)
+    console.print(budget_table(result))
     if result.check is not None:
         limits = ", ".join(f"{k} <= {v:.6g}" for k, v in result.check.limits.items())
         console.print(f"budget {result.check.budget}: feasible; limits {limits}")
@@ -81,6 +70,7 @@ def profile(
 ) -> None:
     """Profile orthogonality importance; write importance CSV, heatmap HTML and a cost report."""
     from mpq_search.api_commands import profile_importance
+    from mpq_search.cli._tables import importance_table
     from mpq_search.cost import format_bytes
 
     with progress_bars() as phases:
@@ -88,13 +78,7 @@ def profile(
                                     n=n, seed=seed, beta=beta, decay=decay,
                                     guidance_scale=guidance_scale, device=device,
                                     progress=phases)
-    table = Table(title="most and least important layers (weights)")
-    table.add_column("rank", justify="right")
-    table.add_column("layer")
-    table.add_column("importance", justify="right")
-    for ranked in result.extremes:
-        table.add_row(str(ranked.rank), ranked.layer, f"{ranked.importance:.4g}")
-    console.print(table)
+    console.print(importance_table(result))
     console.print(f"profiled {len(result.timesteps)} of {result.steps} steps, n={result.n}: "
                   f"{result.seconds:.1f}s, peak RSS {format_bytes(result.peak_rss_bytes)}")
     console.print(f"wrote {result.csv}, {result.html}, {result.cost_report}")
@@ -115,13 +99,14 @@ def allocate(
                                       help="Output-sensitivity profiling batch size."),
     beta: float = typer.Option(BETA, help="Orthogonality sharpness."),
     seed: int = typer.Option(STUDY.seed, help="Seed (profiling noise, random mode)."),
-    w_bits: str = typer.Option(_bit_list(STUDY.w_bits), help="Candidate weight bits."),
-    a_bits: str = typer.Option(_bit_list(STUDY.a_bits), help="Candidate activation bits."),
+    w_bits: str = typer.Option(_bit_list(STUDY.quant.w_bits), help="Candidate weight bits."),
+    a_bits: str = typer.Option(_bit_list(STUDY.quant.a_bits), help="Candidate activation bits."),
     ties: bool = typer.Option(STUDY.tie_layers, help="Tie q/k/v and shortcut/main-path bits."),
     measured: bool = typer.Option(True, help="Use measured weight errors (else the 4^-b model)."),
-    rounding: str = typer.Option(STUDY.rounding, help="Weight rounding the measured errors and "
-                                 "sensitivities are of: rtn or gptq (recorded in the map)."),
-    weight_grid: str = typer.Option(STUDY.weight_grid, "--weight-grid",
+    rounding: str = typer.Option(STUDY.quant.rounding, help="Weight rounding the measured "
+                                 "errors and sensitivities are of: rtn or gptq (recorded in the "
+                                 "map)."),
+    weight_grid: str = typer.Option(STUDY.quant.weight_grid, "--weight-grid",
                                     help="Weight grid: mse or minmax (recorded in the map)."),
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,

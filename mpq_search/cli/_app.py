@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from mpq_search.errors import MPQSearchError, MPQSearchWarning
+from mpq_search.runtime import configure_process
 
 if TYPE_CHECKING:
     from mpq_search.api_commands import Phases
@@ -69,15 +70,24 @@ def _line(label: str, style: str, message: str) -> Text:
 
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Run a command under the CLI's process settings (`runtime.configure_process`: glibc keeps
-    freed buffers, single-threaded BLAS), and turn MPQSearchError, and an OSError on a file (an
-    output folder that cannot be written, a full disk), into a one-line message and exit code
-    2, never a traceback."""
+    freed buffers, single-threaded BLAS; it imports torch), with `reports_errors`."""
+    reporting = reports_errors(func)
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from mpq_search.runtime import configure_process
-
         configure_process()
+        return reporting(*args, **kwargs)
+
+    return wrapper
+
+
+def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn MPQSearchError, and an OSError on a file (an output folder that cannot be written,
+    a full disk), into a one-line message and exit code 2, never a traceback. Alone, for the
+    commands that compute nothing (`models`) and so start without torch."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             with warnings.catch_warnings():  # restores the handler below when the command ends
                 warnings.showwarning = _one_line_warnings(warnings.showwarning)

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
+from mpq_search.choices import DEFAULT_BATCH_SIZE
 from mpq_search.cli._app import (
     DeviceOption,
     GuidanceOption,
@@ -17,10 +17,10 @@ from mpq_search.cli._app import (
     handles_errors,
     print_json,
     progress_bars,
+    reports_errors,
     zoo_app,
 )
-from mpq_search.evaluate import DEFAULT_BATCH_SIZE
-from mpq_search.search import StudyConfig
+from mpq_search.config import StudyConfig
 
 STUDY = StudyConfig()
 """The record that owns the study defaults (steps, seeds, N, ...): options read it."""
@@ -41,17 +41,13 @@ FeaturesOption = Annotated[str, typer.Option(help="Feature net: lenet or incepti
 
 
 @app.command("models")
-@handles_errors
+@reports_errors
 def models_command() -> None:
     """List the embedded models (any diffusers pipeline directory works too)."""
-    from mpq_search.models import list_models
+    from mpq_search.cli._tables import models_table
+    from mpq_search.zoo import list_models  # no torch: `models` starts fast
 
-    table = Table(title="Embedded models")
-    for column in ("name", "description", "path"):
-        table.add_column(column)
-    for name, path, description in list_models():
-        table.add_row(name, description, path)
-    console.print(table)
+    console.print(models_table(list_models()))
 
 
 @app.command("sample")
@@ -95,6 +91,7 @@ def fid_command(
     """FID of the full-precision model against the held-out MNIST split, beside the data floor
     (and, for a class-conditional digit model, how often LeNet reads the asked-for digit)."""
     from mpq_search.api_commands import fid_summary
+    from mpq_search.cli._tables import fid_table
 
     with progress_bars(json_out=json_out) as phases:
         result = fid_summary(model, feature_net=features, n=n, steps=steps, seed=seed,
@@ -102,22 +99,7 @@ def fid_command(
     if json_out:
         print_json(result)
         return
-    table = Table(
-        title=f"FID against the held-out split ({features}, N={result.n} vs {result.n_reference})"
-    )
-    table.add_column("set")
-    table.add_column("FID", justify="right")
-    table.add_row(
-        f"{result.model} (FP, {result.steps} DDIM steps, seed {result.seed})",
-        f"{result.model_fid:.2f}",
-    )
-    table.add_row("floor: train split vs held-out", f"{result.floor_fid:.2f}")
-    table.add_row("ratio", f"{result.ratio:.2f}x")
-    if result.guidance_scale is not None:
-        table.add_row("guidance scale", f"{result.guidance_scale:g}")
-    if result.class_accuracy is not None:
-        table.add_row("LeNet class accuracy", f"{100 * result.class_accuracy:.1f}%")
-    console.print(table)
+    console.print(fid_table(result, features))
 
 
 @zoo_app.command("train")

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mpq_search.cli._app import (
     DeviceOption,
@@ -28,7 +27,7 @@ from mpq_search.cli._foundation import (
     SeedOption,
     StepsOption,
 )
-from mpq_search.quant import QuantConfig
+from mpq_search.config import QuantConfig
 
 QUANT = QuantConfig()
 """The record that owns the calibration defaults."""
@@ -71,6 +70,7 @@ def quantize_command(
 ) -> None:
     """Quantize every layer uniformly and print its FID and FID-excess over FP (same seeds)."""
     from mpq_search.api_commands import quantize_uniform
+    from mpq_search.cli._tables import uniform_table
 
     with progress_bars(json_out=json_out) as phases:
         result = quantize_uniform(
@@ -81,14 +81,7 @@ def quantize_command(
     if json_out:
         print_json(result)
         return
-    table = Table(title=f"{result.model}: uniform {result.setting} ({features}, N={result.n}, "
-                        f"{result.steps} DDIM steps, seed {result.seed}; {result.rounding} "
-                        f"weights on the {result.weight_grid} grid)")
-    for column in ("model", "FID vs held-out", "FID-excess vs FP"):
-        table.add_column(column, justify="right" if column != "model" else "left")
-    table.add_row("FP", f"{result.fp_fid:.2f}", "0")
-    table.add_row(result.setting, f"{result.fid:.2f}", f"{result.fid_excess:.2f}")
-    console.print(table)
+    console.print(uniform_table(result, features))
     console.print(f"calibration {result.calibration_seconds:.1f}s, "
                   f"quantized sampling {result.sampling_seconds:.1f}s")
 

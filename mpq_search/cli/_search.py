@@ -18,8 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mpq_search._urls import display_url
 from mpq_search.cli._app import (
-    GuidanceOption,
     JsonOption,
     app,
     console,
@@ -30,7 +30,8 @@ from mpq_search.cli._app import (
     stop_requests,
 )
 from mpq_search.cli._foundation import STUDY
-from mpq_search.search import STORAGE_ENV, display_url
+from mpq_search.cli._run_options import with_config_options
+from mpq_search.config import STORAGE_ENV
 
 if TYPE_CHECKING:
     import optuna
@@ -63,61 +64,12 @@ QuietOption = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress; print only where the results are.")]
 
 
-@app.command("run")
-@handles_errors
 def run_command(
-    budget: Annotated[
-        str | None, typer.Option(help="Budget, e.g. 4.5bits, w4a6, size<=1MB.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model spec.")] = None,
-    trials: Annotated[int | None, typer.Option(
-        help="Search trials the study should hold (priors count; baselines are extra); a "
-        "resumed study runs only the missing ones.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="guided|nsga2|tpe|gp|random.")] = None,
-    objectives: Annotated[str | None, typer.Option(help="fid,bops or fid,size.")] = None,
-    storage: StorageOption = None,
-    study: StudyOption = None,
-    timestep_groups: Annotated[
-        int | None, typer.Option("--timestep-groups", help="Maps per timestep group.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the search's random choices.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Samples per trial.")] = None,
-    steps: Annotated[int | None, typer.Option(help="DDIM steps per sample.")] = None,
-    proxy_steps: Annotated[int | None, typer.Option(
-        "--proxy-steps", help="DDIM steps of each trial's samples (default: the study's; "
-        "--steps is the sampler the maps are for).")] = None,
-    proxy: Annotated[str | None, typer.Option(
-        help="Trial score against the FP samples of the same noise: fid, kid, paired, pixel "
-        "or fid+paired (benchmarks/RESULTS.md section 9).")] = None,
-    promote_passes: Annotated[int | None, typer.Option(
-        "--promote-passes", help="Passes (on other noise) a promising map gets; its value is "
-        "their mean. 1: every map is scored once.")] = None,
-    promote_margin: Annotated[float | None, typer.Option(
-        "--promote-margin", help="A map is promising when its first score is within this "
-        "share of the best so far (0.1 = 10%).")] = None,
-    guard_n: Annotated[int | None, typer.Option(
-        "--guard-n", help="Samples of the full-steps guard: a would-be new best is also "
-        "sampled with --steps, and pruned when it breaks there. 0: off.")] = None,
-    surrogate_prior: Annotated[str | None, typer.Option(
-        "--surrogate-prior", help="Where the guided search's surrogate starts: best-prior "
-        "(default: the ILP prior that scores best on the proxy), sensitivity, orthogonality or "
-        "size.")] = None,
-    rounding: Annotated[str | None, typer.Option(
-        "--rounding", help="Weight rounding: rtn (round to nearest) or gptq (error-"
-        "compensating, from the calibration inputs' Hessians). Part of the study.")] = None,
-    weight_grid: Annotated[str | None, typer.Option(
-        "--weight-grid", help="Per-channel weight grid: mse (clipping searched by weight MSE) "
-        "or minmax (full range). Part of the study.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
-    root: Annotated[Path | None, typer.Option("--root", help="Per-study output folder.")] = None,
-    guidance_scale: GuidanceOption = None,
-    device: Annotated[str | None, typer.Option(
-        "--device", help="auto (default: a CUDA GPU if torch sees one), cpu, cuda or "
-        "cuda:N.")] = None,
-    prompts: Annotated[Path | None, typer.Option(
-        "--prompts", help="Prompts file, one per line (text-conditional pipelines).")] = None,
     config: ConfigOption = None,
     workers: WorkersOption = 1,
     quiet: QuietOption = False,
     json_out: JsonOption = False,
+    **options: Any,
 ) -> None:
     """Search per-layer bit maps within a budget; print the Pareto front and write the report.
 
@@ -127,17 +79,9 @@ def run_command(
     from mpq_search.api import run
     from mpq_search.api_commands import run_result
     from mpq_search.evaluate import PROXY_LABELS
-    from mpq_search.report import pareto_table
+    from mpq_search.report import closing_tables
 
-    cfg = _config(config, budget=budget, model=model, trials=trials, sampler=sampler,
-                  objectives=objectives, storage=storage, study=study,
-                  timestep_groups=timestep_groups, seed=seed, n=n, steps=steps, proxy=proxy,
-                  proxy_steps=proxy_steps,
-                  promote_passes=promote_passes, promote_margin=promote_margin,
-                  guard_n=guard_n, surrogate_prior=surrogate_prior, threads=threads,
-                  rounding=rounding, weight_grid=weight_grid,
-                  root=str(root) if root else None, guidance_scale=guidance_scale,
-                  device=device, prompts=str(prompts) if prompts else None)
+    cfg = _config(config, **options)  # the generated options, by field name
     if workers < 1:
         raise fail(f"--workers must be at least 1, got {workers}")
     out = err_console if json_out else console
@@ -152,14 +96,13 @@ def run_command(
     else:
         if not quiet:
             label = PROXY_LABELS[cfg.proxy]
-            console.print(pareto_table(summary.references, title="Baselines and priors",
-                                       score=label))
-            console.print(pareto_table(summary.pareto, title=f"Pareto front ({cfg.budget})",
-                                       score=label))
+            console.print(closing_tables(summary.references, summary.pareto,
+                                         front_title=f"Pareto front ({cfg.budget})",
+                                         score=label))
         passes = "" if summary.fp_passes is None else \
             (f" = {summary.fp_passes:.0f} FP sampling passes of the proxy batch, "
              f"{summary.fp_pass_seconds:.1f} s each on this machine")
-        if cfg.surrogate_prior == "best-prior" and summary.surrogate_start is not None:
+        if cfg.guided.surrogate_prior == "best-prior" and summary.surrogate_start is not None:
             console.print(f"the surrogate started from {summary.surrogate_start}: its ILP prior "
                           "scored best on the proxy", highlight=False)
         console.print(f"study {cfg.study_name!r} in {summary.storage}; report in "
@@ -170,6 +113,10 @@ def run_command(
                   "command again to resume the study")
         raise typer.Exit(stop.exit_code)
 
+
+
+# every config field marked cli=True is an option of `run` (`cli._run_options`)
+app.command("run")(handles_errors(with_config_options(run_command)))
 
 class _TrialProgress:
     """The run's progress as a person reads it: the phase, a trial bar with ETA, and a line per
@@ -279,7 +226,7 @@ def report_command(
     """Print the Pareto table and write pareto.csv, pareto.html, bit maps and grids."""
     from mpq_search.api_commands import study_report
     from mpq_search.evaluate import PROXY_LABELS
-    from mpq_search.report import pareto_table
+    from mpq_search.report import closing_tables
 
     cfg, loaded = _open(study, storage, root, config)
     result = study_report(loaded, cfg)
@@ -287,8 +234,7 @@ def report_command(
         print_json(result)
         return
     label = PROXY_LABELS[cfg.proxy]
-    console.print(pareto_table(result.references, title="Baselines and priors", score=label))
-    console.print(pareto_table(result.pareto, title="Pareto front", score=label))
+    console.print(closing_tables(result.references, result.pareto, score=label))
     files = result.files
     console.print(f"wrote {files.csv}, {files.html}, {len(files.bitmaps)} bit maps, "
                   f"{len(files.grids)} grids")
@@ -315,7 +261,7 @@ def confirm_command(
     The search's proxy ranks near-best maps only roughly: confirm the finalists with N >= 1000.
     """
     from mpq_search.api_commands import confirm_study
-    from mpq_search.report import pareto_table
+    from mpq_search.report import pareto_table, score_label
 
     try:
         numbers = [int(x) for x in trials.split(",") if x.strip()] if trials else None
@@ -338,7 +284,8 @@ def confirm_command(
     if json_out:
         print_json(result)
         return
-    console.print(pareto_table(result.pareto, title=f"Pareto front, held-out N = {n}"))
+    console.print(pareto_table(result.pareto, title=f"Pareto front, held-out N = {n}",
+                               score=score_label(loaded)))
     console.print(f"confirmed {len(result.scores)} trials; report in {result.report_dir}")
 
 
@@ -398,7 +345,7 @@ def dashboard_command(
     unless --host says otherwise; Ctrl-C or SIGTERM stops it and its server."""
     import signal
 
-    from mpq_search.report import start_dashboard
+    from mpq_search.dashboard import start_dashboard
     from mpq_search.runtime import stop_child
 
     cfg, _ = _open(study, storage, root, config)

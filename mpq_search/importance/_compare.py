@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mpq_search.bitmap import BitMap, LayerBits
 from mpq_search.importance._cka import uniform_steps
 from mpq_search.layers import LayerSpec
-from mpq_search.trajectory import DenoiserCall, initial_noise, trajectory_for
+from mpq_search.sampling import initial_noise
+from mpq_search.trajectory import DenoiserCall, trajectory_for
 
 if TYPE_CHECKING:
     from mpq_search.quant import QuantEngine
@@ -37,8 +39,6 @@ def sqnr_sensitivity(
     (w, a) bits, over the FP trajectory's inputs at `timesteps` uniform steps. Lower = more
     sensitive. `engine` must be calibrated; the model is left in FP.
     """
-    from mpq_search.bitmap import BitMap, LayerBits
-
     model = engine.model
     engine.remove()
     profiled = set(uniform_steps(steps, timesteps))

@@ -36,7 +36,8 @@ from mpq_search.importance._cka import (
 from mpq_search.importance._record import Importance
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel
-from mpq_search.trajectory import initial_noise, trajectory_for
+from mpq_search.sampling import initial_noise
+from mpq_search.trajectory import trajectory_for
 
 _Column = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """One profiled step: (timestep, gamma_w, theta_w, gamma_a, theta_a)."""

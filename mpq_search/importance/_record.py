@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mpq_search.files import write_text
 from mpq_search.models import ModelIdentity
 
 
@@ -59,8 +60,6 @@ class Importance:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write `to_frame()` as CSV, preceded by '# key=value' lines of the settings."""
-        from mpq_search.files import write_text
-
         header = "".join(f"# {k}={v}\n" for k, v in {
             "model": self.model.name, "weights_hash": self.model.weights_hash,
             **self.settings}.items())

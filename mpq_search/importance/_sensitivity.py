@@ -21,7 +21,9 @@ from mpq_search.errors import MPQSearchError
 from mpq_search.importance._cka import uniform_steps
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel, ModelIdentity
-from mpq_search.trajectory import DenoiserCall, initial_noise, trajectory_for
+from mpq_search.quant import QuantConfig, weight_tables
+from mpq_search.sampling import initial_noise
+from mpq_search.trajectory import DenoiserCall, trajectory_for
 
 if TYPE_CHECKING:
     from mpq_search.quant import WeightTables
@@ -58,7 +60,6 @@ def _tables_for(model: LoadedModel, specs: Sequence[LayerSpec], w_bits: Sequence
     """The given tables, or those of the quantizer's default rounding and calibration."""
     if weights is not None:
         return weights
-    from mpq_search.quant import QuantConfig, weight_tables
 
     return weight_tables(model, specs, QuantConfig(w_bits=tuple(sorted(set(w_bits)))))
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mpq_search.layers import example_inputs
 from mpq_search.models import LoadedModel
-from mpq_search.trajectory import sample
+from mpq_search.sampling import sample
 
 Segments = tuple[int, ...]
 """Channel counts of the parts of a layer input that get separate activation ranges."""

@@ -9,7 +9,7 @@ How a layer is quantized while a map is applied:
   float keep their class forward untouched (no wrapper, no hook, no cost).
 
 Python forward pre-hooks and `torch.fake_quantize_per_tensor_affine` were both measured slower on
-CPU (DESIGN.md; benchmarks/bench_quant.py).
+CPU (DESIGN.md; benchmarks/quant_engine.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from mpq_search.quant._quantizers import (
 )
 from mpq_search.quant._rounding import warn_if_other_quantizer
 from mpq_search.quant._tables import WeightTables, weight_tables
-from mpq_search.trajectory import sample, sampling_timesteps
+from mpq_search.sampling import sample, sampling_timesteps
 
 _ENGINE_ATTR = "_mpq_search_engine"
 

@@ -36,7 +36,7 @@ from mpq_search.quant._rounding import (
     gptq_supported,
     round_to_nearest,
 )
-from mpq_search.trajectory import sample
+from mpq_search.sampling import sample
 
 TABLES_VERSION = 1
 """Bumped when the same settings would round differently (it is part of the cache key)."""

@@ -1,12 +1,14 @@
 """Stage (search): an Optuna study over per-layer bit maps, seeded with priors, inside a budget.
 
-One trial, in module order: `_config` (the `StudyConfig` record that owns every default) ->
-`_prepare` (model, layers, the budget parsed once, the space, importance profiles, ILP priors:
-a `SearchPlan`) -> `_scorer` (`calibrate` the quantizer and the FP reference once: a `Scorer`) ->
+One trial, in module order (`mpq_search.config.StudyConfig` owns every default): `_prepare`
+(model, layers, the budget parsed once, the space, importance profiles, ILP priors: a
+`SearchPlan`) -> `_scorer` (`calibrate` the quantizer and the FP reference once: a `Scorer`) ->
 `_loop` (`optimize`: the sampler in `_sampler` proposes a map inside the budget with `_space` and
 `_repair`, `_storage` stores it, the scorer scores it, the study is told; `_artifacts` keeps its
 grid and bit map) -> `_confirm` (held-out re-scoring). `_storage` is the only module that touches
-Optuna's private API; `_study` holds the study's self-description and its seeds.
+Optuna's private API; `_study` holds the study's self-description and its seeds. Each trial's
+dashboard note is written by `mpq_search.dashboard`, a later stage, through `optimize`'s
+`after_trial`.
 
 Public API (implementation in private modules):
 
@@ -14,26 +16,29 @@ Public API (implementation in private modules):
 * `load`, `prepare`, `calibrate`, `create_study`, `optimize`, `confirm` - the stages of a run,
   called in order by `mpq_search.api.run`; `join_study` opens it as a worker (`api.work`);
 * `SearchPlan`, `ImportanceScores`, `Scorer`, `TrialEvent` - the records between them;
+  `AfterTrial` - what `optimize` calls with each trial it told;
 * `SearchSpace`, `SpaceCost`, `Repairer`, `Surrogate` - the space, its vectorised cost, budget
   repair;
 * `GuidedSampler`, `RepairingSampler`, `make_sampler` - budget-safe samplers;
 * `load_study`, `find_study`, `make_storage` - storage helpers; `display_url` - a storage URL
   as it may be shown (password hidden); `check_study_name` - a study name that stays one
-  folder under the root.
+  folder under the root;
+* `storage_of`, `TrialHandle`, `handle_of_frozen`, `normalise_url` - a study's storage, a
+  stored trial's address in it, a storage URL with an installed driver (the later stages read
+  the storage through these, never through Optuna's private attributes).
 """
 
-from mpq_search.search._config import (
-    SAMPLERS,
+from mpq_search.choices import SAMPLERS
+from mpq_search.config import (
     StudyConfig,
     check_study_name,
     load_config,
-    quant_config,
     stored_config,
-    study_quantizer,
     surrogate_modes,
 )
 from mpq_search.search._confirm import confirm, heldout_settings
 from mpq_search.search._loop import (
+    AfterTrial,
     TrialEvent,
     counted_trials,
     create_study,
@@ -54,15 +59,20 @@ from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._storage import (
     STORAGE_ENV,
     Liveness,
+    TrialHandle,
     display_url,
     find_study,
+    handle_of_frozen,
     load_study,
     make_storage,
+    normalise_url,
+    storage_of,
 )
 
 __all__ = [
     "SAMPLERS",
     "STORAGE_ENV",
+    "AfterTrial",
     "GuidedSampler",
     "ImportanceScores",
     "Liveness",
@@ -75,6 +85,7 @@ __all__ = [
     "StudyConfig",
     "Surrogate",
     "TrialEvent",
+    "TrialHandle",
     "best_prior_mode",
     "calibrate",
     "check_study_name",
@@ -84,6 +95,7 @@ __all__ = [
     "display_url",
     "find_study",
     "fp_pass_seconds",
+    "handle_of_frozen",
     "heldout_settings",
     "join_study",
     "load",
@@ -91,11 +103,11 @@ __all__ = [
     "load_study",
     "make_sampler",
     "make_storage",
+    "normalise_url",
     "optimize",
     "prepare",
-    "quant_config",
+    "storage_of",
     "stored_config",
-    "study_quantizer",
     "surrogate_modes",
     "trial_event",
 ]

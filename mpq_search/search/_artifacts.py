@@ -23,8 +23,9 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
 from mpq_search.bitmap import BitMap
+from mpq_search.config import StudyConfig
 from mpq_search.files import write_stream, write_text
-from mpq_search.search._config import StudyConfig
+from mpq_search.images import save_grid
 from mpq_search.search._storage import storage_of
 
 
@@ -57,8 +58,6 @@ def upload_trial_artifacts(store: FileSystemArtifactStore, study: optuna.Study,
                            trial: FrozenTrial, bitmap: BitMap, images: torch.Tensor) -> None:
     """Upload the trial's sample grid (PNG) and bit map (JSON) to the artifact store. A file
     whose record cannot be written is removed again; the error propagates."""
-    from mpq_search.images import save_grid
-
     with tempfile.TemporaryDirectory() as tmp:
         grid = save_grid(images, Path(tmp) / f"trial_{trial.number:04d}_grid.png")
         json_path = write_text(Path(tmp) / f"trial_{trial.number:04d}_bitmap.json",

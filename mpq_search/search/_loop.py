@@ -34,13 +34,12 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from mpq_search.bitmap import BitMap
+from mpq_search.config import StudyConfig
 from mpq_search.cost import Cost, cost_of
 from mpq_search.errors import NonFiniteSamplesError, StudyError
 from mpq_search.evaluate import SampleSettings
 from mpq_search.search._artifacts import artifact_store, upload_trial_artifacts
-from mpq_search.search._config import StudyConfig
 from mpq_search.search._diskfull import gives_back_on_full_disk, worker_id
-from mpq_search.search._notes import write_trial_note
 from mpq_search.search._prepare import SearchPlan
 from mpq_search.search._sampler import MapSampler, make_sampler
 from mpq_search.search._scorer import Scorer, second_objective
@@ -92,6 +91,9 @@ class TrialEvent:
 
 
 ProgressFn = Callable[[TrialEvent], None]
+AfterTrial = Callable[[optuna.Study, FrozenTrial], object]
+"""Called with each trial the loop told the study (complete, failed or pruned), read back from
+the storage; the API passes `mpq_search.dashboard.write_trial_note`, the trial's note."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def join_study(plan: SearchPlan, wait: float = 0.0) -> optuna.Study:
     config = plan.config
     deadline = time.monotonic() + wait
     while True:
-        study = load_study(config.study_name, config.storage_url, config.liveness(),
+        study = load_study(config.study_name, config.storage_url, config.liveness,
                            sampler=_sampler(plan))
         if is_seeded(study):
             return study
@@ -140,9 +142,10 @@ def _sampler(plan: SearchPlan) -> optuna.samplers.BaseSampler:
 def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
              progress: ProgressFn | None = None,
              should_stop: Callable[[], bool] | None = None,
-             max_trials: int | None = None) -> int:
+             max_trials: int | None = None, after_trial: AfterTrial | None = None) -> int:
     """Run trials until the study holds `config.trials` search trials (priors included) and has
     run its baselines, or this process has run `max_trials`; return how many it ran.
+    `after_trial` is called with each trial once it is told (see `AfterTrial`).
 
     `should_stop` is asked before each trial: a stop requested during a trial (e.g. by Ctrl-C)
     lets that trial finish and be stored, and a later run of the study resumes. A full disk
@@ -166,7 +169,7 @@ def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
         if trial is None:
             break
         with heartbeat(study, trial.handle):
-            fid = _evaluate(study, trial.handle, plan, scorer, store)
+            fid = _evaluate(study, trial.handle, plan, scorer, store, after_trial)
         ran += 1
         if progress is not None:
             progress(trial_event(study, plan.config.trials, trial.handle.number, trial.role,
@@ -268,7 +271,7 @@ def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started:
 
 
 def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer: Scorer,
-              store: FileSystemArtifactStore) -> float | None:
+              store: FileSystemArtifactStore, after_trial: AfterTrial | None) -> float | None:
     """Score a stored trial and tell the study; its value (the proxy's score), or None when it
     failed or was pruned. A promising map (`StudyConfig.promote_margin`) is scored on
     `promote_passes` - 1 more noise seeds before it is told, and its value is the mean of the
@@ -295,7 +298,7 @@ def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer
     except NonFiniteSamplesError as e:
         set_trial_user_attr(study, handle, "fail_reason", str(e))
         study.tell(handle.number, state=TrialState.FAIL)
-        write_trial_note(study, handle)
+        _told(study, handle, after_trial)
         return None
     fidelity: dict[str, Any] = {"passes": len(passes), "values": passes, "n": config.n,
                                 "steps": config.trial_steps}
@@ -311,12 +314,17 @@ def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer
             f"{config.steps} steps its FID-excess is {guard:.3f} (N = {config.guard_n}), "
             f"{guard / floor:.1f}x the lowest a map passed with ({floor:.3f})"))
         study.tell(handle.number, state=TrialState.PRUNED)
-        write_trial_note(study, handle)
+        _told(study, handle, after_trial)
         return None
     cost = Cost(**frozen.user_attrs["cost"])
     study.tell(handle.number, [value, second_objective(config, cost)])
-    write_trial_note(study, handle)
+    _told(study, handle, after_trial)
     return value
+
+
+def _told(study: optuna.Study, handle: TrialHandle, after_trial: AfterTrial | None) -> None:
+    if after_trial is not None:
+        after_trial(study, stored_trial(study, handle))
 
 
 def _finite(value: float, proxy: str) -> float:

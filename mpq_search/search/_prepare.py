@@ -10,17 +10,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mpq_search._urls import display_url
+from mpq_search.allocation import allocate, units_of
 from mpq_search.bitmap import LayerBits
+from mpq_search.config import StudyConfig, surrogate_modes
 from mpq_search.cost import Budget, check_feasible, parse_budget
 from mpq_search.errors import InfeasibleBudgetError, StudyError
+from mpq_search.importance import profile_orthogonality, profile_sensitivity
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model
-from mpq_search.search._config import StudyConfig, quant_config, surrogate_modes
+from mpq_search.quant import weight_tables
+from mpq_search.sampling import prompts_from_file
 from mpq_search.search._repair import Surrogate
 from mpq_search.search._space import SearchSpace, SpaceCost
-from mpq_search.search._storage import display_url
 from mpq_search.search._study import ROLE_BASELINE, ROLE_PRIOR, Seed
-from mpq_search.trajectory import prompts_from_file
 
 if TYPE_CHECKING:
     from mpq_search.importance import Importance, Sensitivity
@@ -114,7 +117,7 @@ class SearchPlan:
         }
 
     def surrogate_prior(self) -> Surrogate:
-        """The surrogate the search starts from (`config.surrogate_prior`; for "best-prior",
+        """The surrogate the search starts from (`config.guided.surrogate_prior`; for "best-prior",
         the one it uses before any prior is scored)."""
         return next(iter(self.surrogate_starts().values()))
 
@@ -149,12 +152,10 @@ def prepare(
 ) -> SearchPlan:
     """Budget, space, importance (profiled unless given: a resumed study reuses its own), priors
     and baselines as seeds."""
-    from mpq_search.allocate import units_of
-
     budget = parse_budget(config.budget, specs)
-    check_feasible(budget, specs, config.w_bits, config.a_bits)
+    check_feasible(budget, specs, config.quant.w_bits, config.quant.a_bits)
     space = SearchSpace(tuple(specs), tuple(tuple(u) for u in units_of(specs, config.tie_layers)),
-                        config.w_bits, config.a_bits, config.timestep_groups)
+                        config.quant.w_bits, config.quant.a_bits, config.timestep_groups)
     profiles: tuple[Importance | None, Sensitivity | None] = (None, None)
     if importance is None:
         orthogonality, sensitivity = profile(config, model, specs)
@@ -173,21 +174,18 @@ def profile(
     """Orthogonality importance (MPQ-Diff) and, when a prior or the surrogate uses it, output
     sensitivity (else None), at the same timesteps: `importance_timesteps` of the sampling
     steps, or every step of a run that has fewer (as calibration clamps its timesteps)."""
-    from mpq_search.importance import profile_orthogonality, profile_sensitivity
-    from mpq_search.quant import weight_tables
-
     timesteps = min(config.importance_timesteps, config.steps)
     orthogonality = profile_orthogonality(
         model, specs, timesteps=timesteps, steps=config.steps, n=config.importance_n,
         seed=config.seed)
-    if "sensitivity" not in config.prior_modes and config.surrogate_prior != "sensitivity":
+    if "sensitivity" not in config.prior_modes and config.guided.surrogate_prior != "sensitivity":
         return orthogonality, None
     sensitivity = profile_sensitivity(
-        model, specs, w_bits=config.w_bits, a_bits=config.a_bits,
+        model, specs, w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
         timesteps=timesteps, steps=config.steps, n=config.sensitivity_n,
         probes=config.sensitivity_probes, seed=config.seed,
         # the study's own rounding (GPTQ tables are cached on disk: calibration reuses them)
-        weights=weight_tables(model, specs, quant_config(config)))
+        weights=weight_tables(model, specs, config.quant))
     return orthogonality, sensitivity
 
 
@@ -202,7 +200,7 @@ def front_budgets(
     out = []
     for tighter in candidates:
         try:
-            check_feasible(tighter, specs, config.w_bits, config.a_bits)
+            check_feasible(tighter, specs, config.quant.w_bits, config.quant.a_bits)
         except InfeasibleBudgetError as e:
             log.info("no prior at %s: %s", tighter, e)  # the front starts higher
             continue
@@ -233,8 +231,6 @@ def priors(
     A resumed study (no fresh profiles) skips the profile-based modes: its priors were enqueued
     when it was created.
     """
-    from mpq_search.allocate import allocate
-
     orthogonality, sensitivity = profiles
     wanted = [(mode, budget) for mode in config.prior_modes]
     wanted += [(config.prior_modes[0], b) for b in fronts] if config.prior_modes else []
@@ -242,8 +238,8 @@ def priors(
     for mode, target in wanted:
         if orthogonality is None and mode in ("orthogonality", "inverted", "sensitivity"):
             continue
-        bitmap = allocate(specs, target, orthogonality, w_bits=config.w_bits,
-                          a_bits=config.a_bits, ties=config.tie_layers, mode=mode,
+        bitmap = allocate(specs, target, orthogonality, w_bits=config.quant.w_bits,
+                          a_bits=config.quant.a_bits, ties=config.tie_layers, mode=mode,
                           seed=config.seed, model=model.identity, sensitivity=sensitivity)
         seeds.append(Seed(f"prior:{mode}@{target}", ROLE_PRIOR, space.from_bitmap(bitmap)))
     return seeds

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mpq_search.bitmap import BitMap
+from mpq_search.config import StudyConfig
 from mpq_search.cost import Cost
 from mpq_search.evaluate import (
     Reference,
@@ -20,9 +21,8 @@ from mpq_search.evaluate import (
     fp_reference,
 )
 from mpq_search.fid import FeatureNet, get_feature_net
-from mpq_search.models import LoadedModel
+from mpq_search.models import LoadedModel, sample
 from mpq_search.quant import QuantEngine
-from mpq_search.search._config import StudyConfig, quant_config
 from mpq_search.search._prepare import SearchPlan
 
 
@@ -67,7 +67,7 @@ def proxy_settings(config: StudyConfig) -> SampleSettings:
 def calibrate(plan: SearchPlan, progress: Callable[[int], None] | None = None) -> Scorer:
     """Calibrate the quantization engine, load the feature net and the FP reference."""
     config = plan.config
-    engine = QuantEngine(plan.model, list(plan.specs), quant_config(config)).calibrate(progress)
+    engine = QuantEngine(plan.model, list(plan.specs), config.quant).calibrate(progress)
     net = get_feature_net(config.feature_net or default_feature_net(plan.model),
                           device=str(plan.model.device))
     settings = proxy_settings(config)
@@ -78,8 +78,6 @@ def fp_pass_seconds(model: LoadedModel, config: StudyConfig) -> float:
     """Seconds of one FP sampling pass of the proxy batch (N x steps) on this machine now: the
     unit a run's wall time is reported in, so that machines compare (the model must be FP)."""
     import time
-
-    from mpq_search.models import sample
 
     settings = proxy_settings(config)
     # a small warm-up first: the process's first sampling pays one-off costs (allocator, thread

@@ -21,7 +21,6 @@ milliseconds between the two leaves its trial RUNNING, as Optuna's own `optimize
 from __future__ import annotations
 
 import importlib.util
-import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,8 +33,13 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from mpq_search._urls import display_url as display_url  # the one way a URL is shown
+from mpq_search.config import DEFAULT_STORAGE_WAIT as DEFAULT_STORAGE_WAIT  # defined there
+from mpq_search.config import STORAGE_ENV as STORAGE_ENV
+from mpq_search.config import Liveness as Liveness  # the study config's liveness record
 from mpq_search.errors import StudyError, StudyNotFoundError
 from mpq_search.search._reconnect import ReconnectingStorage
+from mpq_search.search._url_checks import check_storage_url
 
 T = TypeVar("T")
 
@@ -44,29 +48,11 @@ def normalise_url(url: str) -> str:
     """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps `postgresql://` to psycopg 3,
     while psycopg2 (`psycopg2-binary`) is what this package depends on. A URL with control
     characters, or whose local file cannot be a storage, raises StudyError (`_url_checks`)."""
-    from mpq_search.search._url_checks import check_storage_url
-
     check_storage_url(url)
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     return url
-
-
-DEFAULT_STORAGE_WAIT = 300.0
-"""Seconds a database server may stay unreachable before a command gives up (`_reconnect`)."""
-
-
-@dataclass(frozen=True)
-class Liveness:
-    """How a study notices dead workers (module docstring): heartbeat every `interval` s, stale
-    after `grace` s, a stale trial retried at most `max_retry` times; and how long a worker
-    waits for its database server to come back (`storage_wait` s)."""
-
-    interval: int = 10
-    grace: int = 60
-    max_retry: int = 1
-    storage_wait: float = DEFAULT_STORAGE_WAIT
 
 
 def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.BaseStorage:
@@ -98,7 +84,8 @@ def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
         with warnings.catch_warnings():  # heartbeats and their retry callback are experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             heartbeat = {
-                "heartbeat_interval": liveness.interval, "grace_period": liveness.grace,
+                "heartbeat_interval": liveness.heartbeat_interval,
+                "grace_period": liveness.heartbeat_grace,
                 "heartbeat_stale_trial_callback":
                     optuna.storages.RetryHeartbeatStaleTrialCallback(
                         max_retry=liveness.max_retry)}
@@ -115,30 +102,6 @@ def make_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
         return storage
     wait = DEFAULT_STORAGE_WAIT if liveness is None else liveness.storage_wait
     return ReconnectingStorage(storage, wait=wait, display_url=shown)
-
-
-_URL_PASSWORD = re.compile(r"^([^:/?#]+://[^:/?#@]*:)[^/?#]*@")
-"""`scheme://user:` and the password after it, up to the authority's last `@` (RFC 3986: the
-user information ends there, so an unencoded `@` in a password is hidden with it)."""
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-"""libpq's `password=` query parameter."""
-
-
-def display_url(url: str) -> str:
-    """The URL as it may be shown (console, `--json`, logs, reports, error messages): its
-    password, in the user information or as a `password=` query parameter, replaced by `***`.
-
-    Every display of a storage URL goes through here. By pattern rather than SQLAlchemy's
-    `make_url(url).render_as_string(hide_password=True)`, which raises on a URL it cannot parse
-    (a port `xx`: the very URL an error message shows), cuts a password at an unencoded `@` and
-    shows the rest, and keeps a `password=` query parameter."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
-
-
-STORAGE_ENV = "MPQ_SEARCH_STORAGE"
-"""Environment variable the CLI's `--storage` falls back to: a URL with a password stays off
-command lines, which `ps` shows to every user of the machine (`run --workers` hands it to its
-workers this way)."""
 
 
 def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:

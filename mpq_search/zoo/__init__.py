@@ -34,3 +34,8 @@ EMBEDDED_MODELS: dict[str, ZooEntry] = {
 }
 
 LENET_WEIGHTS = ZOO_DIR / "lenet" / "lenet.safetensors"
+
+
+def list_models() -> list[tuple[str, str, str]]:
+    """(name, path, description) of every embedded model."""
+    return [(e.name, str(e.path), e.description) for e in EMBEDDED_MODELS.values()]

@@ -39,13 +39,15 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpq_search.bitmap import DEFAULT_A_BITS as DEFAULT_A_BITS  # re-exported: defined in bitmap
 from mpq_search.bitmap import DEFAULT_W_BITS as DEFAULT_W_BITS
 from mpq_search.bitmap import BitMap, LayerBits, ModelIdentity
+from mpq_search.choices import ALLOCATION_MODES as ALLOCATION_MODES  # defined there
+from mpq_search.choices import AllocationMode as AllocationMode
 from mpq_search.cost import (
     Budget,
     check_feasible,
@@ -60,8 +62,6 @@ from mpq_search.layers import LayerSpec
 if TYPE_CHECKING:
     from mpq_search.importance import Importance, Sensitivity
 
-AllocationMode = Literal["sensitivity", "orthogonality", "size", "random", "inverted"]
-ALLOCATION_MODES: tuple[str, ...] = get_args(AllocationMode)
 UNBOUND = ModelIdentity(name="unbound", weights_hash="-")
 """Identity of a map allocated without a model (pass `model=` to bind it)."""
 
