@@ -35,6 +35,7 @@ from mpq_search.search import (
     check_study_name,
     confirm,
     create_study,
+    disk_full_stops,
     find_study,
     fp_pass_seconds,
     join_study,
@@ -45,7 +46,6 @@ from mpq_search.search import (
     stored_config,
     trial_event,
 )
-from mpq_search.search._diskfull import disk_full_stops
 
 
 def run(

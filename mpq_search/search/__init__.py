@@ -37,6 +37,7 @@ from mpq_search.config import (
     surrogate_modes,
 )
 from mpq_search.search._confirm import confirm, heldout_settings
+from mpq_search.search._diskfull import disk_full_stops
 from mpq_search.search._loop import (
     AfterTrial,
     TrialEvent,
@@ -92,6 +93,7 @@ __all__ = [
     "confirm",
     "counted_trials",
     "create_study",
+    "disk_full_stops",
     "display_url",
     "find_study",
     "fp_pass_seconds",
