@@ -322,14 +322,17 @@ def test_quantized_dit_reads_the_batched_timestep(models: dict[str, LoadedModel]
 
 
 def test_unsupported_pipeline_is_refused_at_load_time(tmp_path: Path) -> None:
-    folder = tmp_path / "xl"
+    """A class no family samples is refused from model_index.json, before any weights are read
+    (the folder has none), with the supported classes in the message."""
+    folder = tmp_path / "kandinsky"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps(
-        {"_class_name": "StableDiffusionXLPipeline",
-         "unet": ["diffusers", "UNet2DConditionModel"]}))
-    with pytest.raises(UnsupportedPipelineError, match="DiTPipeline") as raised:
+        {"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    with pytest.raises(UnsupportedPipelineError, match="unsupported pipeline KandinskyPipeline"
+                       ) as raised:
         load_model(folder)
     assert "\n" not in str(raised.value)
+    assert "DiTPipeline" in str(raised.value) and "StableDiffusionXLPipeline" in str(raised.value)
 
 
 # --- the search, end to end through the CLI ------------------------------------------------

@@ -1,43 +1,9 @@
-"""The trajectory seam: one sampling run of a pipeline, as the sequence of its denoiser calls.
-
-Everything that walks a sampling trajectory goes through `Trajectory.run`: sampling itself (and so
-the FP reference and every trial), quantizer calibration, the orthogonality and sensitivity
-profiles, and the step hook that switches a timestep-grouped bit map. A consumer iterates the run
-and gets one `DenoiserCall` per denoiser call, *before* the call happens, so it can arm hooks, run
-probes of its own on the same inputs, or ask for the output (`call.output()` runs the call then,
-while its hooks are armed); the run then steps the scheduler with that output.
-
-Why a seam: the denoiser call, the scheduler step and the decoding are what differ between
-pipeline families. Each family is one `Trajectory` implementation, chosen from the pipeline's
-class (`trajectory_for`, `FAMILIES`):
-
-- `PixelDDIM` (DDPMPipeline, DDIMPipeline): `unet(x, t)`, images are x in [-1, 1];
-- `LatentDDIM` (LDMPipeline): `unet(z, t)`, images `vqvae.decode(z / scale)`;
-- `ClassConditionalDDIM` (DiTPipeline): `transformer(z, t, class_labels=y)`, guided, images
-  `vae.decode(z / scale)`;
-- `TextConditionalDDIM` (StableDiffusionPipeline): `unet(z, t, encoder_hidden_states=e)`, guided,
-  decoded as DiT;
-
-with `scale` the autoencoder's `scaling_factor` where its config has one.
-
-Every family samples with a `DDIMScheduler` built from the pipeline's scheduler config, eta = 0,
-so a run is a deterministic function of its noise and conditions. Conditions (class labels,
-prompts) are drawn per sample by `Trajectory.conditions(n, seed)` on the CPU, so they are part of
-the common random numbers: the FP reference and every trial see the same noise, labels and
-prompts, whatever the batch size. Guided families run the conditional and the unconditional
-halves in ONE batched denoiser call, as diffusers does: `DenoiserCall.sample` is the doubled
-batch, `DenoiserCall.conditions` its doubled condition inputs, and `call.output()` the raw output
-of that call; the trajectory combines the guidance (on the eps channels: a learned-sigma output
-is split first) and steps only the n samples. Every consumer keeps working unchanged, because it
-only sees `DenoiserCall`s.
-
-Grad mode is the caller's: a run executes in whatever mode the consumer iterates it under
-(sampling uses inference mode, sensitivity probes enable grad around their own calls).
-"""
+"""The seam's types (`DenoiserCall`, `Trajectory`, `TrajectoryRun`) and the DDIM families that
+need no text encoder: `PixelDDIM`, `LatentDDIM` and `ClassConditionalDDIM` (the package docstring
+says what each family calls and why there is one seam)."""
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +11,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from mpq_search.errors import MPQSearchError, UnsupportedPipelineError
+from mpq_search.errors import MPQSearchError
 from mpq_search.layers import forward_params, weights_hash
 
 SampleConditions = Mapping[str, torch.Tensor]
@@ -101,7 +67,8 @@ class DenoiserCall:
     `sample` is the denoiser's input x_t (the whole batch it sees: doubled under guidance),
     `timestep` the scheduler's timestep as an int and `t` what the denoiser receives (a scalar
     tensor, or one per row for DiT), `conditions` the further keyword inputs of the batched call
-    (`class_labels`, `encoder_hidden_states`; none for unconditional families). `channels` is the
+    (`class_labels`, `encoder_hidden_states`, SDXL's `added_cond_kwargs`; none for
+    unconditional families). `channels` is the
     number of leading output channels the sampler uses (None: all; a learned-sigma output has
     twice as many). `sample_key` is the name of the denoiser's first input.
     """
@@ -390,95 +357,6 @@ class ClassConditionalDDIM(_Guided):
         # DiT embeds one timestep per row, on the device of the model (diffusers' UNets move a
         # 0-d timestep themselves)
         return t.reshape(1).expand(batch).to(self.model.device)
-
-
-class TextConditionalDDIM(_Guided):
-    """Text-conditional latent (`StableDiffusionPipeline`: `UNet2DConditionModel` + CLIP text
-    encoder + `AutoencoderKL`), guided with the empty prompt as the unconditional half.
-
-    Prompts are cycled over the samples (sample i gets prompt i mod len). Their embeddings, and
-    the empty prompt's, come from the pipeline's own `encode_prompt` once per loaded model: the
-    text encoder stays in float, so they never change during a study.
-    """
-
-    family = "text-conditional latent"
-    default_guidance = 7.5  # StableDiffusionPipeline.__call__'s default
-    unconditional_first = True  # StableDiffusionPipeline: empty-prompt half first
-    takes_prompts = True
-
-    def __init__(self, model: PipelineModel, steps: int) -> None:
-        super().__init__(model, steps)
-        self.prompts = model.sampling.prompts or DEFAULT_PROMPTS
-
-    def conditions(self, n: int, seed: int) -> SampleConditions:
-        return {"prompt": torch.arange(n) % len(self.prompts)}
-
-    def _embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings of each prompt, of the empty prompt), computed once per model."""
-        key = ("prompt-embeddings", self.prompts)
-        cached = self.model.memo.get(key)
-        if cached is None:
-            pipeline = self.model.pipeline
-            device = next(pipeline.text_encoder.parameters()).device
-            # Normal tensors even under inference mode: sensitivity probes backpropagate
-            # through the cross-attention projections that read them.
-            with torch.inference_mode(False), torch.no_grad():
-                cond, empty = pipeline.encode_prompt(list(self.prompts), device, 1, True)
-            cached = self.model.memo[key] = (cond, empty[:1])
-        return cached
-
-    def _call_conditions(self, conditions: SampleConditions) -> dict[str, Any]:
-        cond, empty = self._embeddings()
-        embeddings = cond[conditions["prompt"]]
-        if self.guided:
-            embeddings = torch.cat([empty.expand_as(embeddings), embeddings])
-        return {"encoder_hidden_states": embeddings}
-
-    def key(self) -> dict[str, Any]:
-        prompts = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
-        return {**super().key(), "prompts": prompts,
-                "text_encoder": _hash_of(self.model, "text_encoder")}
-
-
-FAMILIES: dict[str, type[Trajectory]] = {
-    "DDPMPipeline": PixelDDIM,
-    "DDIMPipeline": PixelDDIM,
-    "LDMPipeline": LatentDDIM,
-    "DiTPipeline": ClassConditionalDDIM,
-    "StableDiffusionPipeline": TextConditionalDDIM,
-}
-"""Supported diffusers pipeline classes (and their subclasses) -> trajectory family."""
-
-
-def family_for(pipeline_class: str) -> type[Trajectory]:
-    """The family of a pipeline class name; UnsupportedPipelineError names the supported ones."""
-    family = FAMILIES.get(pipeline_class)
-    if family is None:
-        supported = "; ".join(f"{cls.family}: {', '.join(names)}"
-                              for cls, names in _by_family().items())
-        raise UnsupportedPipelineError(
-            f"unsupported pipeline {pipeline_class}; supported families: {supported}")
-    return family
-
-
-def family_of(pipeline: Any) -> type[Trajectory]:
-    """The family of a loaded pipeline, by its class or the nearest supported base class."""
-    for cls in type(pipeline).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    return family_for(type(pipeline).__name__)
-
-
-def trajectory_for(model: PipelineModel, steps: int) -> Trajectory:
-    """The trajectory implementation of the model's pipeline family."""
-    return family_of(model.pipeline)(model, steps)
-
-
-def _by_family() -> dict[type[Trajectory], list[str]]:
-    out: dict[type[Trajectory], list[str]] = {}
-    for name, cls in FAMILIES.items():
-        out.setdefault(cls, []).append(name)
-    return out
 
 
 def _label_rows(denoiser: torch.nn.Module) -> int:
