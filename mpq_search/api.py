@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from mpq_search.dashboard import refresh_notes, write_trial_note
 from mpq_search.errors import StudyError, StudyNotFoundError
+from mpq_search.phases import phase
 from mpq_search.quant import weight_tables
 from mpq_search.report import ReportFiles, write_report
 from mpq_search.runtime import stop_child, torch_threads
@@ -68,7 +69,8 @@ def run(
         say("loading model")
         model, specs = load(config)
         say("timing one FP sampling pass of the proxy batch")
-        fp_pass = fp_pass_seconds(model, config)
+        with phase("fp-pass"):
+            fp_pass = fp_pass_seconds(model, config)
         say("profiling importance and allocating priors")
         plan = prepare(config, model, specs, importance=stored_importance(config))
         if workers > 1:
@@ -89,7 +91,8 @@ def run(
             say(f"searching ({config.sampler}, {config.trials} trials)")
             optimize(study, plan, scorer, progress, should_stop, after_trial=write_trial_note)
         say("writing report")
-        report(study, config)
+        with phase("report"):
+            report(study, config)
     return study
 
 

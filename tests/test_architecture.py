@@ -21,8 +21,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mpq_search"
 
 LAYERS: tuple[str, ...] = (
     # records and utilities
-    "errors", "_version", "_fieldtypes", "files", "runtime", "_urls", "choices", "bitmap",
-    "budget", "config", "data", "images", "zoo",
+    "errors", "_version", "_fieldtypes", "files", "runtime", "phases", "_urls", "choices",
+    "bitmap", "budget", "config", "data", "images", "zoo",
     # stages, in DESIGN.md's order
     "layers", "trajectory", "sampling", "models", "fid", "training", "quant", "cost",
     "importance", "allocation", "evaluate", "deployment", "export_formats", "search", "report",

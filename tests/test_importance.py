@@ -188,6 +188,49 @@ def test_output_sensitivity_falls_with_bits_and_is_deterministic(tiny_model: Loa
         profile_sensitivity(tiny_model, specs, **{**kwargs, "probes": 0})
 
 
+def test_output_sensitivity_keeps_one_gradient_and_bounded_weight_errors(
+        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real-size bound: a weight's gradient is reduced and freed inside backward (never more
+    than one alive, whatever the layer count), and weight errors beyond `max_delta_bytes` are
+    recomputed rather than kept, with the same numbers."""
+    from mpq_search.importance import _sensitivity, profile_sensitivity
+
+    specs = discover_layers(tiny_model.denoiser)
+    params = [m.weight for m in tiny_model.denoiser.modules() if hasattr(m, "weight")
+              and isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    alive: list[int] = []
+    cached: list[int] = []
+    hook = _sensitivity._Accumulator.weight_hook
+    build = _sensitivity._accumulator
+
+    def counting_hook(self: Any, name: str) -> Any:
+        consume = hook(self, name)
+
+        def wrapped(param: torch.Tensor) -> None:
+            alive.append(sum(p.grad is not None for p in params))
+            consume(param)
+
+        return wrapped
+
+    def recording_build(*args: Any) -> Any:
+        acc = build(*args)
+        cached.append(sum(t.numel() * t.element_size() for t in acc.cached.values()))
+        return acc
+
+    monkeypatch.setattr(_sensitivity._Accumulator, "weight_hook", counting_hook)
+    monkeypatch.setattr(_sensitivity, "_accumulator", recording_build)
+    kwargs: dict[str, Any] = {"w_bits": (2, 4, 8), "a_bits": (4, 8), "timesteps": 2, "steps": 3,
+                              "n": 4, "probes": 2, "seed": 1}
+    kept = profile_sensitivity(tiny_model, specs, **kwargs)
+    budget = 3 * 4 * max(p.numel() for p in params)  # the largest layer's errors, no more
+    bounded = profile_sensitivity(tiny_model, specs, **kwargs, max_delta_bytes=budget)
+    assert len(specs) > 10 and alive and max(alive) == 1
+    assert cached[0] == sum(3 * 4 * p.numel() for p in params)  # all kept by default here
+    assert 0 < cached[1] <= budget < cached[0]
+    assert bounded.weight == kept.weight and bounded.activation == kept.activation
+    assert all(p.grad is None and not p.requires_grad for p in params)
+
+
 def test_output_sensitivity_matches_the_measured_output_error(tiny_model: LoadedModel) -> None:
     """The first-order estimate agrees with the real output change of quantizing one layer."""
     from mpq_search.importance import profile_sensitivity

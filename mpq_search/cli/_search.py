@@ -32,6 +32,7 @@ from mpq_search.cli._app import (
 from mpq_search.cli._foundation import STUDY
 from mpq_search.cli._run_options import with_config_options
 from mpq_search.config import STORAGE_ENV
+from mpq_search.phases import PhaseEvent, describe, listening
 
 if TYPE_CHECKING:
     import optuna
@@ -135,6 +136,16 @@ class _TrialProgress:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, description=text)
 
+    def on_phase(self, event: PhaseEvent) -> None:
+        """Off a terminal, one line per phase start and end (a long run's log shows where it
+        is); on a terminal the bar's description names the running phase."""
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.out.print(describe(event), highlight=False)
+        elif event.kind == "start" and event.name != "trial" and self.task is not None:
+            self.bar.update(self.task, description=event.name)
+
     def on_trial(self, event: TrialEvent) -> None:
         best = "" if event.best is None else f"best {event.best:.3f}"
         if self.bar is not None and self.task is not None:
@@ -161,7 +172,9 @@ def _trial_progress(out: Console, quiet: bool,
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   TextColumn("{task.fields[best]}"), console=out, transient=True,
                   disable=not out.is_terminal) as bar:
-        yield _TrialProgress(out, bar if out.is_terminal else None, label=label)
+        progress = _TrialProgress(out, bar if out.is_terminal else None, label=label)
+        with listening(progress.on_phase):
+            yield progress
 
 
 @app.command("worker")

@@ -36,6 +36,7 @@ from mpq_search.importance._cka import (
 from mpq_search.importance._record import Importance
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel
+from mpq_search.phases import phase
 from mpq_search.sampling import initial_noise
 from mpq_search.trajectory import trajectory_for
 
@@ -94,6 +95,7 @@ def _column(hooks: _GramHooks, names: Sequence[str], timestep: int, estimator: E
     return (timestep, g_w, t_w, g_a, t_a), constant
 
 
+@phase("orthogonality")
 @torch.no_grad()
 def profile_orthogonality(
     model: LoadedModel,

@@ -21,6 +21,7 @@ from mpq_search.errors import MPQSearchError
 from mpq_search.importance._cka import uniform_steps
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel, ModelIdentity
+from mpq_search.phases import phase
 from mpq_search.quant import QuantConfig, weight_tables
 from mpq_search.sampling import initial_noise
 from mpq_search.trajectory import DenoiserCall, trajectory_for
@@ -111,12 +112,20 @@ class _InputGrabber:
 
 @dataclass
 class _Accumulator:
-    """What the probes of every profiled step add up, per layer (see profile_sensitivity)."""
+    """What the probes of every profiled step add up, per layer (see profile_sensitivity).
+
+    Memory: gradients are consumed inside backward by hooks (each weight's gradient is reduced
+    and freed as soon as autograd has it, each layer input's gradient likewise), and the
+    quantizer's weight errors are kept stacked only while they fit `max_delta_bytes`, otherwise
+    recomputed from the tables at each use. So the peak grows with the largest layer, not with
+    layers x bit-widths (an SD-1.5 UNet's errors at 7 bit-widths would be 24 GB)."""
 
     params: Mapping[str, torch.Tensor]
-    deltas: Mapping[str, torch.Tensor]
-    """Per layer, the quantizer's weight error at every candidate bit-width, stacked (bits, ...),
-    so each probe scores all bit-widths with one reduction."""
+    w_bits: Sequence[int]
+    tables: WeightTables
+    cached: dict[str, torch.Tensor]
+    """Per layer that fits the budget, the weight error at every candidate bit-width, stacked
+    (bits, ...), so each probe scores all bit-widths with one reduction."""
     grabber: _InputGrabber
     generator: torch.Generator
     sens_w: dict[str, torch.Tensor]
@@ -124,21 +133,53 @@ class _Accumulator:
     lo: dict[str, float]
     hi: dict[str, float]
 
+    def deltas(self, name: str) -> torch.Tensor:
+        """The stacked weight errors of layer `name` (cached or computed now: same numbers)."""
+        stacked = self.cached.get(name)
+        if stacked is None:
+            weight = self.params[name]
+            stacked = torch.stack([self.tables.delta(name, b, weight).to(weight.dtype)
+                                   for b in self.w_bits])
+        return stacked
+
+    def weight_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def consume(param: torch.Tensor) -> None:
+            grad = param.grad
+            assert grad is not None
+            projections = (self.deltas(name) * grad).flatten(1).sum(1)  # one per bit-width
+            self.sens_w[name] += projections.double().square().cpu()
+            param.grad = None
+
+        return consume
+
+    def input_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def consume(grad: torch.Tensor) -> None:
+            self.grad_x[name] += float(grad.square().sum())
+
+        return consume
+
 
 def _accumulator(model: LoadedModel, names: Sequence[str], w_bits: Sequence[int],
-                 seed: int, tables: WeightTables) -> _Accumulator:
+                 seed: int, tables: WeightTables, max_delta_bytes: int) -> _Accumulator:
     modules = quantizable_modules(model.denoiser)
     params = {name: modules[name].weight for name in names}
-    deltas = {name: torch.stack([tables.delta(name, b, w).to(w.dtype) for b in w_bits])
-              for name, w in params.items()}
+    cached: dict[str, torch.Tensor] = {}
+    for name, weight in params.items():
+        size = weight.numel() * weight.element_size() * len(w_bits)
+        if size <= max_delta_bytes:
+            max_delta_bytes -= size
+            cached[name] = torch.stack([tables.delta(name, b, weight).to(weight.dtype)
+                                        for b in w_bits])
     sens_w = {name: torch.zeros(len(w_bits), dtype=torch.float64) for name in names}
     return _Accumulator(
-        params=params, deltas=deltas, grabber=_InputGrabber({n: modules[n] for n in names}),
+        params=params, w_bits=tuple(w_bits), tables=tables, cached=cached,
+        grabber=_InputGrabber({n: modules[n] for n in names}),
         generator=torch.Generator().manual_seed(seed + 1), sens_w=sens_w,
         grad_x=dict.fromkeys(names, 0.0), lo=dict.fromkeys(names, math.inf),
         hi=dict.fromkeys(names, -math.inf))
 
 
+@phase("sensitivity")
 def profile_sensitivity(
     model: LoadedModel,
     specs: Sequence[LayerSpec],
@@ -152,6 +193,7 @@ def profile_sensitivity(
     seed: int = 0,
     weights: WeightTables | None = None,
     progress: Callable[[int], None] | None = None,
+    max_delta_bytes: int = 1 << 30,
 ) -> Sensitivity:
     """Per-layer, per-bit-width output perturbation, every layer from the same backward passes.
 
@@ -162,17 +204,20 @@ def profile_sensitivity(
     E (g_x . dx)^2 = |g_x|^2 step^2 / 12 for uniform rounding noise on the input. Inputs x_t come
     from a real FP trajectory of n samples, at `timesteps` uniformly spaced steps. dW is the
     quantizer's own rounding: `weights` (`quant.weight_tables` of the study's rounding), by
-    default the quantizer's default (`QuantConfig()`).
+    default the quantizer's default (`QuantConfig()`). Weight errors beyond `max_delta_bytes`
+    are recomputed at each use instead of kept (bounded memory, the same numbers).
     """
     if n < 1 or probes < 1:
         raise MPQSearchError(f"sensitivity needs n >= 1 and probes >= 1, got {n}, {probes}")
     started = time.perf_counter()
     names = [s.name for s in specs]
     tables = _tables_for(model, specs, w_bits, weights)
-    acc = _accumulator(model, names, w_bits, seed, tables)
+    acc = _accumulator(model, names, w_bits, seed, tables, max_delta_bytes)
     profiled = set(uniform_steps(steps, timesteps))
     for p in acc.params.values():
         p.requires_grad_(True)
+    handles = [p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+        acc.weight_hook(name)) for name, p in acc.params.items()]
     try:
         # The FP trajectory runs without grad; each probe enables grad around its own call.
         with torch.no_grad():
@@ -185,8 +230,11 @@ def profile_sensitivity(
                     progress(1)
     finally:
         acc.grabber.remove()
+        for handle in handles:
+            handle.remove()
         for p in acc.params.values():
             p.requires_grad_(False)
+            p.grad = None
     count = probes * len(profiled)
     activation = {
         name: {b: acc.grad_x[name] / count * ((acc.hi[name] - acc.lo[name]) / (2**b - 1)) ** 2
@@ -205,20 +253,27 @@ def profile_sensitivity(
 def _probe(call: DenoiserCall, probes: int, acc: _Accumulator) -> None:
     """Accumulate `probes` Hutchinson samples at one timestep (see profile_sensitivity): the
     call's own batched inputs (conditions and guidance halves included), on the output channels
-    the sampler uses."""
+    the sampler uses. The hooks of `acc` take every gradient inside backward."""
     names = list(acc.params)
     with torch.enable_grad():
-        eps = call.prediction(call.forward(call.sample.detach().requires_grad_(True)))
+        sample = call.sample.detach().requires_grad_(True)
+        eps = call.prediction(call.forward(sample))
         inputs = [acc.grabber.inputs[name] for name in names]
         for name, tensor in zip(names, inputs, strict=True):
             acc.lo[name] = min(acc.lo[name], float(tensor.detach().min()))
             acc.hi[name] = max(acc.hi[name], float(tensor.detach().max()))
-        for _ in range(probes):
-            v = torch.randint(0, 2, eps.shape, generator=acc.generator).to(eps) * 2 - 1
-            grads = torch.autograd.grad((eps * v).sum(), [*acc.params.values(), *inputs],
-                                        retain_graph=True)
-            for name, g_w, g_x in zip(names, grads[: len(names)], grads[len(names):],
-                                      strict=True):
-                projections = (acc.deltas[name] * g_w).flatten(1).sum(1)  # one per bit-width
-                acc.sens_w[name] += projections.double().square().cpu()
-                acc.grad_x[name] += float(g_x.square().sum())
+        # backward reaches every layer input and weight through these (the leaves a layer
+        # input can hang from: x_t itself, or an input the grabber detached)
+        leaves = list({id(t): t for t in [sample, *inputs] if t.grad_fn is None}.values())
+        targets = [*acc.params.values(), *leaves]
+        handles = [t.register_hook(acc.input_hook(name))  # type: ignore[no-untyped-call]
+                   for name, t in zip(names, inputs, strict=True)]
+        try:
+            for _ in range(probes):
+                v = torch.randint(0, 2, eps.shape, generator=acc.generator).to(eps) * 2 - 1
+                torch.autograd.backward((eps * v).sum(), inputs=targets, retain_graph=True)
+                for leaf in leaves:
+                    leaf.grad = None
+        finally:
+            for handle in handles:
+                handle.remove()

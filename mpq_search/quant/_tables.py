@@ -27,6 +27,7 @@ from mpq_search.errors import CalibrationError
 from mpq_search.fid import cached_arrays
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel
+from mpq_search.phases import phase
 from mpq_search.quant._config import QuantConfig
 from mpq_search.quant._quantizers import WeightQuant
 from mpq_search.quant._rounding import (
@@ -76,6 +77,7 @@ class WeightTables:
         return sum(e.nbytes() for by_bits in self.entries.values() for e in by_bits.values())
 
 
+@phase("weight-tables")
 def weight_tables(
     model: LoadedModel, specs: Sequence[LayerSpec], config: QuantConfig,
     progress: Callable[[int], None] | None = None,

@@ -38,6 +38,7 @@ from mpq_search.config import StudyConfig
 from mpq_search.cost import Cost, cost_of
 from mpq_search.errors import NonFiniteSamplesError, StudyError
 from mpq_search.evaluate import SampleSettings
+from mpq_search.phases import phase
 from mpq_search.search._artifacts import artifact_store, upload_trial_artifacts
 from mpq_search.search._diskfull import gives_back_on_full_disk, worker_id
 from mpq_search.search._prepare import SearchPlan
@@ -270,6 +271,7 @@ def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started:
     return _Started(handle_of(trial), tag, role, proposal_s)
 
 
+@phase("trial")
 def _evaluate(study: optuna.Study, handle: TrialHandle, plan: SearchPlan, scorer: Scorer,
               store: FileSystemArtifactStore, after_trial: AfterTrial | None) -> float | None:
     """Score a stored trial and tell the study; its value (the proxy's score), or None when it

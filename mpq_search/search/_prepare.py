@@ -19,6 +19,7 @@ from mpq_search.errors import InfeasibleBudgetError, StudyError
 from mpq_search.importance import profile_orthogonality, profile_sensitivity
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model
+from mpq_search.phases import phase
 from mpq_search.quant import weight_tables
 from mpq_search.sampling import prompts_from_file
 from mpq_search.search._repair import Surrogate
@@ -141,9 +142,10 @@ class SearchPlan:
 def load(config: StudyConfig) -> tuple[LoadedModel, list[LayerSpec]]:
     """The model (sampled with the study's guidance scale and prompts) and its layers."""
     prompts = None if config.prompts is None else prompts_from_file(config.prompts)
-    model = load_model(config.model, guidance_scale=config.guidance_scale, prompts=prompts,
-                       device=config.device)
-    return model, discover_layers(model.denoiser)
+    with phase("load", config.model):
+        model = load_model(config.model, guidance_scale=config.guidance_scale, prompts=prompts,
+                           device=config.device)
+        return model, discover_layers(model.denoiser)
 
 
 def prepare(
@@ -221,6 +223,7 @@ def baselines(config: StudyConfig, space: SearchSpace) -> list[Seed]:
     return seeds
 
 
+@phase("priors")
 def priors(
     config: StudyConfig, model: LoadedModel, specs: list[LayerSpec], space: SearchSpace,
     budget: Budget, fronts: tuple[Budget, ...],

@@ -22,6 +22,7 @@ from mpq_search.evaluate import (
 )
 from mpq_search.fid import FeatureNet, get_feature_net
 from mpq_search.models import LoadedModel, sample
+from mpq_search.phases import phase
 from mpq_search.quant import QuantEngine
 from mpq_search.search._prepare import SearchPlan
 
@@ -67,11 +68,14 @@ def proxy_settings(config: StudyConfig) -> SampleSettings:
 def calibrate(plan: SearchPlan, progress: Callable[[int], None] | None = None) -> Scorer:
     """Calibrate the quantization engine, load the feature net and the FP reference."""
     config = plan.config
-    engine = QuantEngine(plan.model, list(plan.specs), config.quant).calibrate(progress)
-    net = get_feature_net(config.feature_net or default_feature_net(plan.model),
-                          device=str(plan.model.device))
-    settings = proxy_settings(config)
-    return Scorer(engine, net, settings, fp_reference(plan.model, net, settings))
+    with phase("calibration"):
+        engine = QuantEngine(plan.model, list(plan.specs), config.quant).calibrate(progress)
+    with phase("fp-reference"):
+        net = get_feature_net(config.feature_net or default_feature_net(plan.model),
+                              device=str(plan.model.device))
+        settings = proxy_settings(config)
+        reference = fp_reference(plan.model, net, settings)
+    return Scorer(engine, net, settings, reference)
 
 
 def fp_pass_seconds(model: LoadedModel, config: StudyConfig) -> float:
