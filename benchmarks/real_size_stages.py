@@ -122,7 +122,7 @@ def _measure(args: Any, results: harness.Results) -> None:
                      "calls": seconds / call, "exit_code": code})
     results.add({**base, "name": "run", "seconds": info["run_seconds"],
                  "peak_rss_bytes": info["peak_rss_bytes"], "calls": info["run_seconds"] / call,
-                 "largest_store": info["largest_store"]})
+                 "stores": info["stores"]})
 
 
 def _measured(command: list[str]) -> tuple[float, int, int]:
@@ -144,16 +144,20 @@ def _child(job: dict[str, Any]) -> None:
     config = harness.study_config(**settings)
     exact = phases.exact_peaks(True)
     started = time.perf_counter()
-    with phases.recording() as records:
+    def say(event: phases.PhaseEvent) -> None:
+        print(phases.describe(event), file=sys.stderr, flush=True)
+
+    with phases.recording() as records, phases.listening(say):
         study = api.run(config)
     run_seconds = time.perf_counter() - started
+    facts = _model_facts(config)
     info: dict[str, Any] = {
         "phases": _merged(records), "exact_peaks": exact, "run_seconds": run_seconds,
         "peak_rss_bytes": max(r.peak_rss_bytes for r in records) if exact
         else phases.rss_bytes("VmHWM"),
         "fp_pass_seconds": study.user_attrs["fp_pass_seconds"],
-        "calls_per_pass": config.trial_steps, **_model_facts(config),
-        "largest_store": _largest_store(config),
+        "calls_per_pass": config.trial_steps, **facts,
+        "stores": _largest_store(config, facts),
     }
     Path(job["out"]).write_text(json.dumps(info))
 
@@ -182,7 +186,9 @@ def _model_facts(config: Any) -> dict[str, Any]:
     params = sum(p.numel() for p in model.denoiser.parameters())
     modules = quantizable_modules(model.denoiser)
     largest = max(specs, key=lambda s: _hessian_side(modules[s.name]))
+    quantized = sum(modules[s.name].weight.numel() for s in specs)
     return {"params": params, "layers": len(specs), "fp32_bytes": params * 4,
+            "quantized_params": quantized,
             "largest_layer": largest.name,
             "largest_hessian_bytes": _hessian_side(modules[largest.name]) ** 2 * 4}
 
@@ -192,10 +198,18 @@ def _hessian_side(module: Any) -> int:
     return int(weight[0].numel())
 
 
-def _largest_store(config: Any) -> str:
-    """What holds the most memory between the model's weights and its activations: the weight
-    tables (one uint8 code per weight per candidate bit-width)."""
-    return f"weight tables: {len(config.quant.w_bits)} uint8 codes per weight"
+def _largest_store(config: Any, facts: dict[str, Any]) -> dict[str, int]:
+    """The bytes of each store a run keeps besides the model and its activations (by their
+    sizing rules), so the table can say which is largest."""
+    params = facts["quantized_params"]
+    bits = len(config.quant.w_bits)
+    return {
+        "weight tables (uint8 codes, every candidate bit-width)": params * bits,
+        "engine's float weight cache (max_cache_bytes)": min(config.quant.max_cache_bytes,
+                                                             params * 4 * bits),
+        "sensitivity's weight errors (max_delta_bytes)": min(1 << 30, params * 4 * bits),
+        "largest GPTQ Hessian": facts["largest_hessian_bytes"],
+    }
 
 
 def _table(results: harness.Results) -> str:

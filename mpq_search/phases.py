@@ -15,12 +15,13 @@ process.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 PHASES: tuple[str, ...] = (
     "load", "fp-pass", "orthogonality", "weight-tables", "sensitivity", "priors", "calibration",
@@ -40,10 +41,12 @@ class PhaseRecord:
     seconds: float
     peak_rss_bytes: int
     detail: str = ""
+    peak_device_bytes: int | None = None
+    """CUDA memory allocated at the peak (torch's allocator), when CUDA is in use."""
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes,
-                "detail": self.detail}
+                "detail": self.detail, "peak_device_bytes": self.peak_device_bytes}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class _Open:
     detail: str
     started: float
     peak: int = 0
+    device_peak: int | None = None
 
 
 @dataclass
@@ -108,10 +112,25 @@ def _reset_peak() -> bool:
 
 
 def _fold_peak() -> None:
-    """Every open phase has seen at least the high-water mark so far."""
+    """Every open phase has seen at least the high-water marks so far."""
     hwm = rss_bytes("VmHWM")
+    device = _device_peak()
     for entry in _STATE.open:
         entry.peak = max(entry.peak, hwm)
+        if device is not None:
+            entry.device_peak = max(entry.device_peak or 0, device)
+
+
+def _cuda() -> Any:
+    """torch.cuda when this process has initialised CUDA (this module never imports torch)."""
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    return cuda if cuda is not None and cuda.is_initialized() else None
+
+
+def _device_peak() -> int | None:
+    cuda = _cuda()
+    return None if cuda is None else int(cuda.max_memory_allocated())
 
 
 @contextmanager
@@ -120,6 +139,9 @@ def phase(name: str, detail: str = "") -> Iterator[None]:
     _fold_peak()
     if _STATE.exact:
         _reset_peak()
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
     entry = _Open(name, detail, time.perf_counter(), rss_bytes())
     _STATE.open.append(entry)
     _tell(PhaseEvent(name, "start", detail))
@@ -128,7 +150,8 @@ def phase(name: str, detail: str = "") -> Iterator[None]:
     finally:
         _fold_peak()
         _STATE.open.remove(entry)
-        record = PhaseRecord(name, time.perf_counter() - entry.started, entry.peak, detail)
+        record = PhaseRecord(name, time.perf_counter() - entry.started, entry.peak, detail,
+                             entry.device_peak)
         _STATE.records.append(record)
         del _STATE.records[:-_MAX_RECORDS]
         _tell(PhaseEvent(name, "end", detail, record))
@@ -169,8 +192,10 @@ def describe(event: PhaseEvent) -> str:
     if event.record is None:
         return f"[{clock}] {what}: started"
     record = event.record
+    device = ("" if record.peak_device_bytes is None
+              else f", peak CUDA {record.peak_device_bytes / 2**30:.2f} GiB")
     return (f"[{clock}] {what}: done in {_duration(record.seconds)}, peak RSS "
-            f"{record.peak_rss_bytes / 2**30:.2f} GiB")
+            f"{record.peak_rss_bytes / 2**30:.2f} GiB{device}")
 
 
 def _duration(seconds: float) -> str:

@@ -522,6 +522,15 @@ def test_cli_run_report_export(tmp_path: Path) -> None:
                                  "--surrogate-prior", "sensitivity"])
     assert result.exit_code == 0, result.output
     assert "Pareto front" in result.output
+    # off a terminal, a line at each phase's start and end, in the run's order
+    lines = [line for line in result.output.splitlines() if re.match(r"\[\d\d:\d\d:\d\d\] ", line)]
+    ends = [re.sub(r"^\[.{8}\] ", "", line).split(":")[0].split(" (")[0]
+            for line in lines if ": done in " in line]
+    # (calibration reads the weight tables again: from the disk cache GPTQ's went to)
+    assert ends == ["load", "fp-pass", "orthogonality", "weight-tables", "sensitivity",
+                    "priors", "weight-tables", "calibration", "fp-reference", *["trial"] * 4,
+                    "report"], lines
+    assert len(lines) == 2 * len(ends)
     # the wall time in the machine-independent unit: FP sampling passes of the proxy batch
     assert re.search(r"\(\d+ s = \d+ FP sampling passes of the proxy batch, [\d.]+ s each",
                      " ".join(result.output.split())), result.output

@@ -142,7 +142,7 @@ class _TrialProgress:
         if self.quiet:
             return
         if self.bar is None:
-            self.out.print(describe(event), highlight=False)
+            self.out.print(describe(event), highlight=False, soft_wrap=True)
         elif event.kind == "start" and event.name != "trial" and self.task is not None:
             self.bar.update(self.task, description=event.name)
 
