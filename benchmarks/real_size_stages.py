@@ -40,7 +40,7 @@ DEPLOY = """
 import torch, mpq_search as mq
 from mpq_search.runtime import configure_process
 configure_process({threads})
-model = mq.load_model({model!r})
+model = mq.load_model({model!r}, device={device!r})
 report = mq.deploy(model, mq.BitMap.load({bitmap!r}), backend="torchao")
 print(report.table())
 images = mq.sample(model, n=2, steps=2, seed=0)
@@ -56,6 +56,9 @@ def main() -> None:
     made.add_argument("--root", default="/tmp/mpq-real-size-studies",
                       help="where the studies go (outside the repository)")
     made.add_argument("--dtype", default=None, help="the FP model's dtype (run --dtype)")
+    made.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    made.add_argument("--preset", choices=("tiny", "default"), default="tiny",
+                      help="tiny: the smallest settings (TINY); default: the study defaults")
     made.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                       help="override a study setting (e.g. --set trials=1)")
     made.add_argument("--table-only", action="store_true", help="print the table and exit")
@@ -77,7 +80,8 @@ def argparse_hidden() -> str:
 
 
 def _settings(args: Any) -> dict[str, Any]:
-    settings = dict(TINY)
+    settings = dict(TINY) if args.preset == "tiny" else {}
+    settings["device"] = args.device
     for item in args.set:
         key, _, value = item.partition("=")
         settings[key] = json.loads(value)
@@ -110,12 +114,14 @@ def _measure(args: Any, results: harness.Results) -> None:
         results.add({**base, **record, "calls": record["seconds"] / call})
     study = ["--study", STUDY, "--root", str(root)]
     mpq = [sys.executable, "-m", "mpq_search"]
-    commands = {"confirm": [*mpq, "confirm", *study, "--n", "2", "--threads", str(args.threads)]}
+    commands = {"confirm": [*mpq, "confirm", *study, "--n", "2", "--threads", str(args.threads),
+                            "--device", args.device]}
     for fmt in EXPORT_FORMATS:
         commands[f"export {fmt}"] = [*mpq, "export", *study, "--best", "--format", fmt,
                                      "--out", str(root / f"export-{fmt}.out")]
     commands["deploy"] = [sys.executable, "-c", DEPLOY.format(
-        model=args.model, bitmap=str(root / "export-json.out"), threads=args.threads)]
+        model=args.model, bitmap=str(root / "export-json.out"), threads=args.threads,
+        device=args.device)]
     for stage, cli in commands.items():
         seconds, peak, code = _measured(cli)
         results.add({**base, "name": stage, "seconds": seconds, "peak_rss_bytes": peak,
@@ -181,7 +187,8 @@ def _model_facts(config: Any) -> dict[str, Any]:
     from mpq_search.layers import discover_layers, quantizable_modules
     from mpq_search.models import load_model
 
-    model = load_model(config.model, device=config.device)
+    model = load_model(config.model, device=config.device,
+                       dtype=getattr(config, "dtype", "float32"))
     specs = discover_layers(model.denoiser)
     params = sum(p.numel() for p in model.denoiser.parameters())
     modules = quantizable_modules(model.denoiser)
