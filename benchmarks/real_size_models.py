@@ -211,7 +211,8 @@ def _sdxl_unet(tiny: bool) -> Any:
     cross = 32 + 32 if tiny else 768 + 1280
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1)
     return UNet2DConditionModel(
-        sample_size=8 if tiny else 128, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=8 if tiny else 128, in_channels=4, out_channels=4,
+        layers_per_block=1 if tiny else 2,
         block_out_channels=channels, transformer_layers_per_block=layers,
         attention_head_dim=heads, cross_attention_dim=cross, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,

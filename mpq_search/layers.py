@@ -67,7 +67,9 @@ def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
     take it too), and the conditions the denoiser takes are added: class labels (UNet
     `num_class_embeds`, DiT `num_embeds_ada_norm`) and a text context of CLIP's 77 tokens at the
     cross-attention width (what Stable Diffusion pipelines always pad prompts to, so that the
-    attention MACs counted from this call are those of real sampling).
+    attention MACs counted from this call are those of real sampling), and SDXL's added
+    conditions (`added_cond_kwargs`: a pooled text projection and six time ids) where the UNet's
+    `addition_embed_type` is "text_time".
     """
     config: Any = denoiser.config
     params = forward_params(denoiser)
@@ -85,8 +87,24 @@ def example_inputs(denoiser: nn.Module, batch_size: int = 1) -> dict[str, Any]:
         config, "num_embeds_ada_norm", None)
     if classes and "class_labels" in params:
         inputs["class_labels"] = torch.zeros(batch_size, dtype=torch.long)
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        inputs["added_cond_kwargs"] = _text_time_inputs(config, batch_size, generator,
+                                                        height, width)
     device = next(denoiser.parameters()).device  # drawn on the CPU, so the same on any device
-    return {name: value.to(device) for name, value in inputs.items()}
+    return {name: {k: v.to(device) for k, v in value.items()} if isinstance(value, dict)
+            else value.to(device) for name, value in inputs.items()}
+
+
+def _text_time_inputs(config: Any, batch_size: int, generator: torch.Generator, height: int,
+                      width: int) -> dict[str, torch.Tensor]:
+    """SDXL's added conditions: a pooled text projection and six time ids (original size, crop
+    corner, target size, in pixels at the VAE's 8x), whose sinusoidal embeddings fill the rest
+    of the added-embedding input."""
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    size = [8 * height, 8 * width]
+    return {"text_embeds": torch.randn((batch_size, pooled), generator=generator),
+            "time_ids": torch.tensor([[*size, 0, 0, *size]],
+                                     dtype=torch.float32).expand(batch_size, -1)}
 
 
 def forward_params(module: nn.Module) -> list[str]:

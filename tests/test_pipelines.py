@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from mpq_search.trajectory import (
     ClassConditionalDDIM,
     LatentDDIM,
     TextConditionalDDIM,
+    TextConditionalXL,
     trajectory_for,
 )
 
@@ -335,6 +337,73 @@ def test_unsupported_pipeline_is_refused_at_load_time(tmp_path: Path) -> None:
     assert "DiTPipeline" in str(raised.value) and "StableDiffusionXLPipeline" in str(raised.value)
 
 
+# --- SDXL: two text encoders and micro-conditioning ----------------------------------------
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny SDXL shape of benchmarks/real_size_models.py (same block types and config keys
+    as the SDXL base pipeline), in float32."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from real_size_models import build
+
+    folder = tmp_path_factory.mktemp("sdxl") / "sdxl"
+    build("sdxl", folder, dtype="float32", scale="tiny")
+    return load_model(folder)
+
+
+def test_sdxl_run_equals_the_diffusers_pipeline(sdxl: LoadedModel) -> None:
+    """SDXL: the run's final latents equal StableDiffusionXLPipeline's own (both encoders'
+    hidden states, pooled text_embeds, time ids, zeroed empty prompt, guidance 5, uncond half
+    first), with the pipeline's scheduler swapped for the DDIM the family samples with; the
+    prompts' embeddings are computed once per model."""
+    from diffusers import DDIMScheduler
+
+    pipe = sdxl.pipeline
+    trajectory = trajectory_for(sdxl, 2)
+    assert type(trajectory) is TextConditionalXL and trajectory.guidance_scale == 5.0
+    noise = initial_noise(sdxl, 3, seed=1)
+    with torch.no_grad():
+        run = trajectory.run(noise, trajectory.conditions(3, seed=1))
+        calls = list(run)
+        original = pipe.scheduler
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+        try:
+            expected = pipe(list(trajectory.prompts[:3]), num_inference_steps=2,
+                            guidance_scale=5.0, latents=noise.clone(),
+                            output_type="latent").images
+        finally:
+            pipe.scheduler = original
+    assert torch.allclose(run.result, expected, atol=1e-5)
+    added = calls[0].conditions["added_cond_kwargs"]
+    width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert calls[0].conditions["encoder_hidden_states"].shape == (6, 77, width)
+    assert added["text_embeds"].shape == (6, pipe.text_encoder_2.config.projection_dim)
+    assert added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 6  # 8x8 latents, VAE x2
+    assert not added["text_embeds"][:3].any()  # force_zeros_for_empty_prompt
+    cached = [k for k in sdxl.memo if k[0] == "prompt-embeddings"]
+    assert len(cached) == 1
+
+
+def test_sdxl_fp_reference_key_covers_both_encoders(sdxl: LoadedModel) -> None:
+    key = trajectory_for(sdxl, 1).key()
+    assert {"text_encoder", "text_encoder_2", "decoder", "prompts", "guidance",
+            "time_ids"} <= set(key)
+    assert key["text_encoder"] != key["text_encoder_2"]
+
+
+def test_sdxl_layers_are_every_conv_and_linear(sdxl: LoadedModel) -> None:
+    """Discovery runs the SDXL UNet (its added conditions included) and finds every
+    Conv2d/Linear, the added-time embedding's Linear layers among them."""
+    names = [s.name for s in discover_layers(sdxl.denoiser)]
+    inputs = example_inputs(sdxl.denoiser, batch_size=2)
+    assert set(inputs["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
+    assert names == _called_layers(sdxl.denoiser, inputs)
+    assert names == [n for n, m in sdxl.denoiser.named_modules()
+                     if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert "add_embedding.linear_1" in names
+
+
 # --- the search, end to end through the CLI ------------------------------------------------
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_cli_run_on_each_family(saved: dict[str, Path], tmp_path: Path, name: str) -> None:
@@ -393,6 +462,7 @@ def test_cli_refuses_an_unsupported_pipeline(saved: dict[str, Path], tmp_path: P
     result = CliRunner().invoke(app, ["run", "--model", str(other), "--budget", "5bits",
                                       "--root", str(tmp_path / "studies"), "--trials", "1"])
     assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
+    lines = [line for line in result.output.strip().splitlines()  # phase log lines aside
+             if not re.match(r"\[\d\d:\d\d:\d\d\] ", line)]
     assert len(lines) == 1 and "unsupported pipeline DanceDiffusionPipeline" in lines[0]
     assert "StableDiffusionPipeline" in lines[0]

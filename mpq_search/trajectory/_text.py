@@ -65,9 +65,12 @@ class TextConditionalDDIM(_Guided):
 
     def _pair(self, cond: torch.Tensor, empty: torch.Tensor,
               prompt: torch.Tensor) -> torch.Tensor:
-        """The rows of the samples' prompts, after the empty prompt's rows under guidance."""
+        """The rows of the samples' prompts, after the empty prompt's rows under guidance, in
+        the denoiser's dtype (a text encoder may load in another one, as diffusers' pipelines
+        allow)."""
         rows = cond[prompt.to(cond.device)]
-        return torch.cat([empty.expand_as(rows), rows]) if self.guided else rows
+        both = torch.cat([empty.expand_as(rows), rows]) if self.guided else rows
+        return both.to(next(self.model.denoiser.parameters()).dtype)
 
     def key(self) -> dict[str, Any]:
         prompts = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
