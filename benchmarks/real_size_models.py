@@ -32,8 +32,9 @@ freed, and `model_index.json` is written from the components' classes.
     python benchmarks/real_size_models.py --shapes sd15,dit-xl-2,sdxl --root /tmp/mpq-real-size
     python benchmarks/real_size_models.py --scale tiny --root /tmp/mpq-tiny-shapes
 
-Prints one row per shape: parameters per component, Conv2d/Linear modules of the denoiser,
-folder size and build time.
+Prints one row per shape: parameters per component, the denoiser's quantizable layers and MACs
+per sample and call (layer discovery on a meta-device copy: no memory, seconds), folder size and
+build time.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class Component:
 
 @dataclass(frozen=True)
 class Built:
-    """What one build wrote: parameters per network, the denoiser's Conv2d/Linear count, the
-    folder's bytes and the seconds it took."""
+    """What one build wrote: parameters per network, the denoiser's quantizable layers and
+    MACs per sample and call (`layers.discover_layers`), the folder's bytes and the seconds
+    it took."""
 
     shape: str
     scale: str
@@ -86,6 +88,7 @@ class Built:
     folder: Path
     params: dict[str, int]
     denoiser_layers: int
+    denoiser_macs: int
     folder_bytes: int
     seconds: float
 
@@ -93,18 +96,19 @@ class Built:
         """The printed table row."""
         parts = ", ".join(f"{name} {_count(n)}" for name, n in self.params.items())
         return [self.shape, self.scale, self.dtype, parts, self.denoiser_layers,
+                _count(self.denoiser_macs, billion="G"),
                 f"{self.folder_bytes / 2**20:,.0f} MiB", f"{self.seconds:.0f} s", str(self.folder)]
 
 
-def _count(n: int) -> str:
-    """A parameter count for the table: 859.5 M, 2.57 B, 35.6 k."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+def _count(n: int, billion: str = "B") -> str:
+    """A count for the table: 859.5 M, 2.57 B, 35.6 k (MACs: 338.6 G)."""
+    for unit, size in ((billion, 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
-            return f"{n / size:.{2 if unit == 'B' else 1}f} {unit}"
+            return f"{n / size:.{2 if size == 1e9 else 1}f} {unit}"
     return str(n)
 
 
-HEADER = ["shape", "scale", "dtype", "parameters", "denoiser Conv2d/Linear", "folder",
+HEADER = ["shape", "scale", "dtype", "parameters", "layers", "MACs/sample", "folder",
           "build", "path"]
 
 
@@ -313,6 +317,18 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def discovered(denoiser: Component) -> list[Any]:
+    """`layers.discover_layers` of the denoiser built on the meta device: shapes and MACs from
+    a forward pass that allocates and computes nothing (seconds at SDXL's size)."""
+    import torch
+
+    from mpq_search.layers import discover_layers
+
+    with torch.device("meta"):
+        module = denoiser.make()
+    return discover_layers(module)
+
+
 def build(shape: str, folder: str | Path, *, dtype: str | None = None, scale: str = "real",
           seed: int = 0) -> Built:
     """Write the pipeline folder of `shape` (replacing what is there) and say what it holds.
@@ -335,17 +351,14 @@ def build(shape: str, folder: str | Path, *, dtype: str | None = None, scale: st
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    layers = discovered(parts[0])
     params: dict[str, int] = {}
-    layers = 0
     for index, part in enumerate(parts):
         torch.manual_seed(seed + index)
         with _default_dtype(getattr(torch, dtype)):
             made = part.make()
         if isinstance(made, torch.nn.Module):
             params[part.name] = sum(p.numel() for p in made.parameters())
-            if index == 0:  # the denoiser
-                layers = sum(isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
-                             for m in made.modules())
             made.save_pretrained(str(folder / part.name), safe_serialization=True)
         else:
             made.save_pretrained(str(folder / part.name))
@@ -357,7 +370,8 @@ def build(shape: str, folder: str | Path, *, dtype: str | None = None, scale: st
     (folder / "model_index.json").write_text(json.dumps(index_json, indent=2) + "\n")
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     return Built(shape=shape, scale=scale, dtype=dtype, folder=folder, params=params,
-                 denoiser_layers=layers, folder_bytes=size,
+                 denoiser_layers=len(layers), denoiser_macs=sum(s.macs for s in layers),
+                 folder_bytes=size,
                  seconds=time.perf_counter() - started)
 
 

@@ -115,3 +115,20 @@ def test_every_stage_through_the_cli(tmp_path: Path, shape: str) -> None:
     assert images.shape[:2] == (2, 3) and bool(torch.isfinite(images).all())
     undeploy(model)
     assert weights_hash(model.denoiser) == model.identity.weights_hash
+
+
+def test_a_rebuild_is_bit_identical_and_seeded(tmp_path: Path) -> None:
+    """The same seed writes the same weights; another seed other weights (tokenizer and
+    configs unchanged)."""
+    def files(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file()}
+
+    first, again, other = (files(build("sdxl", tmp_path / name, scale="tiny", seed=seed).folder)
+                           for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert first == again
+    weights = [name for name in first if name.endswith(".safetensors")]
+    assert len(weights) == 4  # unet, two text encoders, vae
+    assert all(first[name] != other[name] for name in weights)
+    assert all(first[name] == other[name] for name in first if name.endswith(".json")
+               and "tokenizer" in name)
