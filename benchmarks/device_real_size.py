@@ -22,14 +22,14 @@ import harness
 LAYOUTS = ("fp", "int8-weight-only", "int4-weight-only")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     made = harness.parser(__doc__, out=harness.RESULTS / "device_real_size.jsonl", model=None,
                           seeds=None)
     made.add_argument("--model", required=True, help="a pipeline folder (real_size_models.py)")
     made.add_argument("--device", default="cuda")
     made.add_argument("--batch", type=int, default=8, help="samples per denoiser call")
     made.add_argument("--dtype", default="bfloat16", help="the FP model's dtype")
-    args = harness.start(harness.parse(made))
+    args = harness.start(harness.parse(made, argv))
     results = harness.Results(args.out, key=("model", "layout", "device"))
     import torch
 

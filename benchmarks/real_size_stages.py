@@ -49,7 +49,7 @@ assert bool(torch.isfinite(images).all())
 """The deploy stage: torchao's real low-bit weights, then one short sampling pass."""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     made = harness.parser(__doc__, out=harness.RESULTS / "real_size_stages.jsonl",
                           model="mnist-ddpm", seeds=None)
     made.add_argument("--label", help="the model's name in the table (default: --model)")
@@ -63,7 +63,7 @@ def main() -> None:
                       help="override a study setting (e.g. --set trials=1)")
     made.add_argument("--table-only", action="store_true", help="print the table and exit")
     made.add_argument("--child", help=argparse_hidden())
-    args = harness.parse(made)
+    args = harness.parse(made, argv)
     if args.child:
         _child(json.loads(args.child))
         return

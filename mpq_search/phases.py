@@ -43,10 +43,13 @@ class PhaseRecord:
     detail: str = ""
     peak_device_bytes: int | None = None
     """CUDA memory allocated at the peak (torch's allocator), when CUDA is in use."""
+    failed: bool = False
+    """The phase ended with an exception."""
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes,
-                "detail": self.detail, "peak_device_bytes": self.peak_device_bytes}
+                "detail": self.detail, "peak_device_bytes": self.peak_device_bytes,
+                "failed": self.failed}
 
 
 @dataclass(frozen=True)
@@ -145,13 +148,15 @@ def phase(name: str, detail: str = "") -> Iterator[None]:
     entry = _Open(name, detail, time.perf_counter(), rss_bytes())
     _STATE.open.append(entry)
     _tell(PhaseEvent(name, "start", detail))
+    failed = True
     try:
         yield
+        failed = False
     finally:
         _fold_peak()
         _STATE.open.remove(entry)
         record = PhaseRecord(name, time.perf_counter() - entry.started, entry.peak, detail,
-                             entry.device_peak)
+                             entry.device_peak, failed)
         _STATE.records.append(record)
         del _STATE.records[:-_MAX_RECORDS]
         _tell(PhaseEvent(name, "end", detail, record))
@@ -194,7 +199,8 @@ def describe(event: PhaseEvent) -> str:
     record = event.record
     device = ("" if record.peak_device_bytes is None
               else f", peak CUDA {record.peak_device_bytes / 2**30:.2f} GiB")
-    return (f"[{clock}] {what}: done in {_duration(record.seconds)}, peak RSS "
+    ended = "failed after" if record.failed else "done in"
+    return (f"[{clock}] {what}: {ended} {_duration(record.seconds)}, peak RSS "
             f"{record.peak_rss_bytes / 2**30:.2f} GiB{device}")
 
 

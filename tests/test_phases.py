@@ -28,10 +28,13 @@ def test_nested_phases_record_time_peak_and_tell_listeners() -> None:
 
 
 def test_a_failing_phase_still_ends() -> None:
-    with phases.recording() as records, pytest.raises(ValueError):
+    heard: list[phases.PhaseEvent] = []
+    with phases.recording() as records, phases.listening(heard.append), \
+            pytest.raises(ValueError):
         with phases.phase("report"):
             raise ValueError("boom")
-    assert [r.name for r in records] == ["report"]
+    assert [r.name for r in records] == ["report"] and records[0].failed
+    assert ": failed after " in phases.describe(heard[-1])
 
 
 def test_exact_peaks_separate_phases() -> None:

