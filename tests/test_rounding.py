@@ -122,6 +122,22 @@ def test_gptq_zeroes_dead_inputs_and_survives_a_singular_hessian() -> None:
     assert torch.all(deq[:, 5] == 0)
 
 
+def test_gptq_takes_over_an_accumulator_with_the_same_codes() -> None:
+    """Handing GPTQ the accumulator (its Hessian reused in place: one H-sized copy fewer on a
+    2 GiB real-size Hessian) rounds exactly as handing it the mean, and empties it."""
+    from mpq_search.quant._rounding import HessianAccumulator
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    accumulator = HessianAccumulator(conv)
+    accumulator.add(torch.randn(4, 6, 8, 8))
+    mean = accumulator.mean()
+    given = gptq_round(conv.weight, mean, [2, 4, 8], "minmax")
+    taken = gptq_round(conv.weight, accumulator, [2, 4, 8], "minmax")
+    assert all(torch.equal(given[b].codes, taken[b].codes) for b in (2, 4, 8))
+    assert accumulator.hessian.numel() == 0
+
+
 def test_round_to_nearest_on_the_mse_grid_is_the_old_quantizer_bit_for_bit() -> None:
     torch.manual_seed(0)
     weight = torch.randn(7, 5, 3, 3)

@@ -153,17 +153,26 @@ class HessianAccumulator:
         """The accumulated Hessian divided by the number of rows seen."""
         return self.hessian / max(1, self.rows)
 
+    def take_mean(self) -> torch.Tensor:
+        """`mean()` computed in place, handing the matrix over: the accumulator is empty after
+        (no second H-sized copy; the caller may overwrite it)."""
+        hessian = self.hessian.div_(max(1, self.rows))
+        self.hessian = torch.empty(0, device=hessian.device)
+        return hessian
+
 
 @torch.no_grad()
 def gptq_round(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[int], grid: WeightGrid, *,
-    damp: float = 0.01, block: int = GPTQ_BLOCK, act_order: bool = True,
+    weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, bits: Sequence[int],
+    grid: WeightGrid, *, damp: float = 0.01, block: int = GPTQ_BLOCK, act_order: bool = True,
 ) -> dict[int, WeightQuant]:
     """GPTQ codes of `weight` at every bit-width in `bits`, on the per-channel grid `grid`.
 
-    `hessian` is X^T X (any positive scale) over the layer's input columns. All bit-widths run in
-    one pass: GPTQ treats output rows independently, so the rows of every bit-width are stacked
-    and share the inverse Hessian (one Python loop over columns instead of one per bit-width).
+    `hessian` is X^T X (any positive scale) over the layer's input columns, or the
+    accumulator that holds it (then its matrix is taken over and overwritten: one copy fewer).
+    All bit-widths run in one pass: GPTQ treats output rows independently, so the rows of every
+    bit-width are stacked and share the inverse Hessian (one Python loop over columns instead of
+    one per bit-width).
     Follows the reference algorithm: dead inputs (H_ii = 0) get zero weight, columns in
     descending diag(H) order when `act_order`, dampening `damp` * mean(diag H) (raised tenfold
     while the Cholesky factorisation fails), lazy-batch updates in blocks of `block` columns.
@@ -175,14 +184,18 @@ def gptq_round(
     zero = torch.cat([z for _, z in grids])
     top = torch.cat([torch.full((out,), float(qmax(b)), device=flat.device) for b in bits])
     work = flat.repeat(len(bits), 1)
-    h = hessian.detach().float().clone()
+    if isinstance(hessian, HessianAccumulator):
+        h = hessian.take_mean()
+    else:
+        h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
     order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
              else torch.arange(h.shape[0], device=h.device))
     work = work[:, order]
-    h = h.index_select(0, order).index_select(1, order)
+    h = h.index_select(0, order)
+    h = h.index_select(1, order)  # (in two steps: two H-sized matrices at most)
     upper = _inverse_cholesky(h, damp)
     del h
     columns = work.shape[1]

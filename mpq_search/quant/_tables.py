@@ -151,7 +151,7 @@ def _gptq_arrays(model: LoadedModel, modules: Mapping[str, nn.Module], names: li
             weight = _weight(modules[name])
             accumulator = hessians.pop(name, None)
             if accumulator is not None and accumulator.rows:
-                by_bits = gptq_round(weight, accumulator.mean(), config.w_bits,
+                by_bits = gptq_round(weight, accumulator, config.w_bits,
                                      config.weight_grid, damp=config.gptq_damp,
                                      act_order=config.gptq_act_order)
             else:  # grouped conv, or a layer no calibration call reached: nothing to compensate
