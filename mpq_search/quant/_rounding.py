@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -201,6 +202,35 @@ def gptq_round(
     columns = work.shape[1]
     codes = torch.empty(columns, work.shape[0], dtype=work.dtype, device=work.device)
     floor = torch.zeros_like(top)
+    with _flushing_denormals():
+        _compensate(work, codes, upper, scale, zero, top, floor, block)
+    codes = codes[torch.argsort(order)].T
+    return {
+        b: WeightQuant(b, codes[k * out:(k + 1) * out].to(torch.uint8).reshape(weight.shape),
+                       grids[k][0], grids[k][1])
+        for k, b in enumerate(bits)
+    }
+
+
+@contextmanager
+def _flushing_denormals() -> Iterator[None]:
+    """Treat denormal floats as zero while compensating: the propagated errors of trained (or
+    realistically initialised) weights underflow into denormals, which x86 computes about 8x
+    slower (a DiT-XL/2 attention projection: 38 s against 4.7 s); values below 1.2e-38 cannot
+    move a code. torch has no getter, so this restores the default (off)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _compensate(work: torch.Tensor, codes: torch.Tensor, upper: torch.Tensor,
+                scale: torch.Tensor, zero: torch.Tensor, top: torch.Tensor, floor: torch.Tensor,
+                block: int) -> None:
+    """GPTQ's column loop: round each column of `work` into `codes` (transposed) and spread its
+    error over the columns not yet rounded, lazily in blocks of `block` columns."""
+    columns = work.shape[1]
     for start in range(0, columns, block):
         end = min(start + block, columns)
         # the block transposed: each weight column is a contiguous row, so the per-column
@@ -216,12 +246,6 @@ def gptq_round(
             part[i:] -= u[i, i:][:, None] * error[None, :]
             errors[i] = error
         work[:, end:] -= errors.T.contiguous() @ upper[start:end, end:]
-    codes = codes[torch.argsort(order)].T
-    return {
-        b: WeightQuant(b, codes[k * out:(k + 1) * out].to(torch.uint8).reshape(weight.shape),
-                       grids[k][0], grids[k][1])
-        for k, b in enumerate(bits)
-    }
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
