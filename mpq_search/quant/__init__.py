@@ -18,12 +18,19 @@ hundreds of maps. `QuantEngine.remove()` restores the FP model bit-exactly.
 
 from mpq_search.quant._config import ACT_CALIBRATIONS, ActCalibration, QuantConfig, parse_setting
 from mpq_search.quant._engine import QuantEngine, apply
-from mpq_search.quant._quantizers import WeightQuant, fake_quantize, round_ste
+from mpq_search.quant._quantizers import (
+    WeightQuant,
+    act_range_mse,
+    act_range_percentile,
+    fake_quantize,
+    round_ste,
+)
 from mpq_search.quant._rounding import (
     ROUNDINGS,
     WEIGHT_GRIDS,
     Rounding,
     WeightGrid,
+    gptq_round,
     warn_if_other_quantizer,
 )
 from mpq_search.quant._tables import WeightTables, weight_tables
@@ -39,8 +46,11 @@ __all__ = [
     "WeightGrid",
     "WeightQuant",
     "WeightTables",
+    "act_range_mse",
+    "act_range_percentile",
     "apply",
     "fake_quantize",
+    "gptq_round",
     "parse_setting",
     "round_ste",
     "warn_if_other_quantizer",
