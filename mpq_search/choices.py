@@ -1,7 +1,8 @@
 """The names a setting may take: each `Literal` type with the tuple of its values.
 
 Torch-free, so that the config (`mpq_search.config`) and the CLI's help import it cheaply; the
-stages that act on a name (`quant`, `evaluate`, `fid`, `allocate`, `search`) import it from here.
+stages that act on a name (`models`, `quant`, `evaluate`, `fid`, `allocate`, `search`) import it
+from here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ Kernel = Literal["compiled", "eager"]
 KERNELS: tuple[str, ...] = get_args(Kernel)
 ActRanges = Literal["per-timestep", "shared"]
 ACT_RANGES: tuple[str, ...] = get_args(ActRanges)
+ModelDtype = Literal["float32", "float16", "bfloat16"]
+"""The floating-point type the FP model's denoiser runs in (`models.load_model`)."""
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 ProxyName = Literal["fid", "kid", "paired", "pixel", "fid+paired"]
 """A trial's score against the FP samples of the same noise (`evaluate.PROXY_LABELS`)."""

@@ -150,7 +150,8 @@ def fp_reference_stats(
         "model": model.identity.weights_hash,
         "net": net.name,
         **settings.key(),
-        **model.sampling_key(),  # decoder, guidance, prompts; empty for pixel-space models
+        # decoder, guidance, prompts, a half denoiser's dtype; empty for float32 pixel models
+        **model.sampling_key(),
         # another device rounds differently; CPU keys stay as they were
         **({} if model.device.type == "cpu" else {"device": model.device.type}),
         "v": 1,
@@ -172,7 +173,8 @@ def fp_reference(
     progress: Callable[[int], None] | None = None,
 ) -> Reference:
     """The FP model's samples as a `Reference`, cached on disk (features and small images: for
-    the default proxy 512 x 128 floats and 512 images of 32 x 32); the model must not be
+    the default proxy 512 x 128 floats and 512 images of 32 x 32), keyed by what decides them
+    (with a half denoiser's dtype: `LoadedModel.sampling_key`); the model must not be
     quantized now."""
     key = {"kind": "fp-reference", "model": model.identity.weights_hash, "net": net.name,
            **settings.key(), **model.sampling_key(),
@@ -278,6 +280,7 @@ def fp_fid_report(
     seed: int = 0,
     guidance_scale: float | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
     progress: Callable[[int], None] | None = None,
 ) -> FIDReport:
     """FID of the FP model's samples vs held-out, and of the train split vs held-out (the floor);
@@ -285,9 +288,10 @@ def fp_fid_report(
 
     The reference side uses min(n, 1000) held-out images (the whole split at most). The model's
     sample statistics are cached (weights hash, net, n, steps, seed, sampling settings); a
-    class-conditional model is sampled anew, since its accuracy needs the images.
+    class-conditional model is sampled anew, since its accuracy needs the images. `dtype` is
+    the denoiser's (`load_model`).
     """
-    model = load_model(spec, guidance_scale=guidance_scale, device=device)
+    model = load_model(spec, guidance_scale=guidance_scale, device=device, dtype=dtype)
     net = get_feature_net(feature_net, device=str(model.device))
     settings = SampleSettings(n=n, steps=steps, seed=seed)
     trajectory = trajectory_for(model, steps)

@@ -9,6 +9,14 @@ Only the denoiser is quantized (as in MPQ-Diff and Q-Diffusion); the autoencoder
 encoder stay in float, and `LoadedModel.components` reports their size beside the denoiser's. A
 pipeline class that no trajectory family samples is refused at load time, before its weights
 are read where the folder's `model_index.json` names the class.
+
+Half precision (`load_model(dtype=...)`) applies to the denoiser: it is what a bit map
+quantizes, what every trial runs `steps` times per sample, and what holds nearly all the
+weights. The autoencoder and the text encoder stay float32: they run once per sample (decoding)
+or once per model (prompts), and the Stable Diffusion VAE overflows in float16. The denoiser's
+floating-point inputs are cast to its dtype on the way in and its output back to float32 on the
+way out (`_HalfPrecisionBoundary`), so noise is drawn in float32 (the same seed, the same noise
+in every dtype), and the scheduler, guidance and decoding run in float32 whatever the dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from typing import Any
 import torch
 
 from mpq_search.bitmap import ModelIdentity as ModelIdentity
-from mpq_search.errors import InvalidModelError, ModelNotFoundError
+from mpq_search.choices import MODEL_DTYPES, ModelDtype
+from mpq_search.errors import InvalidModelError, ModelNotFoundError, MPQSearchError
 from mpq_search.layers import weights_hash as weights_hash
 from mpq_search.runtime import resolve_device
 from mpq_search.sampling import StepHook as StepHook
@@ -32,6 +41,19 @@ from mpq_search.sampling import sampling_timesteps as sampling_timesteps
 from mpq_search.trajectory import SamplingOptions, family_for, trajectory_for
 from mpq_search.zoo import EMBEDDED_MODELS
 from mpq_search.zoo import list_models as list_models
+
+_DTYPE_NAMES: dict[torch.dtype, ModelDtype] = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: t for t, name in _DTYPE_NAMES.items()}
+"""The torch type of each `ModelDtype` name."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch type a `--dtype` name means; MPQSearchError naming the supported ones."""
+    found = TORCH_DTYPES.get(str(name).strip().lower())
+    if found is None:
+        raise MPQSearchError(f"unknown dtype {name!r}; supported: {', '.join(MODEL_DTYPES)}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -98,22 +120,36 @@ class LoadedModel:
         """Where the denoiser (and the whole pipeline) runs."""
         return next(self.denoiser.parameters()).device
 
+    @property
+    def dtype(self) -> ModelDtype:
+        """The floating-point type the denoiser runs in (`load_model(dtype=...)`)."""
+        return _DTYPE_NAMES.get(next(self.denoiser.parameters()).dtype, "float32")
+
     def sampling_key(self) -> dict[str, Any]:
         """What decides FP samples besides the denoiser weights and the sample settings (empty
-        for pixel-space models): for caches of FP sample statistics."""
-        return trajectory_for(self, 1).key()
+        for float32 pixel-space models): for caches of FP sample statistics and of anything
+        computed from the FP model's activations (GPTQ tables). A half denoiser adds its dtype
+        (float32 keys stay as they were, so their caches stay valid)."""
+        key = trajectory_for(self, 1).key()
+        return key if self.dtype == "float32" else {**key, "dtype": self.dtype}
 
 
 def load_model(
     spec: str | Path, *, guidance_scale: float | None = None,
-    prompts: Sequence[str] | None = None, device: str = "cpu",
+    prompts: Sequence[str] | None = None, device: str = "cpu", dtype: str = "float32",
 ) -> LoadedModel:
     """Load an embedded model name, a local pipeline directory or a hub id (the latter needs
-    network) onto `device` (`runtime.resolve_device` turns "auto" into one). `guidance_scale`
-    and `prompts` set how conditional families sample (default: the embedded model's own
-    guidance scale, else the family's; the built-in prompts); they are checked against the
-    family here."""
+    network) onto `device` (`runtime.resolve_device` turns "auto" into one), its denoiser in
+    `dtype` (float32, float16 or bfloat16; the module docstring says why only the denoiser).
+    `guidance_scale` and `prompts` set how conditional families sample (default: the embedded
+    model's own guidance scale, else the family's; the built-in prompts); they are checked
+    against the family here.
+
+    The weights hash (`identity`) is taken of the float32 weights before the cast, so a bit map
+    found on a half model applies to the float32 one and back; what a half model computes
+    differently (FP references, GPTQ tables) is keyed on the dtype (`sampling_key`)."""
     target = resolve_device(device)
+    half = resolve_dtype(dtype)
     model = _load(str(spec))
     if guidance_scale is None and str(spec) in EMBEDDED_MODELS:
         guidance_scale = EMBEDDED_MODELS[str(spec)].guidance_scale
@@ -122,7 +158,47 @@ def load_model(
     trajectory_for(model, 1)  # refuses options the family does not take, now rather than later
     if target != "cpu":
         model.pipeline.to(target)
+    if half != torch.float32:
+        model.denoiser.to(half)
+        _HalfPrecisionBoundary(half).install(model.denoiser)
     return model
+
+
+class _HalfPrecisionBoundary:
+    """Hooks on a half denoiser: floating-point inputs are cast to its dtype, the output back to
+    float32. One place for every caller (sampling, calibration, profiles, layer discovery's
+    example call), so the trajectory's state and everything outside the denoiser stay float32.
+    The timestep is never cast: bfloat16 holds 999 as 1000."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def install(self, denoiser: torch.nn.Module) -> None:
+        """Register both hooks on `denoiser` (for as long as the model lives)."""
+        denoiser.register_forward_pre_hook(self.inputs, with_kwargs=True)
+        denoiser.register_forward_hook(self.output)
+
+    def _cast(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(self.dtype)
+        if isinstance(value, dict):
+            return {k: self._cast(v) for k, v in value.items()}
+        return value
+
+    def inputs(self, module: torch.nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Pre-hook: the call's inputs in the denoiser's dtype (the timestep, 2nd, as given)."""
+        cast_args = tuple(a if i == 1 else self._cast(a) for i, a in enumerate(args))
+        return cast_args, {k: v if k == "timestep" else self._cast(v) for k, v in kwargs.items()}
+
+    @staticmethod
+    def output(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        """Forward hook: the sample (a diffusers output's `.sample`, or a tuple's first) in
+        float32."""
+        if isinstance(output, tuple):
+            return (output[0].float(), *output[1:])
+        output.sample = output.sample.float()
+        return output
 
 
 def _load(spec_text: str) -> LoadedModel:
@@ -227,6 +303,7 @@ __all__ = [
     "initial_noise",
     "list_models",
     "load_model",
+    "resolve_dtype",
     "sample",
     "sampling_timesteps",
     "weights_hash",

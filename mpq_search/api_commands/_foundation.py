@@ -48,10 +48,11 @@ class SampleResult:
 def sample_grid(
     model: str, *, n: int, steps: int, path: Path, seed: int = _STUDY.sample_seed,
     batch_size: int = DEFAULT_BATCH_SIZE, guidance_scale: float | None = None,
-    device: str = _STUDY.device, progress: Phases | None = None,
+    device: str = _STUDY.device, dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> SampleResult:
-    """Sample the FP model with DDIM and write the images as a PNG grid."""
-    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
+    """Sample the FP model (its denoiser in `dtype`) with DDIM and write the images as a PNG
+    grid."""
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device, dtype=dtype)
     started = time.perf_counter()
     images = sample(loaded, n=n, steps=steps, seed=seed, batch_size=batch_size,
                     progress=(progress or _silent)("sampling", n))
@@ -89,12 +90,12 @@ class FIDSummary:
 def fid_summary(
     model: str, *, feature_net: str, n: int = _STUDY.heldout_n, steps: int = _STUDY.steps,
     seed: int = _STUDY.sample_seed, guidance_scale: float | None = None,
-    device: str = _STUDY.device, progress: Phases | None = None,
+    device: str = _STUDY.device, dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> FIDSummary:
     """FP FID vs the held-out split and the data floor (`evaluate.fp_fid_report`), and the
     class accuracy of a class-conditional digit model."""
     report = fp_fid_report(model, feature_net=feature_net, n=n, steps=steps, seed=seed,
-                           guidance_scale=guidance_scale, device=device,
+                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                            progress=(progress or _silent)("sampling", n))
     return FIDSummary(report.model, report.feature_net, report.n, report.n_reference, steps, seed,
                       report.model_fid, report.floor_fid, report.guidance_scale,

@@ -60,15 +60,16 @@ def quantize_uniform(
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
     split_skip: bool = _QUANT.split_skip, rounding: str = _QUANT.rounding,
     weight_grid: str = _QUANT.weight_grid, guidance_scale: float | None = None,
-    device: str = _STUDY.device, progress: Phases | None = None,
+    device: str = _STUDY.device, dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> UniformScore:
     """Quantize every layer as `setting` (e.g. "W4A8") says and score it against FP and held-out.
 
-    Both the FP reference and the quantized model sample the same `n` noises (`seed`).
+    Both the FP reference and the quantized model sample the same `n` noises (`seed`), with the
+    denoiser in `dtype`.
     """
     phase = progress or _silent
     bits = LayerBits.parse(setting)
-    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device, dtype=dtype)
     net = get_feature_net(feature_net, device=str(loaded.device))
     specs = discover_layers(loaded.denoiser)
     settings = SampleSettings(n=n, steps=steps, seed=seed, batch_size=batch_size)
@@ -115,7 +116,7 @@ def apply_bitmap(
     act_calibration: str = _QUANT.act_calibration, calib_n: int | None = None,
     rounding: str | None = None, weight_grid: str | None = None,
     guidance_scale: float | None = None, device: str = _STUDY.device,
-    progress: Phases | None = None,
+    dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> ApplyResult:
     """Sample with the bit map at `bitmap_path` applied (only its bit-widths are calibrated).
 
@@ -125,7 +126,7 @@ def apply_bitmap(
     records none gets the quantizer's defaults, calibrated on trajectories of `steps`.
     """
     bitmap = BitMap.load(bitmap_path)
-    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device, dtype=dtype)
     given = {k: v for k, v in (("rounding", rounding), ("weight_grid", weight_grid),
                                ("calib_n", calib_n)) if v is not None}
     config = QuantConfig.for_bitmap(bitmap, act_calibration=act_calibration, **given)

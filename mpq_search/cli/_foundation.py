@@ -38,6 +38,9 @@ SeedOption = Annotated[
 StepsOption = Annotated[int, typer.Option(help="DDIM sampling steps.", min=1)]
 BatchOption = Annotated[int, typer.Option(help="Images per denoiser batch.", min=1)]
 FeaturesOption = Annotated[str, typer.Option(help="Feature net: lenet or inception.")]
+DtypeOption = Annotated[str, typer.Option(
+    "--dtype", help="Floating-point type of the FP model's denoiser: float32, float16 or "
+    "bfloat16 (quantizer arithmetic stays float32, cast to it).")]
 
 
 @app.command("models")
@@ -63,13 +66,15 @@ def sample_command(
     ),
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
+    dtype: DtypeOption = STUDY.dtype,
 ) -> None:
     """Sample the full-precision model with DDIM and write a grid of images."""
     from mpq_search.api_commands import sample_grid
 
     with progress_bars() as phases:
         result = sample_grid(model, n=n, steps=steps, seed=seed, batch_size=batch_size, path=out,
-                             guidance_scale=guidance_scale, device=device, progress=phases)
+                             guidance_scale=guidance_scale, device=device, dtype=dtype,
+                             progress=phases)
     console.print(
         f"wrote {result.n} samples of {result.model} to {result.path} "
         f"({result.seconds:.1f}s, {result.ms_per_image_step:.2f} ms per image-step)"
@@ -86,6 +91,7 @@ def fid_command(
     seed: SeedOption = STUDY.sample_seed,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
+    dtype: DtypeOption = STUDY.dtype,
     json_out: JsonOption = False,
 ) -> None:
     """FID of the full-precision model against the held-out MNIST split, beside the data floor
@@ -95,7 +101,8 @@ def fid_command(
 
     with progress_bars(json_out=json_out) as phases:
         result = fid_summary(model, feature_net=features, n=n, steps=steps, seed=seed,
-                             guidance_scale=guidance_scale, device=device, progress=phases)
+                             guidance_scale=guidance_scale, device=device, dtype=dtype,
+                             progress=phases)
     if json_out:
         print_json(result)
         return

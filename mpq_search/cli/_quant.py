@@ -22,6 +22,7 @@ from mpq_search.cli._foundation import (
     FEATURE_NET,
     STUDY,
     BatchOption,
+    DtypeOption,
     FeaturesOption,
     ModelOption,
     SeedOption,
@@ -66,6 +67,7 @@ def quantize_command(
     weight_grid: WeightGridOption = QUANT.weight_grid,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
+    dtype: DtypeOption = STUDY.dtype,
     json_out: JsonOption = False,
 ) -> None:
     """Quantize every layer uniformly and print its FID and FID-excess over FP (same seeds)."""
@@ -77,7 +79,7 @@ def quantize_command(
             model, setting=uniform, feature_net=features, n=n, steps=steps, seed=seed,
             batch_size=batch_size, act_calibration=act_calibration, calib_n=calib_n,
             split_skip=split_skip, rounding=rounding, weight_grid=weight_grid,
-            guidance_scale=guidance_scale, device=device, progress=phases)
+            guidance_scale=guidance_scale, device=device, dtype=dtype, progress=phases)
     if json_out:
         print_json(result)
         return
@@ -109,6 +111,7 @@ def apply_command(
     = None,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
+    dtype: DtypeOption = STUDY.dtype,
 ) -> None:
     """Sample with a bit map applied (calibrating the bit-widths it uses) and write a grid."""
     from mpq_search.api_commands import apply_bitmap
@@ -117,7 +120,8 @@ def apply_command(
         result = apply_bitmap(bitmap_path, model=model, path=out, n=n, steps=steps, seed=seed,
                               batch_size=batch_size, act_calibration=act_calibration,
                               calib_n=calib_n, rounding=rounding, weight_grid=weight_grid,
-                              guidance_scale=guidance_scale, device=device, progress=phases)
+                              guidance_scale=guidance_scale, device=device, dtype=dtype,
+                              progress=phases)
     plural = "s" if result.groups > 1 else ""
     console.print(f"wrote {result.n} samples of {result.model} with {result.bitmap} "
                   f"({result.groups} timestep group{plural}; {result.rounding} weights on the "

@@ -15,12 +15,14 @@ from mpq_search.budget import canonical_budget
 from mpq_search.choices import (
     ALLOCATION_MODES,
     FEATURE_NETS,
+    MODEL_DTYPES,
     PROXIES,
     SAMPLERS,
     SECOND_OBJECTIVES,
     SURROGATE_SOURCES,
     AllocationMode,
     FeatureNetName,
+    ModelDtype,
     ObjectiveName,
     ProxyName,
     SamplerName,
@@ -163,6 +165,11 @@ class StudyConfig(_Record):
         "Where sampling, calibration, profiling and features run: auto (a CUDA GPU when torch "
         "sees one, else the CPU), cpu, cuda or cuda:N. Noise is drawn on the CPU, so seeds mean "
         "the same on every device.", cli=True))
+    dtype: ModelDtype = field(default="float32", metadata=option(
+        "Floating-point type of the FP model's denoiser: float32, float16 or bfloat16 (on every "
+        "device float32 unless set, as in diffusers). Quantizer arithmetic stays float32, cast "
+        "to it. A half model is another FP reference: the study's identity.", cli=True,
+        identity=True))
     quant: QuantConfig = field(default=STUDY_QUANT, metadata=option(
         "The quantizer and its calibration (`QuantConfig`)."))
     guided: GuidedConfig = field(default=GuidedConfig(), metadata=option(
@@ -187,7 +194,7 @@ class StudyConfig(_Record):
                        "heldout_n", "promote_passes")
         if self.proxy_steps is not None and self.proxy_steps < 1:
             raise ConfigError(f"proxy_steps must be an integer >= 1, got {self.proxy_steps!r}")
-        _check_names(self, sampler=SAMPLERS, proxy=PROXIES)
+        _check_names(self, sampler=SAMPLERS, proxy=PROXIES, dtype=MODEL_DTYPES)
         if self.feature_net is not None:
             _check_names(self, feature_net=FEATURE_NETS)
         unknown = [m for m in self.prior_modes if m not in ALLOCATION_MODES]

@@ -8,6 +8,10 @@ How a layer is quantized while a map is applied:
   with one multiply/round/clamp/multiply expression and calls the original forward. Layers left in
   float keep their class forward untouched (no wrapper, no hook, no cost).
 
+In a half-precision model (`load_model(dtype=...)`) both are computed in float32 (the weight's
+codes times its float32 grid; the input's codes by `fake_quant_act` in float32) and only the
+result is cast to the model's dtype, so a bit map means the same grid in every dtype.
+
 Python forward pre-hooks and `torch.fake_quantize_per_tensor_affine` were both measured slower on
 CPU (DESIGN.md; benchmarks/quant_engine.py).
 """

@@ -149,8 +149,12 @@ def fake_quant_act(
     """The inference hot path: round(x / s) clamped to the grid, times s; one allocation.
 
     Equal to `fake_quantize` up to x * (1/s) vs x / s rounding; calibration uses this same function
-    so ranges are chosen for exactly the arithmetic that runs.
+    so ranges are chosen for exactly the arithmetic that runs. A half-precision input is
+    quantized in float32 and the result cast back: x / s rounded in bfloat16 would land on other
+    codes (8 significant bits), and the simulation must match what an integer kernel computes.
     """
+    if x.dtype != torch.float32:
+        return fake_quant_act(x.float(), inv_scale, lo, hi, scale).to(x.dtype)
     y = torch.mul(x, inv_scale)
     y.round_()
     y.clamp_(lo, hi)  # type: ignore[arg-type]  # both floats or both tensors
@@ -161,8 +165,9 @@ def _fake_quant_expr(
     x: torch.Tensor, inv_scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     scale: torch.Tensor,
 ) -> torch.Tensor:
-    """`fake_quant_act` as one expression, for torch.compile to fuse into a single loop."""
-    return torch.clamp(torch.round(x * inv_scale), lo, hi) * scale
+    """`fake_quant_act` as one expression, for torch.compile to fuse into a single loop (in
+    float32 whatever the input's type, cast back: the casts fuse into the same loop)."""
+    return (torch.clamp(torch.round(x.float() * inv_scale), lo, hi) * scale).to(x.dtype)
 
 
 RECOMPILE_LIMIT = 64

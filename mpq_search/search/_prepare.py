@@ -144,7 +144,7 @@ def load(config: StudyConfig) -> tuple[LoadedModel, list[LayerSpec]]:
     prompts = None if config.prompts is None else prompts_from_file(config.prompts)
     with phase("load", config.model):
         model = load_model(config.model, guidance_scale=config.guidance_scale, prompts=prompts,
-                           device=config.device)
+                           device=config.device, dtype=config.dtype)
         return model, discover_layers(model.denoiser)
 
 
