@@ -116,10 +116,10 @@ def profile_importance(
     model: str, *, out_dir: Path, beta: float, decay: float,
     timesteps: int = _STUDY.importance_timesteps, steps: int = _STUDY.steps,
     n: int = _STUDY.importance_n, seed: int = _STUDY.seed, guidance_scale: float | None = None,
-    device: str = _STUDY.device, progress: Phases | None = None,
+    device: str = _STUDY.device, dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> ProfileResult:
     """Profile orthogonality importance; write importance CSV, heatmap HTML, cost report JSON."""
-    loaded, specs = _load(model, device, guidance_scale)
+    loaded, specs = _load(model, device, guidance_scale, dtype)
     imp = profile_orthogonality(loaded, specs, timesteps=timesteps, steps=steps, n=n, seed=seed,
                                 beta=beta, decay=decay,
                                 progress=(progress or _silent)("profiling", steps))
@@ -181,7 +181,7 @@ def allocate_prior(
     a_bits: Sequence[int] = _STUDY.quant.a_bits, ties: bool = _STUDY.tie_layers,
     rounding: str = _STUDY.quant.rounding, weight_grid: str = _STUDY.quant.weight_grid,
     guidance_scale: float | None = None, device: str = _STUDY.device,
-    progress: Phases | None = None,
+    dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> AllocationResult:
     """Allocate a prior bit map within `budget` (`allocate.allocate`) and save it at `path`.
 
@@ -195,7 +195,7 @@ def allocate_prior(
         raise AllocationError(f"unknown allocation mode {mode!r}; supported: "
                               f"{', '.join(ALLOCATION_MODES)}")
     phase = progress or _silent
-    loaded, specs = _load(model, device, guidance_scale)
+    loaded, specs = _load(model, device, guidance_scale, dtype)
     parsed = parse_budget(budget, specs)
     check_feasible(parsed, specs, w_bits, a_bits)  # before the slow profiling, not after
     quantizer = _STUDY.quant.replace(rounding=rounding, weight_grid=weight_grid,

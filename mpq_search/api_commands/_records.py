@@ -70,9 +70,9 @@ def _calibration(act_calibration: str, calib_n: int, steps: int) -> dict[str, An
             "calib_steps": steps, "calib_timesteps": min(_QUANT.calib_timesteps, steps)}
 
 
-def _load(model: str, device: str = "cpu",
-          guidance_scale: float | None = None) -> tuple[LoadedModel, list[LayerSpec]]:
-    loaded = load_model(model, guidance_scale=guidance_scale, device=device)
+def _load(model: str, device: str = "cpu", guidance_scale: float | None = None,
+          dtype: str = "float32") -> tuple[LoadedModel, list[LayerSpec]]:
+    loaded = load_model(model, guidance_scale=guidance_scale, device=device, dtype=dtype)
     return loaded, discover_layers(loaded.denoiser)
 
 

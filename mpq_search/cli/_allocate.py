@@ -18,7 +18,7 @@ from mpq_search.cli._app import (
     print_json,
     progress_bars,
 )
-from mpq_search.cli._foundation import STUDY, ModelOption
+from mpq_search.cli._foundation import STUDY, DtypeOption, ModelOption
 
 MODES = ", ".join(ALLOCATION_MODES)
 PROFILE_DIR = Path("profile")
@@ -67,6 +67,7 @@ def profile(
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder.")] = PROFILE_DIR,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
+    dtype: DtypeOption = STUDY.dtype,
 ) -> None:
     """Profile orthogonality importance; write importance CSV, heatmap HTML and a cost report."""
     from mpq_search.api_commands import profile_importance
@@ -77,7 +78,7 @@ def profile(
         result = profile_importance(model, out_dir=out_dir, timesteps=timesteps, steps=steps,
                                     n=n, seed=seed, beta=beta, decay=decay,
                                     guidance_scale=guidance_scale, device=device,
-                                    progress=phases)
+                                    dtype=dtype, progress=phases)
     console.print(importance_table(result))
     console.print(f"profiled {len(result.timesteps)} of {result.steps} steps, n={result.n}: "
                   f"{result.seconds:.1f}s, peak RSS {format_bytes(result.peak_rss_bytes)}")
@@ -110,6 +111,7 @@ def allocate(
                                     help="Weight grid: mse or minmax (recorded in the map)."),
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
+    dtype: DtypeOption = STUDY.dtype,
     json_out: JsonOption = False,
 ) -> None:
     """Allocate a prior bit map that meets the budget (ILP) and write it as JSON."""
@@ -123,7 +125,7 @@ def allocate(
             timesteps=timesteps, steps=steps, n=n, sensitivity_n=sensitivity_n, seed=seed,
             w_bits=w_list, a_bits=a_list, ties=ties, rounding=rounding,
             weight_grid=weight_grid, guidance_scale=guidance_scale, device=device,
-            progress=phases)
+            dtype=dtype, progress=phases)
     if json_out:
         print_json(result)
         return
