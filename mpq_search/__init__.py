@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from mpq_search.importance import profile_orthogonality
     from mpq_search.layers import LayerSpec, discover_layers
     from mpq_search.models import LoadedModel, ModelIdentity, load_model, sample
+    from mpq_search.planning import RunPlan, plan
     from mpq_search.quant import QuantConfig, QuantEngine, apply
     from mpq_search.search import StudyConfig, load_config
 
@@ -49,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "allocate": "mpq_search.allocation",
     "StudyConfig": "mpq_search.search",
     "load_config": "mpq_search.search",
+    "plan": "mpq_search.planning",
+    "RunPlan": "mpq_search.planning",
     "run": "mpq_search.api",
     "work": "mpq_search.api",
     "confirm_trials": "mpq_search.api",
@@ -65,6 +68,7 @@ __all__ = [
     "ModelIdentity",
     "QuantConfig",
     "QuantEngine",
+    "RunPlan",
     "StudyConfig",
     "__version__",
     "allocate",
@@ -79,6 +83,7 @@ __all__ = [
     "load_config",
     "load_model",
     "parse_budget",
+    "plan",
     "profile_orthogonality",
     "run",
     "sample",

@@ -26,7 +26,7 @@ LAYERS: tuple[str, ...] = (
     # stages, in DESIGN.md's order
     "layers", "trajectory", "sampling", "models", "fid", "training", "quant", "cost",
     "importance", "allocation", "evaluate", "deployment", "export_formats", "search", "report",
-    "dashboard",
+    "dashboard", "planning",
     # the API and its callers
     "api", "api_commands", "cli", "__main__",
 )

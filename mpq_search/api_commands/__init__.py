@@ -33,6 +33,7 @@ from mpq_search.api_commands._foundation import (
     fid_summary,
     sample_grid,
 )
+from mpq_search.api_commands._plan import PlanResult, plan_study, result_of
 from mpq_search.api_commands._quant import (
     ApplyResult,
     UniformScore,
@@ -59,6 +60,7 @@ __all__ = [
     "ConfirmResult",
     "FIDSummary",
     "Phases",
+    "PlanResult",
     "ProfileResult",
     "RankedLayer",
     "RunResult",
@@ -73,8 +75,10 @@ __all__ = [
     "confirm_study",
     "fid_summary",
     "open_study",
+    "plan_study",
     "profile_importance",
     "quantize_uniform",
+    "result_of",
     "run_result",
     "sample_grid",
     "study_report",
