@@ -48,6 +48,8 @@ from mpq_search.quant._quantizers import (
 """Every (rounding, grid) pair this version can apply."""
 
 GPTQ_BLOCK = 128
+_SUB_BLOCK = 16
+"""Columns rounded one by one before a matrix product updates the rest of their block."""
 """Columns per lazy-batch block of GPTQ (the paper's 128): errors inside a block are applied
 column by column, the block's accumulated error to later columns in one matmul."""
 _MAX_DAMP_TRIES = 6
@@ -203,7 +205,7 @@ def gptq_round(
     columns = work.shape[1]
     codes = torch.empty(columns, work.shape[0], dtype=work.dtype, device=work.device)
     floor = torch.zeros_like(top)
-    with _flushing_denormals():
+    with _flushing_denormals(), _one_thread():
         _compensate(work, codes, upper, scale, zero, top, floor, block)
     codes = codes[torch.argsort(order)].T
     return {
@@ -211,6 +213,20 @@ def gptq_round(
                        grids[k][0], grids[k][1])
         for k, b in enumerate(bits)
     }
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the column loop on one torch thread: its many small operations gain nothing from a
+    second thread, and on a loaded machine every one of them waits at the threads' barrier
+    (a DiT-XL/2 adaLN layer at 7 bit-widths, 2 cores shared: 4.1 s on one thread, 8.5-73 s on
+    two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -230,22 +246,33 @@ def _compensate(work: torch.Tensor, codes: torch.Tensor, upper: torch.Tensor,
                 scale: torch.Tensor, zero: torch.Tensor, top: torch.Tensor, floor: torch.Tensor,
                 block: int) -> None:
     """GPTQ's column loop: round each column of `work` into `codes` (transposed) and spread its
-    error over the columns not yet rounded, lazily in blocks of `block` columns."""
+    error over the columns not yet rounded, lazily: within a block of `block` columns in
+    sub-blocks of `_SUB_BLOCK` (one column at a time inside a sub-block, one matrix product for
+    the rest of the block after it), and one matrix product for the columns after the block.
+
+    Each block is transposed so that a weight column is a contiguous row. Both levels of
+    laziness move the work from elementwise updates, which stream the whole block through
+    memory once per column, into matrix products (1152 x 1152 at 7 bit-widths, one thread:
+    0.35 CPU s against 0.64 s)."""
     columns = work.shape[1]
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        # the block transposed: each weight column is a contiguous row, so the per-column
-        # updates below stream memory (4-5x faster on a CPU than strided columns, same numbers)
         part = work[:, start:end].T.contiguous()
         errors = torch.empty_like(part)
         u = upper[start:end, start:end]
-        for i in range(end - start):
-            column = part[i]
-            q = torch.clamp(torch.round(column / scale) + zero, min=floor, max=top)
-            codes[start + i] = q
-            error = (column - (q - zero) * scale) / u[i, i]
-            part[i:] -= u[i, i:][:, None] * error[None, :]
-            errors[i] = error
+        width = end - start
+        for first in range(0, width, _SUB_BLOCK):
+            last = min(first + _SUB_BLOCK, width)
+            for i in range(first, last):
+                column = part[i]
+                q = torch.clamp(torch.round(column / scale) + zero, min=floor, max=top)
+                codes[start + i] = q
+                error = (column - (q - zero) * scale) / u[i, i]
+                if i + 1 < last:
+                    part[i + 1:last] -= u[i, i + 1:last][:, None] * error[None, :]
+                errors[i] = error
+            if last < width:
+                part[last:] -= u[first:last, last:].T @ errors[first:last]
         work[:, end:] -= errors.T.contiguous() @ upper[start:end, end:]
 
 
