@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from mpq_search.dashboard import refresh_notes, write_trial_note
 from mpq_search.errors import StudyError, StudyNotFoundError
 from mpq_search.phases import phase
+from mpq_search.planning import memory_check
 from mpq_search.quant import weight_tables
 from mpq_search.report import ReportFiles, write_report
 from mpq_search.runtime import stop_child, torch_threads
@@ -52,9 +53,13 @@ from mpq_search.search import (
 def run(
     config: StudyConfig, *, progress: Callable[[TrialEvent], None] | None = None,
     stage: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-    workers: int = 1,
+    workers: int = 1, check_memory: bool = True,
 ) -> optuna.Study:
     """Run (or resume) the search `config` describes; outputs go to `<root>/<study>/report/`.
+
+    Right after loading, unless `check_memory` is off, a run whose predicted peak memory
+    (`planning.memory_check`: a few denoiser calls on a slice of the batch) exceeds what the
+    machine has is refused with one line that gives both numbers, before any profiling.
 
     The study ends up with `config.trials` search trials (priors included) besides its
     baselines: a resume continues to that count. `should_stop` is asked before each trial; once
@@ -68,6 +73,9 @@ def run(
     with torch_threads(config.threads), disk_full_stops(config):  # one line naming the path
         say("loading model")
         model, specs = load(config)
+        if check_memory:
+            say("checking that the run fits in memory")
+            memory_check(config, model, specs)
         say("timing one FP sampling pass of the proxy batch")
         with phase("fp-pass"):
             fp_pass = fp_pass_seconds(model, config)

@@ -63,6 +63,9 @@ WorkersOption = Annotated[int, typer.Option(
     "or journal:FILE more).")]
 QuietOption = Annotated[bool, typer.Option(
     "--quiet", "-q", help="No progress; print only where the results are.")]
+NoMemoryCheckOption = Annotated[bool, typer.Option(
+    "--no-memory-check", help="Start even when the predicted peak memory (`mpq-search plan`) "
+    "exceeds the memory available; by default such a run is refused before profiling.")]
 
 
 def run_command(
@@ -70,6 +73,7 @@ def run_command(
     workers: WorkersOption = 1,
     quiet: QuietOption = False,
     json_out: JsonOption = False,
+    no_memory_check: NoMemoryCheckOption = False,
     **options: Any,
 ) -> None:
     """Search per-layer bit maps within a budget; print the Pareto front and write the report.
@@ -90,7 +94,7 @@ def run_command(
     with stop_requests("the running trial") as stop, \
             _trial_progress(out, quiet, PROXY_LABELS[cfg.proxy]) as progress:
         result = run(cfg, progress=progress.on_trial, stage=progress.on_stage,
-                     should_stop=stop, workers=workers)
+                     should_stop=stop, workers=workers, check_memory=not no_memory_check)
     summary = run_result(result, cfg, time.perf_counter() - started, stop())
     if json_out:
         print_json(summary)

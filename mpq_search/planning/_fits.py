@@ -22,8 +22,7 @@ from mpq_search.planning._measure import available_bytes, measure, memory_now
 from mpq_search.planning._predict import Constants, predict
 from mpq_search.planning._records import RunPlan
 from mpq_search.runtime import resolve_device, torch_threads
-from mpq_search.search import load
-from mpq_search.search._scorer import default_feature_net  # not exported yet: requests.md
+from mpq_search.search import default_feature_net, load
 
 
 class InsufficientMemoryError(MPQSearchError):

@@ -55,7 +55,7 @@ from mpq_search.search._sampler import (
     best_prior_mode,
     make_sampler,
 )
-from mpq_search.search._scorer import Scorer, calibrate, fp_pass_seconds
+from mpq_search.search._scorer import Scorer, calibrate, default_feature_net, fp_pass_seconds
 from mpq_search.search._space import SearchSpace, SpaceCost
 from mpq_search.search._storage import (
     STORAGE_ENV,
@@ -93,6 +93,7 @@ __all__ = [
     "confirm",
     "counted_trials",
     "create_study",
+    "default_feature_net",
     "disk_full_stops",
     "display_url",
     "find_study",
