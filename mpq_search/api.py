@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from mpq_search.cost import check_feasible, parse_budget
 from mpq_search.dashboard import refresh_notes, write_trial_note
 from mpq_search.errors import StudyError, StudyNotFoundError
 from mpq_search.phases import phase
@@ -73,6 +74,9 @@ def run(
     with torch_threads(config.threads), disk_full_stops(config):  # one line naming the path
         say("loading model")
         model, specs = load(config)
+        # a budget no map can meet is refused now, not after the timed FP pass
+        check_feasible(parse_budget(config.budget, specs), specs, config.quant.w_bits,
+                       config.quant.a_bits)
         if check_memory:
             say("checking that the run fits in memory")
             memory_check(config, model, specs)
