@@ -273,22 +273,24 @@ def _grad_call(model: LoadedModel, config: StudyConfig,
     return forward, backward, memory.peak
 
 
-def measure_slices(model: LoadedModel, config: StudyConfig, *, grad: bool,
+def measure_slices(model: LoadedModel, config: StudyConfig, *, grad: bool, timed: bool = True,
                    slice_seconds: float = SLICE_SECONDS,
                    memory_left: float | None = None) -> tuple[_Slices, int]:
     """The slice calls (module doc) and the memory in use before them. A warm-up call on one
     sample (its peak is the one-sample peak: the first call allocates), a timed one, then
     calls on 2, 4, ... samples up to the proxy batch while the next one would take less than
     `slice_seconds` and half of `memory_left` (default: what the machine has left); the last
-    is repeated for its steady time. With `grad`, the autograd probes on one sample, then on
-    up to GRAD_SAMPLES (as many as the sensitivity profile's batch) when that fits the same
+    is repeated for its steady time (without `timed`, for memory alone, neither the timed
+    one-sample call nor the repeat run). With `grad`, the autograd probes on one sample, then
+    on up to GRAD_SAMPLES (as many as the sensitivity profile's batch) when that fits the same
     limits."""
     device = model.device
     start = memory_now(device)
     if memory_left is None:
         memory_left = max(0.0, available_bytes(device)[0] - start)
-    rows, _, peak = _call(model, config, 1)
-    _, seconds, _ = _call(model, config, 1)
+    rows, seconds, peak = _call(model, config, 1)
+    if timed:
+        _, seconds, _ = _call(model, config, 1)
     points = [(1, seconds, max(peak - start, 0))]
     batch = min(config.batch_size, config.n)
     while points[-1][0] < batch:
@@ -298,7 +300,7 @@ def measure_slices(model: LoadedModel, config: StudyConfig, *, grad: bool,
             break
         _, seconds, peak = _call(model, config, bigger)
         points.append((bigger, seconds, max(peak - start, 0)))
-    if len(points) > 1:  # the first call at a size pays first-touch page faults
+    if timed and len(points) > 1:  # the first call at a size pays first-touch page faults
         k, _, grown = points[-1]
         points[-1] = (k, _call(model, config, k)[1], grown)
     probes: list[tuple[int, float, float, int]] = []
@@ -328,21 +330,36 @@ def _fit(n1: int, v1: float, n2: int, v2: float) -> tuple[float, float]:
     return max(v1 - slope * n1, 0.0), slope
 
 
+DECODE_SAMPLES = 4
+"""Samples of the second timed decode (the first decodes one)."""
+
+
 def _decode(model: LoadedModel, config: StudyConfig,
-            warm: bool) -> tuple[float, int, tuple[int, ...]]:
-    """(seconds, peak above the start, image shape) of decoding one sample; with `warm`, after
-    a warm-up decode (its time is then the steady one)."""
+            timed: bool) -> tuple[tuple[float, float], tuple[float, float], tuple[int, ...]]:
+    """((fixed, per-sample seconds), (fixed, per-sample peak bytes), image shape) of decoding:
+    one sample, then with `timed` (after that first, warm-up decode) one and DECODE_SAMPLES
+    samples, fitted; without it, everything per sample from the one."""
     trajectory = trajectory_for(model, config.trial_steps)
-    latent = initial_noise(model, 1, config.sample_seed).to(model.device)
     device = model.device
+    points = []
+    shape: tuple[int, ...] = ()
+    sizes = (1, 1, min(DECODE_SAMPLES, config.batch_size, config.n)) if timed else (1,)
+    start = memory_now(device)  # one start for all: freed buffers may be kept and reused
     with torch.inference_mode():
-        if warm:
-            trajectory.decode(latent)
-        start = memory_now(device)
-        with PeakMemory(device) as memory:
-            holder: list[torch.Tensor] = []
-            seconds = _seconds(device, lambda: holder.append(trajectory.decode(latent)))
-    return seconds, memory.peak - start, tuple(holder[0].shape[1:])
+        for samples in sizes:
+            latent = initial_noise(model, samples, config.sample_seed).to(device)
+            with PeakMemory(device) as memory:
+                _sync(device)
+                started = time.perf_counter()
+                images = trajectory.decode(latent)
+                _sync(device)
+                seconds = time.perf_counter() - started
+            shape = tuple(images.shape[1:])
+            del images
+            points.append((samples, seconds, float(max(memory.peak - start, 0))))
+    (n1, t1, _), (nk, tk, mk) = points[-2] if timed else points[0], points[-1]
+    m1 = points[0][2]  # the first decode's peak: it allocated everything it uses
+    return _fit(n1, t1, nk, tk), _fit(1, m1, nk, max(mk, m1)), shape
 
 
 def _features(name: str, model: LoadedModel, shape: Sequence[int],
@@ -413,11 +430,12 @@ def measure_primitives(config: StudyConfig, specs: Sequence[LayerSpec], rows: in
 
 
 def _ilp_seconds(config: StudyConfig, specs: Sequence[LayerSpec]) -> float:
-    """Seconds of one prior's ILP (the size-aware mode: the same program as the others)."""
+    """Seconds of one prior's ILP: the random-importance mode, whose uneven scores make a
+    program as hard as the profiled modes' (the size-aware one's equal scores solve faster)."""
     budget = parse_budget(config.budget, list(specs))
     started = time.perf_counter()
     allocate(list(specs), budget, None, w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
-             ties=config.tie_layers, mode="size", seed=config.seed)
+             ties=config.tie_layers, mode="random", seed=config.seed)
     return time.perf_counter() - started
 
 
@@ -428,7 +446,7 @@ def measure(model: LoadedModel, specs: Sequence[LayerSpec], config: StudyConfig,
     calls, the autograd probe, one decode, the feature net's load: the check at the start of a
     run), and the time-only figures (machine, ILP, features per image) are left at zero."""
     device = model.device
-    slices, start = measure_slices(model, config, grad=True)
+    slices, start = measure_slices(model, config, grad=True, timed=timings)
     (n1, t1, m1), (nk, tk, mk) = slices.one, slices.many
     call_fixed, call_sample = _fit(n1, t1, nk, tk)
     act_fixed, act_sample = _fit(n1, float(m1), nk, float(mk))
@@ -439,14 +457,15 @@ def measure(model: LoadedModel, specs: Sequence[LayerSpec], config: StudyConfig,
         base = max(call_fixed + call_sample * gk, 1e-9)
         forward_ratio, backward_ratio = forward / base, backward / base
         grad_fixed, grad_sample = _fit(g1, float(p1), gk, float(pk))
-    decode = _decode(model, config, warm=timings)
-    features = _features(feature_net, model, decode[2], timings)
+    (decode_fixed, decode_sample), (decode_fixed_bytes, decode_bytes), shape = _decode(
+        model, config, timings)
+    features = _features(feature_net, model, shape, timings)
     machine = measure_machine(device) if timings else Machine(str(device), 0.0, 0.0, 0.0, 0.0)
     rows = config.importance_n * max(1, slices.rows)
     primitives = measure_primitives(config, specs, rows, machine, device) if timings else \
         Primitives(0.0, 0.0, 0, 0.0)
     ilp = _ilp_seconds(config, specs) if timings else 0.0
-    channels, height, width = (*decode[2], 1, 1, 1)[:3]
+    channels, height, width = (*shape, 1, 1, 1)[:3]
     return Probe(
         device=str(device), rows_per_sample=max(1, slices.rows), slice_samples=slices.many[0],
         baseline_bytes=baseline_bytes, model_bytes=max(0, start - baseline_bytes),
@@ -455,7 +474,8 @@ def measure(model: LoadedModel, specs: Sequence[LayerSpec], config: StudyConfig,
         act_sample_bytes=act_sample, grad_forward_ratio=forward_ratio,
         backward_ratio=backward_ratio, grad_fixed_bytes=grad_fixed,
         grad_sample_bytes=grad_sample, grad_measured=bool(slices.grad),
-        decode_sample_seconds=decode[0], decode_sample_bytes=float(max(decode[1], 0)),
+        decode_fixed_seconds=decode_fixed, decode_sample_seconds=decode_sample,
+        decode_fixed_bytes=decode_fixed_bytes, decode_sample_bytes=decode_bytes,
         image_shape=(int(channels), int(height), int(width)), feature_net=feature_net,
         feature_dim=features[3], feature_load_seconds=features[0],
         feature_net_bytes=features[1], feature_image_seconds=features[2], ilp_seconds=ilp,

@@ -58,21 +58,21 @@ class Constants:
     """Small ops per layer per recorded call of the calibration (min, max, subset)."""
     probe_layer_ops: float = 12.0
     """Small ops per layer per sensitivity probe (gradient hooks)."""
-    compile_ops: float = 5e6
+    compile_ops: float = 2.5e6
     """One-off compilation of the fused activation quantizer (kernel = compiled), in small-op
     equivalents: it is Python-bound work, so it runs at the machine's small-op speed."""
     compile_bytes: float = 100e6
     """What compiling adds to the process (torch.compile's modules and code)."""
-    trial_ops: float = 1.5e5
-    trial_param_ops: float = 1.5e3
+    trial_ops: float = 3e4
+    trial_param_ops: float = 3e2
     """Per trial besides sampling and scoring, in small-op equivalents: the proposal,
     storage, artifacts and the dashboard note, a fixed part and a part per search parameter
     (two per layer unit and timestep group)."""
     study_bytes: float = 100e6
     """What the study adds to the process once trials run (Optuna's storage, artifacts,
     notes)."""
-    report_ops: float = 1e6
-    report_trial_ops: float = 2.5e4
+    report_ops: float = 1e5
+    report_trial_ops: float = 1e4
     report_bytes: float = 150e6
     """Writing the report (figures and tables: plotly, pandas), in small-op equivalents, and
     what it adds to the process."""
@@ -150,14 +150,15 @@ class _Model:
         """Seconds of sampling n samples in batches of `batch`, decoded."""
         full, rest = divmod(n, batch)
         calls = full * self.p.call_seconds(batch) + self.p.call_seconds(rest)
-        return steps * calls * slowdown + n * self.p.decode_sample_seconds
+        decodes = full * self.p.decode_seconds(batch) + self.p.decode_seconds(rest)
+        return steps * calls * slowdown + decodes
 
     def sampling_bytes(self, n: int, batch: int, extra_per_sample: float = 0.0) -> float:
         """Peak above the resident of a sampling pass: one batch's call (or its decode), and
         the images of all n kept (then joined: twice)."""
         b = min(n, batch)
         transient = max(self.p.activation_bytes(b) + extra_per_sample * b,
-                        self.p.decode_sample_bytes * b)
+                        self.p.decode_bytes(b))
         return transient + 2.0 * n * self.image_bytes
 
     def ops(self, count: float) -> float:

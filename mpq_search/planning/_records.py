@@ -77,8 +77,11 @@ class Probe:
     grad_measured: bool
     """False: the autograd figures are estimated from the no-grad ones (the probe itself
     might not have fitted in memory)."""
+    decode_fixed_seconds: float
     decode_sample_seconds: float
+    decode_fixed_bytes: float
     decode_sample_bytes: float
+    """Decoding a batch to images (the autoencoder of latent families): fixed + per sample."""
     image_shape: tuple[int, int, int]
     feature_net: str
     feature_dim: int
@@ -92,6 +95,15 @@ class Probe:
     def call_seconds(self, samples: float) -> float:
         """Seconds of one no-grad denoiser call on `samples` trajectory samples."""
         return self.call_fixed_seconds + self.call_sample_seconds * samples if samples else 0.0
+
+    def decode_seconds(self, samples: float) -> float:
+        """Seconds of decoding `samples` samples at once."""
+        return self.decode_fixed_seconds + self.decode_sample_seconds * samples \
+            if samples else 0.0
+
+    def decode_bytes(self, samples: float) -> float:
+        """Peak memory of decoding `samples` samples at once, above the loaded model."""
+        return self.decode_fixed_bytes + self.decode_sample_bytes * samples if samples else 0.0
 
     def activation_bytes(self, samples: float) -> float:
         """Peak memory of one no-grad call on `samples` samples, above the loaded model."""
