@@ -277,3 +277,19 @@ def test_cka_matches_a_float64_reference(estimator: Any) -> None:
     expected = float((kx * ky).sum() / np.sqrt((kx * kx).sum() * (ky * ky).sum()))
     assert 0.05 < expected < 0.999  # neither trivially 0 nor 1
     assert linear_cka(x, y, estimator) == pytest.approx(expected, abs=1e-9)
+
+
+def test_output_sensitivity_is_finite_on_a_float16_model() -> None:
+    """A float16 model's gradients are reduced in float32 (their squares overflow 65504)."""
+    import math
+
+    from mpq_search.importance import profile_sensitivity
+    from mpq_search.models import load_model
+
+    model = load_model("mnist-dit", dtype="float16")
+    specs = discover_layers(model.denoiser)
+    sens = profile_sensitivity(model, specs, w_bits=(4, 8), a_bits=(8,), timesteps=2, steps=4,
+                               n=8, probes=2, seed=0)
+    values = [v for table in (sens.weight, sens.activation) for row in table.values()
+              for v in row.values()]
+    assert values and all(math.isfinite(v) and v >= 0 for v in values)

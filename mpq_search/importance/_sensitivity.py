@@ -146,7 +146,8 @@ class _Accumulator:
         def consume(param: torch.Tensor) -> None:
             grad = param.grad
             assert grad is not None
-            projections = (self.deltas(name) * grad).flatten(1).sum(1)  # one per bit-width
+            # float32: a float16 model's squares and sums overflow 65504 (no-op in float32)
+            projections = (self.deltas(name).float() * grad.float()).flatten(1).sum(1)
             self.sens_w[name] += projections.double().square().cpu()
             param.grad = None
 
@@ -154,7 +155,7 @@ class _Accumulator:
 
     def input_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def consume(grad: torch.Tensor) -> None:
-            self.grad_x[name] += float(grad.square().sum())
+            self.grad_x[name] += float(grad.float().square().sum())
 
         return consume
 
