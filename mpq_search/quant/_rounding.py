@@ -48,10 +48,10 @@ from mpq_search.quant._quantizers import (
 """Every (rounding, grid) pair this version can apply."""
 
 GPTQ_BLOCK = 128
-_SUB_BLOCK = 16
-"""Columns rounded one by one before a matrix product updates the rest of their block."""
 """Columns per lazy-batch block of GPTQ (the paper's 128): errors inside a block are applied
 column by column, the block's accumulated error to later columns in one matmul."""
+_SUB_BLOCK = 16
+"""Columns rounded one by one before a matrix product updates the rest of their block."""
 _MAX_DAMP_TRIES = 6
 _UNFOLD_ELEMENTS = 1 << 24  # im2col elements built at once while accumulating a Hessian
 
@@ -219,8 +219,7 @@ def gptq_round(
 def _one_thread() -> Iterator[None]:
     """Run the column loop on one torch thread: its many small operations gain nothing from a
     second thread, and on a loaded machine every one of them waits at the threads' barrier
-    (a DiT-XL/2 adaLN layer at 7 bit-widths, 2 cores shared: 4.1 s on one thread, 8.5-73 s on
-    two)."""
+    (measured: docs/results.md#real-size-models)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -232,9 +231,9 @@ def _one_thread() -> Iterator[None]:
 @contextmanager
 def _flushing_denormals() -> Iterator[None]:
     """Treat denormal floats as zero while compensating: the propagated errors of trained (or
-    realistically initialised) weights underflow into denormals, which x86 computes about 8x
-    slower (a DiT-XL/2 attention projection: 38 s against 4.7 s); values below 1.2e-38 cannot
-    move a code. torch has no getter, so this restores the default (off)."""
+    realistically initialised) weights underflow into denormals, which x86 computes many times
+    slower (docs/results.md#real-size-models); values below 1.2e-38 cannot move a code. torch
+    has no getter, so this restores the default (off)."""
     torch.set_flush_denormal(True)
     try:
         yield
@@ -252,8 +251,7 @@ def _compensate(work: torch.Tensor, codes: torch.Tensor, upper: torch.Tensor,
 
     Each block is transposed so that a weight column is a contiguous row. Both levels of
     laziness move the work from elementwise updates, which stream the whole block through
-    memory once per column, into matrix products (1152 x 1152 at 7 bit-widths, one thread:
-    0.35 CPU s against 0.64 s)."""
+    memory once per column, into matrix products."""
     columns = work.shape[1]
     for start in range(0, columns, block):
         end = min(start + block, columns)
@@ -295,7 +293,7 @@ def _inverse_cholesky(holder: list[torch.Tensor], damp: float) -> torch.Tensor:
             continue
         hessian = torch.empty(0)  # freed: the factor holds what is needed
         # H^-1 = cholesky_solve(I): the same matrix as torch.cholesky_inverse up to float
-        # rounding, 25x faster on a CPU (2304 columns: 0.26 s against 6.7 s)
+        # rounding, whose CPU path is far slower on large layers (docs/results.md)
         inverse = torch.cholesky_solve(torch.eye(lower.shape[0], dtype=lower.dtype,
                                                  device=lower.device), lower)
         upper, info = torch.linalg.cholesky_ex(inverse, upper=True)

@@ -41,7 +41,7 @@ from mpq_search.sampling import sample
 
 TABLES_VERSION = 2
 """Bumped when the same settings would round differently (it is part of the cache key).
-2: the inverse Hessian by cholesky_solve instead of cholesky_inverse (25x faster on large layers)
+2: the inverse Hessian by cholesky_solve instead of cholesky_inverse (far faster on large layers)
 and the column updates in sub-blocks (matrix products): float rounding moves a small share of
 the embedded models' codes by one step."""
 
