@@ -17,6 +17,7 @@ outside the repository). Examples:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     made.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                       help="override a study setting (e.g. --set trials=1)")
     made.add_argument("--table-only", action="store_true", help="print the table and exit")
-    made.add_argument("--child", help=argparse_hidden())
+    made.add_argument("--child", help=argparse.SUPPRESS)
     args = harness.parse(made, argv)
     if args.child:
         _child(json.loads(args.child))
@@ -71,12 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         _measure(args, results)
     print(_table(results))
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def _settings(args: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from mpq_search.importance._cka import (
 from mpq_search.importance._record import Importance
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel
-from mpq_search.phases import phase
+from mpq_search.phases import phase, rss_bytes
 from mpq_search.sampling import initial_noise
 from mpq_search.trajectory import trajectory_for
 
@@ -76,12 +76,6 @@ class _GramHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def _peak_rss_bytes() -> float:
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
 
 
 def _column(hooks: _GramHooks, names: Sequence[str], timestep: int, estimator: Estimator,
@@ -154,7 +148,7 @@ def profile_orthogonality(
         weight=dict(zip(layers, aggregate(theta_w, decay).tolist(), strict=True)),
         activation=dict(zip(layers, aggregate(theta_a, decay).tolist(), strict=True)),
         constant=tuple(n_ for n_ in layers if n_ in constant), settings=settings,
-        stats={"seconds": seconds, "peak_rss_bytes": _peak_rss_bytes()},
+        stats={"seconds": seconds, "peak_rss_bytes": float(rss_bytes("VmHWM"))},
     )
 
 

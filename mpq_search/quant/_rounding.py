@@ -44,6 +44,7 @@ from mpq_search.quant._quantizers import (
     quantize_codes,
     quantize_weight,
 )
+from mpq_search.runtime import torch_threads
 
 """Every (rounding, grid) pair this version can apply."""
 
@@ -205,7 +206,9 @@ def gptq_round(
     columns = work.shape[1]
     codes = torch.empty(columns, work.shape[0], dtype=work.dtype, device=work.device)
     floor = torch.zeros_like(top)
-    with _flushing_denormals(), _one_thread():
+    # one torch thread: the loop's many small operations gain nothing from a second one, and
+    # on a loaded machine each of them waits at the threads' barrier (docs/results.md)
+    with _flushing_denormals(), torch_threads(1):
         _compensate(work, codes, upper, scale, zero, top, floor, block)
     codes = codes[torch.argsort(order)].T
     return {
@@ -213,19 +216,6 @@ def gptq_round(
                        grids[k][0], grids[k][1])
         for k, b in enumerate(bits)
     }
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the column loop on one torch thread: its many small operations gain nothing from a
-    second thread, and on a loaded machine every one of them waits at the threads' barrier
-    (measured: docs/results.md#real-size-models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager
