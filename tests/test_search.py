@@ -422,6 +422,32 @@ def test_resume_continues_to_the_requested_count_without_repeating(tmp_path: Pat
     assert len(tags) == len(set(tags))  # seeds ran once
 
 
+def test_two_workers_reserving_the_last_trial_at_once_run_it_once(tmp_path: Path) -> None:
+    """Two workers that both read "one trial missing" before either reserved one (as after a
+    lost database connection, when they retry together): the later reservation goes back to
+    WAITING, the study holds its count, and a resume with one more trial runs the released one."""
+    from mpq_search.search._loop import _next_trial
+
+    config, built, _ = build_study(tmp_path, trials=4, study="race")
+    plan = built.plan.with_config(config.replace(trials=5))
+    study = create_study(plan)
+    assert counted_trials(study) == 4
+    first = _next_trial(study, plan, study.sampler, 1, "worker-a")
+    second = _next_trial(study, plan, study.sampler, 1, "worker-b")  # a stale "1 missing"
+    assert first is not None and second is None
+    assert counted_trials(study) == 5
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.number for t in waiting] == [first.handle.number + 1]
+    study.tell(first.handle.number, state=TrialState.FAIL)  # worker a gives its trial up
+    more = plan.with_config(config.replace(trials=6))
+    again = create_study(more)
+    assert optimize(again, more, built.scorer) == 1
+    assert counted_trials(again) == 6
+    released = again.trials[waiting[0].number]
+    assert released.state == TrialState.COMPLETE and released.user_attrs["role"] == "search"
+    assert not again.get_trials(states=(TrialState.WAITING,))
+
+
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     config, built, _study = build_study(tmp_path, trials=0, study="strict")
     model, specs = load(config)

@@ -15,7 +15,9 @@ Several processes (`mpq-search worker`, `run --workers K`) may run one study's l
   claims its map, then checks no other trial holds it) and written; other samplers go through
   `study.ask`;
 - the study's `trials` counts the search trials (priors included) of the whole study: each
-  worker stops once the study holds that many, so a resume continues to the requested count;
+  worker stops once the study holds that many, so a resume continues to the requested count; a
+  trial reserved beyond the count by two workers at once goes back to WAITING (a later resume
+  with more trials takes it);
 - a running trial records heartbeats; the trial of a worker that died is failed and retried by
   the next worker that starts a trial (`_storage.Liveness`).
 """
@@ -54,6 +56,7 @@ from mpq_search.search._storage import (
     load_study,
     pop_waiting_trial,
     record_heartbeat,
+    release_trial,
     reserve_trial,
     retried_numbers,
     set_trial_user_attr,
@@ -232,6 +235,9 @@ def _next_trial(study: optuna.Study, plan: SearchPlan, sampler: MapSampler, rema
             levels = sampler.propose_claimed(study, handle)
     elif remaining > 0:
         handle = reserve_trial(study)
+        if _beyond_count(study, handle.number, plan.config.trials):
+            release_trial(study, handle)
+            return None
         record_heartbeat(study, handle)
         set_trial_user_attr(study, handle, "worker", worker)  # who holds it (`_diskfull`)
         levels, role, tag = sampler.propose_claimed(study, handle), ROLE_SEARCH, ROLE_SEARCH
@@ -246,6 +252,18 @@ def _next_trial(study: optuna.Study, plan: SearchPlan, sampler: MapSampler, rema
     return _Started(handle, tag, role, proposal_s)
 
 
+def _beyond_count(study: optuna.Study, number: int, target: int) -> bool:
+    """Whether the trial just reserved as `number` is one more than the study wants: two
+    workers that both saw one trial missing both reserve one (they restart together after a
+    lost database connection, say), and the study ran 13 of 12. The lower number keeps its
+    place: a trial reserved earlier was committed, and is seen, before a later one is numbered."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    before = sum(1 for t in trials if t.number < number and t.state != TrialState.WAITING
+                 and t.user_attrs.get("role") != ROLE_BASELINE and t.number not in retried)
+    return before >= target
+
+
 def _stored_map(trial: FrozenTrial, plan: SearchPlan) -> Levels | None:
     """A waiting trial's map: its params (a retried trial), or its fixed params (an enqueued
     seed); None when neither holds a whole map."""
@@ -256,9 +274,13 @@ def _stored_map(trial: FrozenTrial, plan: SearchPlan) -> Levels | None:
     return None
 
 
-def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started:
+def _ask(study: optuna.Study, plan: SearchPlan, worker: str) -> _Started | None:
     started = time.perf_counter()
     trial = study.ask(fixed_distributions=plan.space.distributions())
+    if trial.user_attrs.get("role") != ROLE_BASELINE and _beyond_count(
+            study, trial.number, plan.config.trials):
+        release_trial(study, handle_of(trial))
+        return None
     proposal_s = time.perf_counter() - started
     role = trial.user_attrs.get("role") or ROLE_SEARCH
     tag = trial.user_attrs.get("tag") or role

@@ -197,6 +197,13 @@ def reserve_trial(study: optuna.Study) -> TrialHandle:
     return TrialHandle(trial_id, storage.get_trial(trial_id).number)
 
 
+def release_trial(study: optuna.Study, handle: TrialHandle) -> None:
+    """Give a reserved trial that will not run back as WAITING (Optuna has no deletion): it
+    counts for nothing, and the next worker that wants a trial may take it
+    (`pop_waiting_trial`)."""
+    storage_of(study).set_trial_state_values(handle.trial_id, TrialState.WAITING)
+
+
 def write_proposal(
     study: optuna.Study, handle: TrialHandle, params: Mapping[str, Any],
     distributions: Mapping[str, BaseDistribution], user_attrs: Mapping[str, Any],
