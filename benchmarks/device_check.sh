@@ -7,12 +7,9 @@
 #
 # Uses `mpq-search` when it is on PATH, else `python3 -m mpq_search` (a PYTHONPATH install).
 # MPQ_RUN_ARGS adds options to each run (e.g. "--n 16 --steps 4" for a quick CPU try).
-# MPQ_REAL_SIZE=1 adds the real-size part (issue 28): it builds DiT-XL/2- and SD-1.5-shaped
-# pipelines with random weights (benchmarks/real_size_models.py, in $out/models), runs the
-# default study settings at MPQ_REAL_SIZE_TRIALS trials (default 10) on each with per-phase time
-# and peak CUDA memory (benchmarks/real_size_stages.py --preset default), then torchao's int8
-# and int4 weight-only layouts on the denoiser: bytes and latency against FP
-# (benchmarks/device_real_size.py).
+# MPQ_REAL_SIZE=1 adds the real-size part of issue 28 (benchmarks/device_real_size.sh: DiT-XL/2-
+# and SD-1.5-shaped pipelines with random weights, torchao layouts, the default study settings
+# with per-phase time and peak CUDA memory), inside MPQ_REAL_SIZE_SECONDS (default 540).
 set -uo pipefail
 device="${1:-cuda}"
 out="${2:-/tmp/mpq-device-check}"
@@ -45,19 +42,6 @@ if [ ${#studies[@]} -gt 0 ]; then
     "${seconds[@]}" --out "$out/device_check.json" || status=1
 fi
 if [ "${MPQ_REAL_SIZE:-0}" = 1 ]; then
-  models="$out/models"
-  python3 benchmarks/real_size_models.py --root "$models" --shapes dit-xl-2,sd15 \
-    > "$out/real_size_models.log" 2>&1 || { status=1; tail -n 20 "$out/real_size_models.log"; }
-  for shape in dit-xl-2 sd15; do
-    [ -d "$models/$shape" ] || continue
-    echo "== real size: $shape, default settings, ${MPQ_REAL_SIZE_TRIALS:-10} trials on $device"
-    python3 benchmarks/real_size_stages.py --model "$models/$shape" --label "$shape-$device" \
-      --device "$device" --preset default --set "trials=${MPQ_REAL_SIZE_TRIALS:-10}" \
-      --root "$out/real-size-studies" --out "$out/real_size_stages.jsonl" \
-      > "$out/real-size-$shape.log" 2>&1 || status=1
-    tail -n 25 "$out/real-size-$shape.log"
-    python3 benchmarks/device_real_size.py --model "$models/$shape" --device "$device" \
-      --out "$out/device_real_size.jsonl" || status=1
-  done
+  MPQ_DEVICE="$device" bash benchmarks/device_real_size.sh "$out/real-size" "${MPQ_REAL_SIZE_SECONDS:-540}" || status=1
 fi
 exit $status

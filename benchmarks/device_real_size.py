@@ -3,7 +3,8 @@ int8 and int4 weight-only layouts against FP (the GPU part of issue 28; benchmar
 runs it with MPQ_REAL_SIZE=1).
 
 Each layout is applied with torchao's own `quantize_` to every Linear of a fresh copy of the
-denoiser (int4 needs the `mslk-cuda` package for its CUDA kernels), then one call of the proxy
+denoiser (int4: torchao's default layout needs the `mslk-cuda` package for its CUDA kernels;
+the tinygemm layout runs on torch's own), then one call of the proxy
 batch is timed (median of 5 after 2 warm-ups, synchronised). A layout that fails records its
 error instead of stopping the others. One JSON row per layout:
 
@@ -19,7 +20,9 @@ from typing import Any
 
 import harness
 
-LAYOUTS = ("fp", "int8-weight-only", "int4-weight-only")
+LAYOUTS = ("fp", "int8-weight-only", "int4-weight-only", "int4-tinygemm")
+"""int4-weight-only is torchao's default int4 layout (its CUDA kernels come from `mslk-cuda`);
+int4-tinygemm packs for the tinygemm kernel built into torch's CUDA build (bfloat16 only)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +76,11 @@ def _quantize(denoiser: Any, layout: str) -> None:
     import torch
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    config = Int8WeightOnlyConfig() if layout == "int8-weight-only" else Int4WeightOnlyConfig()
+    config: Any = Int8WeightOnlyConfig()
+    if layout == "int4-weight-only":
+        config = Int4WeightOnlyConfig()
+    elif layout == "int4-tinygemm":
+        config = Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")
     quantize_(denoiser, config, filter_fn=lambda m, _: isinstance(m, torch.nn.Linear))
 
 
