@@ -33,6 +33,7 @@ path).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import sys
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
 
 UNBOUND = ModelIdentity(name="unbound", weights_hash="-")
 """Identity of a map allocated without a model (pass `model=` to bind it)."""
+
+log = logging.getLogger(__name__)
 
 
 class AllocationError(MPQSearchError):
@@ -205,7 +208,23 @@ def _quiet_fd1() -> Iterator[None]:
         os.close(saved)
 
 
-def _solve(program: _Program, margin: float) -> list[int]:
+MIP_NODE_LIMIT = 5_000
+"""Branch-and-bound nodes HiGHS may explore per program. The embedded models' programs are
+solved to optimality in far fewer; a real-size model's (hundreds of layers x 35 choices) can
+take hours to prove optimal within `mip_rel_gap`, so the best map found by then is taken and its
+remaining gap recorded (`BitMap.meta["solver"]`). A node limit, unlike a time limit, gives the
+same map on every machine."""
+
+
+@dataclass(frozen=True)
+class _Solved:
+    picks: list[int]
+    nodes: int
+    gap: float
+    proven: bool
+
+
+def _solve(program: _Program, margin: float) -> _Solved:
     """Index of the chosen (w, a) per unit; budget rows tightened by `margin` (relative)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -216,15 +235,20 @@ def _solve(program: _Program, margin: float) -> list[int]:
         constraints.append(LinearConstraint(program.rows, -np.inf, 1.0 - margin))
     # Scale so the best conceivable value (every unit at its least perturbation) is 1: HiGHS'
     # gap tolerances are partly absolute, and perturbations at 8 bits are ~1e-5.
-    floor = program.objective.reshape(n_units, n_choice).min(axis=1).sum()
-    objective = program.objective / max(float(floor), 1e-300)
+    floor = float(program.objective.reshape(n_units, n_choice).min(axis=1).sum())
+    if not floor > 0:  # layers measured at exactly zero perturbation (zero weights, say)
+        positive = program.objective[program.objective > 0]
+        floor = float(positive.min()) * n_units if positive.size else 1.0
+    objective = program.objective / floor
     with _quiet_fd1():
         result = milp(objective, constraints=constraints, integrality=np.ones_like(objective),
-                      bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9, "disp": False})
+                      bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9, "disp": False,
+                                                    "node_limit": MIP_NODE_LIMIT})
     if result.x is None:
         raise AllocationError(f"the integer program found no solution: {result.message}")
     x = np.round(result.x).reshape(n_units, n_choice)
-    return [int(np.argmax(row)) for row in x]
+    return _Solved([int(np.argmax(row)) for row in x], int(result.mip_node_count or 0),
+                   float(result.mip_gap or 0.0), bool(result.status == 0))
 
 
 def _table(names: Sequence[str], bits: Sequence[int], values: Mapping[str, Mapping[int, float]],
@@ -294,7 +318,8 @@ def allocate(
     identity = model or (importance.model if importance is not None else
                          sensitivity.model if sensitivity is not None else UNBOUND)
     for margin in (0.0, 1e-7, 1e-5, 1e-3):  # HiGHS may overshoot by its ~1e-7 tolerance
-        picks = _solve(program, margin)
+        solved = _solve(program, margin)
+        picks = solved.picks
         layers = {n: LayerBits(*choices[c]) for unit, c in zip(units, picks, strict=True)
                   for n in unit}
         bitmap = BitMap.from_layers(identity, layers)
@@ -304,7 +329,12 @@ def allocate(
                     "objective": float(program.objective[[u * len(choices) + c for u, c in
                                                           enumerate(picks)]].sum()),
                     "settings": _settings(importance, w_list, a_list, ties, seed, act_weight,
-                                          weight_error is not None)}
+                                          weight_error is not None),
+                    "solver": {"nodes": solved.nodes, "gap": solved.gap,
+                               "optimal": solved.proven}}
+            if not solved.proven:
+                log.info("allocation %s at %s: the node limit (%d) stopped the solver %.2g "
+                         "from the proven optimum", mode, budget, MIP_NODE_LIMIT, solved.gap)
             if mode == "sensitivity" and sensitivity is not None:
                 meta["settings"]["sensitivity"] = dict(sensitivity.settings)
             return bitmap.with_meta(**meta)

@@ -278,3 +278,24 @@ def test_allocate_checks_feasibility_itself() -> None:
         allocate(specs, budget, mode="size")
     assert str(from_allocate.value) == str(from_check.value)
     assert "BOPs per call can be no lower than" in str(from_allocate.value)
+
+
+def test_a_program_too_large_to_prove_takes_the_best_map_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real-size program may need hours to be proven optimal: the solver stops at its node
+    limit (the same map on every machine), the map meets the budget, and its meta says how far
+    from proven it is; a program proven in fewer nodes says so."""
+    import mpq_search.allocation as allocation
+
+    specs = random_specs(np.random.default_rng(3), 60)
+    budget = parse_budget("bops<=W4A8", specs)
+    proven = allocate(specs, budget, mode="size")
+    assert proven.meta["solver"]["optimal"] and proven.meta["solver"]["nodes"] > 1
+    monkeypatch.setattr(allocation, "MIP_NODE_LIMIT", 1)
+    stopped = allocate(specs, budget, mode="size")
+    solver = stopped.meta["solver"]
+    assert not solver["optimal"] and solver["nodes"] <= 2 and solver["gap"] > 0
+    assert budget.is_met(cost_of(specs, stopped))
+    assert stopped.meta["objective"] >= proven.meta["objective"] - 1e-12
+    assert allocate(specs, budget, mode="size").layers == stopped.layers
