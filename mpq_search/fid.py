@@ -264,6 +264,38 @@ def cached_arrays(folder: str, key: Mapping[str, Any], names: tuple[str, ...],
     return arrays
 
 
+ArrayWriter = Callable[[str, np.ndarray], None]
+"""Writes one named array into a cache file being made (`cached_array_file`)."""
+
+
+def cached_array_file(folder: str, key: Mapping[str, Any], names: tuple[str, ...],
+                      compute: Callable[[ArrayWriter], None]) -> Path:
+    """The path of an .npz file in `cache_dir()/folder` that holds the arrays `names` made
+    under `key`, writing it once when absent or corrupt. Unlike `cached_arrays`, `compute`
+    hands the arrays over one at a time, and each is written as it comes, so making a file far
+    larger than memory holds one array at a time; readers load members on demand (`np.load`).
+    Written under a temporary name and renamed, as `cached_arrays` does."""
+    import zipfile
+
+    text = json.dumps(dict(key), sort_keys=True)
+    path = cache_dir() / folder / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                if set(names) <= set(data.files):
+                    return path
+        except (OSError, ValueError, zipfile.BadZipFile):
+            pass  # a corrupt cache entry is recomputed
+    with atomic_path(path) as temp, zipfile.ZipFile(temp, "w", allowZip64=True) as archive:
+        def write(name: str, array: np.ndarray) -> None:
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+        compute(write)
+        write("key", np.asarray(text))
+    return path
+
+
 def cached_stats(key: Mapping[str, Any], compute: Callable[[], FeatureStats]) -> FeatureStats:
     """Return the stats stored under `key` (everything that determines them), computing once."""
     def arrays() -> dict[str, np.ndarray]:

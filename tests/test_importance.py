@@ -231,6 +231,36 @@ def test_output_sensitivity_keeps_one_gradient_and_bounded_weight_errors(
     assert all(p.grad is None and not p.requires_grad for p in params)
 
 
+def test_output_sensitivity_in_batches_estimates_the_same_perturbation(
+        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """batch_size bounds the autograd graph (each probe's backward sees that many samples);
+    the estimate is the same sum over samples, drawn with other probe signs: close, not equal.
+    A batch at least n is the unbatched profile bit for bit."""
+    from mpq_search.importance import _sensitivity, profile_sensitivity
+
+    specs = [s for s in discover_layers(tiny_model.denoiser) if s.name in ("conv_in", "conv_out")]
+    kwargs: dict[str, Any] = {"w_bits": (3, 6), "a_bits": (8,), "timesteps": 2, "steps": 4,
+                              "n": 4, "probes": 48, "seed": 0}
+    whole = profile_sensitivity(tiny_model, specs, **kwargs)
+    seen: list[int] = []
+    real = _sensitivity._probe
+
+    def probe(call: Any, probes: int, acc: Any) -> None:
+        seen.append(len(call.sample))
+        real(call, probes, acc)
+
+    monkeypatch.setattr(_sensitivity, "_probe", probe)
+    one_by_one = profile_sensitivity(tiny_model, specs, **kwargs, batch_size=1)
+    assert seen == [1] * 4 * 2  # 4 samples x 2 profiled steps, one sample per graph
+    assert profile_sensitivity(tiny_model, specs, **kwargs, batch_size=4).weight == whole.weight
+    for name in ("conv_in", "conv_out"):
+        for bits in (3, 6):
+            assert one_by_one.weight[name][bits] == pytest.approx(whole.weight[name][bits],
+                                                                  rel=0.3)
+        assert one_by_one.activation[name][8] == pytest.approx(whole.activation[name][8],
+                                                               rel=0.3)
+
+
 def test_output_sensitivity_matches_the_measured_output_error(tiny_model: LoadedModel) -> None:
     """The first-order estimate agrees with the real output change of quantizing one layer."""
     from mpq_search.importance import profile_sensitivity

@@ -359,3 +359,66 @@ def test_hessians_in_bounded_chunks_give_the_same_codes(
     assert passes == [len(specs)] + [1] * len(specs)
     assert _fingerprint({n: dict(b) for n, b in together.entries.items()}) == _fingerprint(
         {n: dict(b) for n, b in one_by_one.entries.items()})
+
+
+def test_gptq_codes_stay_on_disk_and_are_written_one_layer_at_a_time(
+    tiny: tuple[LoadedModel, list[LayerSpec]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The tables hold no codes in memory (a real-size model's are 7 bytes per weight): each
+    layer's codes are written to the cache file before the next layer is rounded, and read
+    back when asked for, equal to what was rounded, also in a forked process (which opens the
+    file itself) and after pickling."""
+    import pickle
+
+    from mpq_search.quant import _tables
+
+    model, specs = tiny
+    events: list[str] = []
+    real_round = _tables.gptq_round
+
+    def rounding(weight: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        events.append("round")
+        rounded = real_round(weight, *args, **kwargs)
+        if not seen:  # the first layer's codes, as rounded
+            seen.update(rounded)
+        return rounded
+
+    seen: dict[int, Any] = {}
+    real_writer = _tables.cached_array_file
+
+    def file_of(folder: str, key: Any, names: Any, compute: Any) -> Path:
+        def logged(write: Any) -> None:
+            def writing(name: str, array: Any) -> None:
+                if not events or events[-1] != "write":
+                    events.append("write")
+                write(name, array)
+
+            compute(writing)
+
+        return real_writer(folder, key, names, logged)
+
+    monkeypatch.setattr(_tables, "gptq_round", rounding)
+    monkeypatch.setattr(_tables, "cached_array_file", file_of)
+    monkeypatch.setenv("MPQ_SEARCH_CACHE", str(tmp_path))
+    tables = weight_tables(model, specs, FAST)
+    assert events == ["round", "write"] * len(specs)
+    assert tables.nbytes() == 0 and isinstance(tables.entries, _tables.StoredCodes)
+    first = specs[0].name
+    for bits, entry in seen.items():
+        stored = tables.quant(first, bits)
+        assert all(torch.equal(getattr(stored, p), getattr(entry, p))
+                   for p in ("codes", "scale", "zero"))
+    expected = _fingerprint({n: dict(b) for n, b in tables.entries.items()})
+    again = pickle.loads(pickle.dumps(tables))
+    assert _fingerprint({n: dict(b) for n, b in again.entries.items()}) == expected
+    read, written = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child reads the same tables through its own file
+        os.close(read)
+        os.write(written, _fingerprint({n: dict(b) for n, b in tables.entries.items()}).encode())
+        os._exit(0)
+    os.close(written)
+    with os.fdopen(read) as pipe:
+        assert pipe.read() == expected
+    os.waitpid(child, 0)
+    assert _fingerprint({n: dict(b) for n, b in tables.entries.items()}) == expected

@@ -126,7 +126,7 @@ class StudyConfig(_Record):
     guard_seed: int = field(default=200, metadata=option(
         "Noise seed of the guard's samples.", identity=True))
     batch_size: int = field(default=128, metadata=option(
-        "Samples drawn at once."))
+        "Samples drawn at once, and per backward graph of the sensitivity profile."))
     feature_net: FeatureNetName | None = field(default=None, metadata=option(
         "lenet or inception; default lenet for 1-channel models, inception for RGB.",
         identity=True, example="lenet"))

@@ -10,12 +10,13 @@ lazy-batch updates, one small-op sequence per column), the activation-range sear
 (calibration), probes (sensitivity), timed on this machine by `Machine`'s benchmarks.
 
 Memory. A stage's peak is what the process holds while it runs: the baseline and the loaded
-model, the stores alive then (weight tables: one uint8 code per weight per candidate bit-width
-and a per-channel grid; the engine's dequantized cache, at most `max_cache_bytes`; the
-sensitivity profile's kept weight errors, at most `SENSITIVITY_DELTA_BYTES`; one chunk of GPTQ
-Hessians, (cols)^2 float32 each, bounded by `max_hessian_bytes` or the largest layer alone;
-recorded activation samples) and the largest transient (one call's activations, the autograd
-graph of the sensitivity batch, a decoded batch).
+model, the stores alive then (round-to-nearest weight tables: one uint8 code per weight per
+candidate bit-width and a per-channel grid, while GPTQ's are read from their cache file; the
+engine's dequantized cache, at most `max_cache_bytes`; the sensitivity profile's kept weight
+errors, at most `SENSITIVITY_DELTA_BYTES`; one chunk of GPTQ Hessians, (cols)^2 float32 each,
+bounded by `max_hessian_bytes` or the largest layer alone; recorded activation samples) and the
+largest transient (one call's activations, the autograd graph of the sensitivity batch, a
+decoded batch).
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ class _Model:
         self.resident = probe.baseline_bytes + probe.model_bytes
         self.image_bytes = 4.0 * math.prod(probe.image_shape)
         weight_bytes = [4.0 * _weight_numel(s) for s in self.specs]
-        self.tables = sum(w / 4.0 * self.nw + 8.0 * s.weight_shape[0] * self.nw
-                          for w, s in zip(weight_bytes, self.specs, strict=True))
+        self.table_bytes = sum(w / 4.0 * self.nw + 8.0 * s.weight_shape[0] * self.nw
+                               for w, s in zip(weight_bytes, self.specs, strict=True))
+        # held in memory: GPTQ's codes are read from their cache file when used (StoredCodes)
+        self.tables = self.table_bytes if self.quant.rounding == "rtn" else 0.0
         self.dequant = _greedy([w for w in weight_bytes for _ in range(self.nw)],
                                self.quant.max_cache_bytes)
         self.deltas = _greedy([w * self.nw for w in weight_bytes], SENSITIVITY_DELTA_BYTES)
@@ -219,7 +222,7 @@ class _Model:
         rounding = sum(self.gptq_seconds(s) for s in self.specs if _gptq_ok(s))
         seconds = len(chunks) * self.sampling(q.calib_n, q.calib_steps, q.batch_size) + \
             hessian + rounding + self.rounding_seconds(grid_only=True) + \
-            self.elements(self.tables)
+            self.elements(self.table_bytes)
         largest_chunk = max(sum(4.0 * _columns(s) ** 2 for s in chunk if _gptq_ok(s))
                             for chunk in chunks)
         largest = max(self.specs, key=lambda s: _columns(s) if _gptq_ok(s) else 0)
@@ -253,17 +256,20 @@ class _Model:
         cfg = self.config
         n, steps, probes = cfg.sensitivity_n, cfg.steps, cfg.sensitivity_probes
         k = min(cfg.importance_timesteps, steps)
-        call = self.p.call_seconds(n)
+        batch = min(n, cfg.batch_size)  # samples per trajectory, and per autograd graph
+        batches = math.ceil(n / batch)
+        call = self.p.call_seconds(batch)
         weights = sum(_weight_numel(s) for s in self.specs)
         recomputed = max(0.0, weights * 4.0 * self.nw - self.deltas) / 4.0
         per_probe = (self.p.backward_ratio * call
                      + self.ops(self.c.probe_layer_ops * len(self.specs))
                      + self.elements(3.0 * weights * self.nw + 4.0 * recomputed))
-        seconds = steps * call + k * (self.p.grad_forward_ratio * call + probes * per_probe) \
+        seconds = batches * (steps * call + k * (self.p.grad_forward_ratio * call
+                                                 + probes * per_probe)) \
             + self.elements(4.0 * self.deltas / 4.0)
-        graph = self.p.autograd_bytes(n)
+        graph = self.p.autograd_bytes(batch)
         peak = self.resident + self.tables + self.deltas + \
-            max(graph + self.largest_weight * (2 + self.nw), self.p.activation_bytes(n))
+            max(graph + self.largest_weight * (2 + self.nw), self.p.activation_bytes(batch))
         return StagePlan("sensitivity", seconds, peak,
                          f"{n} samples, {k} steps x {probes} backward probes")
 
@@ -281,7 +287,8 @@ class _Model:
         searches = len(self.specs) * len(q.a_bits) * buckets
         per_search = self.p.primitives.range_search_seconds + self.ops(8.0)
         batches = math.ceil(q.calib_n / q.batch_size)
-        tables = self.rounding_seconds() if q.rounding == "rtn" else self.elements(self.tables)
+        tables = (self.rounding_seconds() if q.rounding == "rtn"
+                  else self.elements(self.table_bytes))
         seconds = (tables + self.elements(2.0 * self.dequant / 4.0)
                    + 1.5 * self.p.call_seconds(1)  # the skip-split call, every module hooked
                    + self.sampling(q.calib_n, q.calib_steps, q.batch_size)
@@ -389,7 +396,8 @@ def predict(config: StudyConfig, specs: Sequence[LayerSpec], probe: Probe, *,
                                              if _gptq_ok(s))
                                          for chunk in hessian_chunks(
                                              specs, config.quant.max_hessian_bytes)),
-        "sensitivity autograd graph": probe.autograd_bytes(config.sensitivity_n)
+        "sensitivity autograd graph": probe.autograd_bytes(
+            min(config.sensitivity_n, config.batch_size))
         if uses_sensitivity(config) else 0.0,
         "sensitivity weight errors": m.deltas if uses_sensitivity(config) else 0.0,
         "proxy batch activations": probe.activation_bytes(min(config.n, config.batch_size)),

@@ -433,7 +433,7 @@ class QuantEngine:
 
     def cache_bytes(self) -> int:
         """Bytes held by the precomputed quantized weights and activation parameters."""
-        codes = sum(e.nbytes() for by_bits in self._weights.values() for e in by_bits.values())
+        codes = self._tables.nbytes() if self._tables is not None else 0
         dequant = sum(t.numel() * t.element_size() for t in self._dequant.values())
         acts = sum(s.nbytes() for by_bits in self._acts.values() for s in by_bits.values())
         return codes + dequant + acts

@@ -8,15 +8,19 @@ tables need the layers' input statistics from calibration trajectories; they are
 and later commands read the same codes instead of recomputing them.
 
 Memory: Hessians are collected for as many layers at a time as fit `max_hessian_bytes` (one
-calibration sampling pass per such chunk), and each is freed once its layer is rounded, so the
-peak grows with the largest layers, not with their number.
+calibration sampling pass per such chunk), and each is freed once its layer is rounded; each
+layer's codes go to the cache file as soon as they are made, and are read back from it when
+asked for (`StoredCodes`), so the peak grows with the largest layers, not with their number.
+Round-to-nearest tables are made in memory.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from mpq_search.errors import CalibrationError
-from mpq_search.fid import cached_arrays
+from mpq_search.fid import ArrayWriter, cached_array_file
 from mpq_search.layers import LayerSpec, quantizable_modules
 from mpq_search.models import LoadedModel
 from mpq_search.phases import phase
@@ -76,7 +80,10 @@ class WeightTables:
         return self.quant(name, bits).dequantize().to(weight.device) - weight.detach().float()
 
     def nbytes(self) -> int:
-        """Bytes held by the codes and grids."""
+        """Bytes of codes and grids held in memory (none when they are read from the disk
+        cache: `StoredCodes`)."""
+        if isinstance(self.entries, StoredCodes):
+            return 0
         return sum(e.nbytes() for by_bits in self.entries.values() for e in by_bits.values())
 
 
@@ -94,17 +101,17 @@ def weight_tables(
     started = time.perf_counter()
     modules = quantizable_modules(model.denoiser)
     if config.rounding == "rtn":
-        entries = {s.name: {b: round_to_nearest(_weight(modules[s.name]), b, config.weight_grid)
+        rounded = {s.name: {b: round_to_nearest(_weight(modules[s.name]), b, config.weight_grid)
                             for b in config.w_bits} for s in specs}
-        return WeightTables("rtn", config.weight_grid, entries,
+        return WeightTables("rtn", config.weight_grid, rounded,
                             settings=config.weight_settings(),
                             seconds=time.perf_counter() - started)
     names = [s.name for s in specs]
     key = _cache_key(model, names, config)
-    arrays = cached_arrays("weights", key, _array_names(names, config.w_bits),
-                           lambda: _gptq_arrays(model, modules, names, config, progress))
-    entries = {name: {b: _from_arrays(arrays, name, b, _weight(modules[name]))
-                      for b in config.w_bits} for name in names}
+    path = cached_array_file(
+        "weights", key, _array_names(names, config.w_bits),
+        lambda write: _gptq_arrays(model, modules, names, config, progress, write))
+    entries = StoredCodes(path, {n: _weight(modules[n]).device for n in names}, config.w_bits)
     fallback = tuple(n for n in names if not gptq_supported(modules[n]))
     return WeightTables("gptq", config.weight_grid, entries, fallback,
                         settings=config.weight_settings(), seconds=time.perf_counter() - started)
@@ -135,19 +142,68 @@ def _array_names(names: list[str], w_bits: Sequence[int]) -> tuple[str, ...]:
                  for part in ("codes", "scale", "zero"))
 
 
-def _from_arrays(arrays: Mapping[str, np.ndarray], name: str, bits: int,
-                 weight: torch.Tensor) -> WeightQuant:
-    device = weight.device
-    codes, scale, zero = (torch.from_numpy(np.ascontiguousarray(arrays[f"{name}|{bits}|{p}"]))
-                          .to(device) for p in ("codes", "scale", "zero"))
-    return WeightQuant(bits, codes, scale, zero)
+class StoredCodes(Mapping[str, Mapping[int, WeightQuant]]):
+    """GPTQ tables read from their cache file whenever a layer's codes are asked for, not held
+    in memory: a real-size model has one code per weight per candidate bit-width (7 x 717 M
+    bytes for DiT-XL/2, 18 GB for SDXL), while a trial uses one bit-width per layer and the
+    sensitivity profile one layer at a time. Reads come from the page cache after the first;
+    the engine keeps the dequantized weights that fit `max_cache_bytes` in memory."""
+
+    def __init__(self, path: Path, devices: Mapping[str, torch.device],
+                 w_bits: Sequence[int]) -> None:
+        self.path = path
+        self._devices = dict(devices)
+        self._bits = tuple(w_bits)
+        self._archive: Any = None
+        self._pid = -1
+
+    def read(self, name: str, bits: int) -> WeightQuant:
+        """Layer `name`'s codes and grid at `bits`, on the layer's device."""
+        if self._archive is None or self._pid != os.getpid():
+            # a forked process opens its own: a shared file offset would mix two readers' reads
+            self._archive, self._pid = np.load(self.path), os.getpid()
+        codes, scale, zero = (torch.from_numpy(self._archive[f"{name}|{bits}|{part}"])
+                              .to(self._devices[name]) for part in ("codes", "scale", "zero"))
+        return WeightQuant(bits, codes, scale, zero)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_archive": None, "_pid": -1}
+
+    def __getitem__(self, name: str) -> Mapping[int, WeightQuant]:
+        if name not in self._devices:
+            raise KeyError(name)
+        return _LayerCodes(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._devices)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+
+class _LayerCodes(Mapping[int, WeightQuant]):
+    """One layer's view of `StoredCodes`: its candidate bit-widths, each read when asked."""
+
+    def __init__(self, store: StoredCodes, name: str) -> None:
+        self._store, self._name = store, name
+
+    def __getitem__(self, bits: int) -> WeightQuant:
+        if bits not in self._store._bits:
+            raise KeyError(bits)
+        return self._store.read(self._name, bits)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._store._bits)
+
+    def __len__(self) -> int:
+        return len(self._store._bits)
 
 
 def _gptq_arrays(model: LoadedModel, modules: Mapping[str, nn.Module], names: list[str],
-                 config: QuantConfig,
-                 progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
-    """Collect Hessians chunk by chunk and round each layer as soon as its chunk is done."""
-    arrays: dict[str, np.ndarray] = {}
+                 config: QuantConfig, progress: Callable[[int], None] | None,
+                 write: ArrayWriter) -> None:
+    """Collect Hessians chunk by chunk, round each layer as soon as its chunk is done and hand
+    its codes to `write` (so that only one layer's codes are in memory)."""
     for chunk in _chunks(modules, names, config.max_hessian_bytes):
         hessians = _collect_hessians(model, {n: modules[n] for n in chunk}, config, progress)
         for name in chunk:
@@ -163,8 +219,8 @@ def _gptq_arrays(model: LoadedModel, modules: Mapping[str, nn.Module], names: li
             del accumulator
             for bits, entry in by_bits.items():
                 for part in ("codes", "scale", "zero"):
-                    arrays[f"{name}|{bits}|{part}"] = getattr(entry, part).cpu().numpy()
-    return arrays
+                    write(f"{name}|{bits}|{part}", getattr(entry, part).cpu().numpy())
+            del by_bits
 
 
 def _chunks(modules: Mapping[str, nn.Module], names: list[str],

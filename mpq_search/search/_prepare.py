@@ -185,7 +185,7 @@ def profile(
     sensitivity = profile_sensitivity(
         model, specs, w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
         timesteps=timesteps, steps=config.steps, n=config.sensitivity_n,
-        probes=config.sensitivity_probes, seed=config.seed,
+        probes=config.sensitivity_probes, seed=config.seed, batch_size=config.batch_size,
         # the study's own rounding (GPTQ tables are cached on disk: calibration reuses them)
         weights=weight_tables(model, specs, config.quant))
     return orthogonality, sensitivity
