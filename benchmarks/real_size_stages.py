@@ -205,8 +205,9 @@ def _largest_store(config: Any, facts: dict[str, Any]) -> dict[str, int]:
     sizing rules), so the table can say which is largest."""
     params = facts["quantized_params"]
     bits = len(config.quant.w_bits)
+    in_memory = config.quant.rounding == "rtn"  # GPTQ's codes stay in their cache file
     return {
-        "weight tables (uint8 codes, every candidate bit-width)": params * bits,
+        "weight tables (uint8 codes, every candidate bit-width)": params * bits * in_memory,
         "engine's float weight cache (max_cache_bytes)": min(config.quant.max_cache_bytes,
                                                              params * 4 * bits),
         "sensitivity's weight errors (max_delta_bytes)": min(1 << 30, params * 4 * bits),
