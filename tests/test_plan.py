@@ -248,16 +248,20 @@ def test_memory_check_refuses_before_profiling(
 
 def test_peak_memory_sees_a_short_allocation() -> None:
     """A 64 MiB block held briefly: the poller sees it even when the process's high-water mark
-    is already higher (late in a test session, VmHWM says nothing new). On a loaded machine
-    the poller's thread may wait a while for a core, so the block is held until it is seen
-    (at most 2 s)."""
+    is already higher (late in a test session, VmHWM says nothing new). The block is mapped
+    from the kernel directly, since late in a session the allocator may hand out freed memory
+    that is still resident (RSS would not move); on a loaded machine the poller's thread may
+    wait a while for a core, so the block is held until it is seen (at most 2 s)."""
+    import mmap
+
     with PeakMemory(torch.device("cpu")) as memory:
         start = memory.peak
-        block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        block = mmap.mmap(-1, 64 << 20)
+        block.write(b"\x01" * (64 << 20))  # touched: resident
         deadline = time.monotonic() + 2.0
         while memory.peak - start < 48 << 20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del block
+        block.close()
     assert memory.peak - start >= 48 << 20
 
 
