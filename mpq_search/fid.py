@@ -242,14 +242,18 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _cache_entry(folder: str, key: Mapping[str, Any]) -> tuple[Path, str]:
+    """The .npz path of `key` in `cache_dir()/folder`, and the key's text (stored in it)."""
+    text = json.dumps(dict(key), sort_keys=True)
+    return cache_dir() / folder / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.npz", text
+
+
 def cached_arrays(folder: str, key: Mapping[str, Any], names: tuple[str, ...],
                   compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays `names` stored under `key` (everything that determines them) in
     `cache_dir()/folder`, computing them once; written to a temporary file, then renamed, so a
     reader never sees half a file, and a corrupt entry is recomputed."""
-    text = json.dumps(dict(key), sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    path = cache_dir() / folder / f"{digest}.npz"
+    path, text = _cache_entry(folder, key)
     if path.is_file():
         try:
             with np.load(path) as data:
@@ -277,8 +281,7 @@ def cached_array_file(folder: str, key: Mapping[str, Any], names: tuple[str, ...
     Written under a temporary name and renamed, as `cached_arrays` does."""
     import zipfile
 
-    text = json.dumps(dict(key), sort_keys=True)
-    path = cache_dir() / folder / f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.npz"
+    path, text = _cache_entry(folder, key)
     if path.is_file():
         try:
             with np.load(path) as data:

@@ -182,13 +182,15 @@ def optimize(study: optuna.Study, plan: SearchPlan, scorer: Scorer,
     return ran
 
 
-def counted_trials(study: optuna.Study) -> int:
+def counted_trials(study: optuna.Study, below: int | None = None) -> int:
     """Search trials (priors included) the study holds towards its `trials`: finished or
-    running, not waiting, and not a failed trial that a retry replaced."""
+    running, not waiting, and not a failed trial that a retry replaced; with `below`, only
+    those numbered lower."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     return sum(1 for t in trials if t.state != TrialState.WAITING
-               and t.user_attrs.get("role") != ROLE_BASELINE and t.number not in retried)
+               and t.user_attrs.get("role") != ROLE_BASELINE and t.number not in retried
+               and (below is None or t.number < below))
 
 
 def study_progress(study: optuna.Study, target: int) -> tuple[int, int]:
@@ -257,11 +259,7 @@ def _beyond_count(study: optuna.Study, number: int, target: int) -> bool:
     workers that both saw one trial missing both reserve one (they restart together after a
     lost database connection, say), and the study ran 13 of 12. The lower number keeps its
     place: a trial reserved earlier was committed, and is seen, before a later one is numbered."""
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    before = sum(1 for t in trials if t.number < number and t.state != TrialState.WAITING
-                 and t.user_attrs.get("role") != ROLE_BASELINE and t.number not in retried)
-    return before >= target
+    return counted_trials(study, below=number) >= target
 
 
 def _stored_map(trial: FrozenTrial, plan: SearchPlan) -> Levels | None:
