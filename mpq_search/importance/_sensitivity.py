@@ -210,9 +210,9 @@ def profile_sensitivity(
     are recomputed at each use instead of kept (bounded memory, the same numbers).
 
     The n samples run `batch_size` at a time (default: all at once), since each probe's
-    autograd graph holds the whole batch's activations (26 GiB for 2 SD-1.5 samples with
-    guidance). The estimate sums over samples either way (each sample has its own probe signs),
-    so batches change only which signs are drawn.
+    autograd graph holds the whole batch's activations (tens of GiB for a few SD-1.5 samples
+    with guidance: docs/results.md#real-size-models). The estimate sums over samples either
+    way (each sample has its own probe signs), so batches change only which signs are drawn.
     """
     if n < 1 or probes < 1:
         raise MPQSearchError(f"sensitivity needs n >= 1 and probes >= 1, got {n}, {probes}")

@@ -144,8 +144,8 @@ def _array_names(names: list[str], w_bits: Sequence[int]) -> tuple[str, ...]:
 
 class StoredCodes(Mapping[str, Mapping[int, WeightQuant]]):
     """GPTQ tables read from their cache file whenever a layer's codes are asked for, not held
-    in memory: a real-size model has one code per weight per candidate bit-width (7 x 717 M
-    bytes for DiT-XL/2, 18 GB for SDXL), while a trial uses one bit-width per layer and the
+    in memory: a real-size model has one code per weight per candidate bit-width (7 bytes per
+    weight by default), while a trial uses one bit-width per layer and the
     sensitivity profile one layer at a time. Reads come from the page cache after the first;
     the engine keeps the dequantized weights that fit `max_cache_bytes` in memory."""
 
