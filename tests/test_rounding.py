@@ -422,3 +422,40 @@ def test_gptq_codes_stay_on_disk_and_are_written_one_layer_at_a_time(
         assert pipe.read() == expected
     os.waitpid(child, 0)
     assert _fingerprint({n: dict(b) for n, b in tables.entries.items()}) == expected
+
+
+def test_rtn_tables_over_the_cache_budget_go_to_disk_with_the_same_codes(
+    tiny: tuple[LoadedModel, list[LayerSpec]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Round-to-nearest tables that fit `max_cache_bytes` stay in memory; larger ones (a
+    real-size model's: one byte per weight per bit-width) are written to the cache file one
+    layer at a time and read back equal, so memory does not grow with the number of layers."""
+    from mpq_search.quant import _tables
+
+    model, specs = tiny
+    monkeypatch.setenv("MPQ_SEARCH_CACHE", str(tmp_path))
+    config = replace(FAST, rounding="rtn", weight_grid="mse")
+    in_memory = weight_tables(model, specs, config)
+    assert in_memory.nbytes() > 0 and isinstance(in_memory.entries, dict)
+    written: list[str] = []  # the layer of each array, in the order written
+    real_writer = _tables.cached_array_file
+
+    def file_of(folder: str, key: Any, names: Any, compute: Any) -> Path:
+        def logged(write: Any) -> None:
+            def writing(name: str, array: Any) -> None:
+                written.append(name.split("|")[0])
+                write(name, array)
+
+            compute(writing)
+
+        return real_writer(folder, key, names, logged)
+
+    monkeypatch.setattr(_tables, "cached_array_file", file_of)
+    stored = weight_tables(model, specs, replace(config, max_cache_bytes=0))
+    assert stored.rounding == "rtn" and stored.nbytes() == 0
+    assert isinstance(stored.entries, _tables.StoredCodes)
+    runs = [name for i, name in enumerate(written) if i == 0 or written[i - 1] != name]
+    assert runs == [s.name for s in specs]  # each layer written whole before the next
+    assert _fingerprint({n: dict(b) for n, b in stored.entries.items()}) == _fingerprint(
+        {n: dict(b) for n, b in in_memory.entries.items()})
+    assert list((tmp_path / "weights").glob("*.npz"))

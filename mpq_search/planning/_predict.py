@@ -10,8 +10,9 @@ lazy-batch updates, one small-op sequence per column), the activation-range sear
 (calibration), probes (sensitivity), timed on this machine by `Machine`'s benchmarks.
 
 Memory. A stage's peak is what the process holds while it runs: the baseline and the loaded
-model, the stores alive then (round-to-nearest weight tables: one uint8 code per weight per
-candidate bit-width and a per-channel grid, while GPTQ's are read from their cache file; the
+model, the stores alive then (round-to-nearest weight tables that fit `max_cache_bytes`: one
+uint8 code per weight per candidate bit-width and a per-channel grid; larger ones and GPTQ's are
+read from their cache file; the
 engine's dequantized cache, at most `max_cache_bytes`; the sensitivity profile's kept weight
 errors, at most `SENSITIVITY_DELTA_BYTES`; one chunk of GPTQ Hessians, (cols)^2 float32 each,
 bounded by `max_hessian_bytes` or the largest layer alone; recorded activation samples) and the
@@ -139,8 +140,11 @@ class _Model:
         weight_bytes = [4.0 * _weight_numel(s) for s in self.specs]
         self.table_bytes = sum(w / 4.0 * self.nw + 8.0 * s.weight_shape[0] * self.nw
                                for w, s in zip(weight_bytes, self.specs, strict=True))
-        # held in memory: GPTQ's codes are read from their cache file when used (StoredCodes)
-        self.tables = self.table_bytes if self.quant.rounding == "rtn" else 0.0
+        # held in memory only when round-to-nearest codes fit the cache budget; otherwise
+        # (and always for GPTQ) they are read from their cache file when used (StoredCodes)
+        codes = sum(w / 4.0 * self.nw for w in weight_bytes)
+        in_memory = self.quant.rounding == "rtn" and codes <= self.quant.max_cache_bytes
+        self.tables = self.table_bytes if in_memory else 0.0
         self.dequant = _greedy([w for w in weight_bytes for _ in range(self.nw)],
                                self.quant.max_cache_bytes)
         self.deltas = _greedy([w * self.nw for w in weight_bytes], SENSITIVITY_DELTA_BYTES)

@@ -11,7 +11,9 @@ Memory: Hessians are collected for as many layers at a time as fit `max_hessian_
 calibration sampling pass per such chunk), and each is freed once its layer is rounded; each
 layer's codes go to the cache file as soon as they are made, and are read back from it when
 asked for (`StoredCodes`), so the peak grows with the largest layers, not with their number.
-Round-to-nearest tables are made in memory.
+Round-to-nearest tables are made in memory when all their codes fit `max_cache_bytes`; larger
+ones (a real-size model's: one byte per weight per bit-width) go to the same kind of cache file,
+one layer at a time, and are read back as GPTQ's are.
 """
 
 from __future__ import annotations
@@ -100,18 +102,26 @@ def weight_tables(
     """
     started = time.perf_counter()
     modules = quantizable_modules(model.denoiser)
-    if config.rounding == "rtn":
-        rounded = {s.name: {b: round_to_nearest(_weight(modules[s.name]), b, config.weight_grid)
-                            for b in config.w_bits} for s in specs}
+    names = [s.name for s in specs]
+    if config.rounding == "rtn" and _codes_bytes(modules, names, config) <= config.max_cache_bytes:
+        rounded = {n: {b: round_to_nearest(_weight(modules[n]), b, config.weight_grid)
+                       for b in config.w_bits} for n in names}
         return WeightTables("rtn", config.weight_grid, rounded,
                             settings=config.weight_settings(),
                             seconds=time.perf_counter() - started)
-    names = [s.name for s in specs]
-    key = _cache_key(model, names, config)
-    path = cached_array_file(
-        "weights", key, _array_names(names, config.w_bits),
-        lambda write: _gptq_arrays(model, modules, names, config, progress, write))
+    if config.rounding == "rtn":  # larger than the cache budget: one layer at a time, to disk
+        path = cached_array_file(
+            "weights", _rtn_cache_key(model, names, config), _array_names(names, config.w_bits),
+            lambda write: _rtn_arrays(modules, names, config, write))
+    else:
+        path = cached_array_file(
+            "weights", _cache_key(model, names, config), _array_names(names, config.w_bits),
+            lambda write: _gptq_arrays(model, modules, names, config, progress, write))
     entries = StoredCodes(path, {n: _weight(modules[n]).device for n in names}, config.w_bits)
+    if config.rounding == "rtn":
+        return WeightTables("rtn", config.weight_grid, entries,
+                            settings=config.weight_settings(),
+                            seconds=time.perf_counter() - started)
     fallback = tuple(n for n in names if not gptq_supported(modules[n]))
     return WeightTables("gptq", config.weight_grid, entries, fallback,
                         settings=config.weight_settings(), seconds=time.perf_counter() - started)
@@ -137,13 +147,40 @@ def _cache_key(model: LoadedModel, names: list[str], config: QuantConfig) -> dic
     }
 
 
+def _codes_bytes(modules: Mapping[str, nn.Module], names: list[str], config: QuantConfig) -> int:
+    """Bytes of the uint8 codes of every layer at every candidate bit-width."""
+    return sum(_weight(modules[n]).numel() for n in names) * len(config.w_bits)
+
+
+def _rtn_cache_key(model: LoadedModel, names: list[str], config: QuantConfig) -> dict[str, Any]:
+    """Everything that decides round-to-nearest codes: the weights, layers and grid."""
+    return {
+        "kind": "weight-tables", "v": TABLES_VERSION, "model": model.identity.weights_hash,
+        "layers": names, "rounding": "rtn", "grid": config.weight_grid,
+        "w_bits": list(config.w_bits),
+        **({} if model.device.type == "cpu" else {"device": model.device.type}),
+    }
+
+
+def _rtn_arrays(modules: Mapping[str, nn.Module], names: list[str], config: QuantConfig,
+                write: ArrayWriter) -> None:
+    """Round each layer to nearest at every bit-width and hand its codes to `write`, one layer
+    at a time (the same codes as the in-memory tables)."""
+    for name in names:
+        weight = _weight(modules[name])
+        for bits in config.w_bits:
+            entry = round_to_nearest(weight, bits, config.weight_grid)
+            for part in ("codes", "scale", "zero"):
+                write(f"{name}|{bits}|{part}", getattr(entry, part).cpu().numpy())
+
+
 def _array_names(names: list[str], w_bits: Sequence[int]) -> tuple[str, ...]:
     return tuple(f"{n}|{b}|{part}" for n in names for b in w_bits
                  for part in ("codes", "scale", "zero"))
 
 
 class StoredCodes(Mapping[str, Mapping[int, WeightQuant]]):
-    """GPTQ tables read from their cache file whenever a layer's codes are asked for, not held
+    """Weight tables read from their cache file whenever a layer's codes are asked for, not held
     in memory: a real-size model has one code per weight per candidate bit-width (7 bytes per
     weight by default), while a trial uses one bit-width per layer and the
     sensitivity profile one layer at a time. Reads come from the page cache after the first;
