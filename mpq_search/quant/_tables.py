@@ -2,7 +2,7 @@
 
 A layer's rounded weights at b bits do not depend on the rest of a map (GPTQ's Hessian comes
 from the FP model's inputs), so one `WeightTables` serves every trial, the sensitivity profile,
-`apply`, `confirm` and `deploy`. Round-to-nearest tables are cheap and computed in place. GPTQ
+`apply`, `confirm` and `deploy`. Round-to-nearest tables are cheap to compute. GPTQ
 tables need the layers' input statistics from calibration trajectories; they are cached on disk
 (like the FP reference), keyed by everything that determines them, so that a study's workers
 and later commands read the same codes instead of recomputing them.
