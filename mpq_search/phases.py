@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mpq_search.runtime import release_freed_memory
+
 PHASES: tuple[str, ...] = (
     "load", "fp-pass", "orthogonality", "weight-tables", "sensitivity", "priors", "calibration",
     "fp-reference", "trial", "report", "confirm", "export", "deploy",
@@ -140,6 +142,7 @@ def _device_peak() -> int | None:
 def phase(name: str, detail: str = "") -> Iterator[None]:
     """Run the body as phase `name` (one of PHASES; `detail` says what it does here)."""
     _fold_peak()
+    release_freed_memory()  # what earlier phases freed is not this phase's memory
     if _STATE.exact:
         _reset_peak()
         cuda = _cuda()

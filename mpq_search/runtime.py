@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from mpq_search.errors import MPQSearchError
 
 _MALLOC_TUNED = False
+_LIBC: ctypes.CDLL | None = None
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
@@ -32,7 +33,7 @@ def keep_freed_memory() -> bool:
     moves memory, not numbers. Idempotent; returns whether the thresholds are set (False
     without glibc).
     """
-    global _MALLOC_TUNED
+    global _MALLOC_TUNED, _LIBC
     if _MALLOC_TUNED:
         return True
     name = ctypes.util.find_library("c")
@@ -41,11 +42,26 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:  # not glibc (musl, macOS)
+    if mallopt is None or not hasattr(libc, "malloc_trim"):  # not glibc (musl, macOS)
         return False
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    _MALLOC_TUNED = True
+    _MALLOC_TUNED, _LIBC = True, libc
+    return True
+
+
+def release_freed_memory() -> bool:
+    """Hand the free pages glibc keeps (`keep_freed_memory`) back to the OS; returns whether
+    it did (False when the thresholds were never raised).
+
+    Called between a run's phases (`phases.phase`): within a phase the kept buffers serve the
+    next denoiser call, but what one phase freed (the sensitivity profile's autograd graph, the
+    calibration's recorded inputs) would otherwise stay resident through every later phase and
+    add to their peaks on a real-size model.
+    """
+    if _LIBC is None:
+        return False
+    _LIBC.malloc_trim(0)
     return True
 
 

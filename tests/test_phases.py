@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +59,25 @@ def test_exact_peaks_separate_phases() -> None:
         assert outer.peak_rss_bytes >= tables.peak_rss_bytes
     finally:
         phases.exact_peaks(False)
+
+
+FREED_BETWEEN_PHASES = """
+import numpy as np
+from mpq_search import phases, runtime
+assert runtime.keep_freed_memory()
+blocks = [np.ones(1 << 20) for _ in range(64)]  # 512 MiB, each block below mmap's threshold
+del blocks
+kept = phases.rss_bytes()
+with phases.phase("report"):
+    inside = phases.rss_bytes()
+print(kept, inside)
+"""
+
+
+def test_a_phase_starts_without_the_memory_earlier_phases_freed() -> None:
+    """With glibc keeping freed buffers (the CLI's setting), what one phase freed would stay
+    resident through every later one; a phase start hands it back."""
+    out = subprocess.run([sys.executable, "-c", FREED_BETWEEN_PHASES], capture_output=True,
+                         text=True, check=True, timeout=120)
+    kept, inside = map(int, out.stdout.split())
+    assert kept - inside > 400 * 2**20  # of the 512 MiB freed
