@@ -67,9 +67,11 @@ class WeightQuant:
     zero: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
-        """The fake-quantized weight, in float32 and the original shape."""
+        """The fake-quantized weight, in float32 and the original shape (in place on one new
+        tensor: the same numbers as `(codes - zero) * scale`, a third of the allocations, which
+        counts when a real-size trial dequantizes every layer the float cache does not hold)."""
         shape = (-1,) + (1,) * (self.codes.dim() - 1)
-        return (self.codes.float() - self.zero.view(shape)) * self.scale.view(shape)
+        return self.codes.float().sub_(self.zero.view(shape)).mul_(self.scale.view(shape))
 
     def nbytes(self) -> int:
         """Bytes held by this entry."""
