@@ -205,13 +205,15 @@ def _largest_store(config: Any, facts: dict[str, Any]) -> dict[str, int]:
     sizing rules), so the table can say which is largest."""
     params = facts["quantized_params"]
     bits = len(config.quant.w_bits)
-    in_memory = config.quant.rounding == "rtn"  # GPTQ's codes stay in their cache file
+    rtn = config.quant.rounding == "rtn"
+    # GPTQ's codes, and round-to-nearest codes over the cache budget, stay in their cache file
+    in_memory = rtn and params * bits <= config.quant.max_cache_bytes
     return {
         "weight tables (uint8 codes, every candidate bit-width)": params * bits * in_memory,
         "engine's float weight cache (max_cache_bytes)": min(config.quant.max_cache_bytes,
                                                              params * 4 * bits),
         "sensitivity's weight errors (max_delta_bytes)": min(1 << 30, params * 4 * bits),
-        "largest GPTQ Hessian": facts["largest_hessian_bytes"],
+        "largest GPTQ Hessian": 0 if rtn else facts["largest_hessian_bytes"],
     }
 
 
@@ -227,7 +229,32 @@ def _table(results: harness.Results) -> str:
         [(r["model"], r["name"], harness.cell(r["params"] / 1e6, 1), r["layers"],
           harness.cell(r["seconds"], 1), harness.cell(r["peak_rss_bytes"] / 2**30),
           harness.cell(r["calls"], 1), harness.cell(r["peak_rss_bytes"] / r["fp32_bytes"], 1))
-         for r in rows])
+         for r in rows]) + "\n\n" + _target_table(rows)
+
+
+def _target_table(rows: list[dict[str, Any]]) -> str:
+    """Per model, the run's peak against the issue's bound: 3x the float32 denoiser plus the
+    proxy batch's activations (the fp-pass phase's peak above the loaded model's, same run)."""
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["name"]] = row
+    lines = []
+    for model, stages in by_model.items():
+        if not {"load", "fp-pass", "run"} <= set(stages):
+            continue
+        fp32 = stages["run"]["fp32_bytes"]
+        activations = max(0, stages["fp-pass"]["peak_rss_bytes"]
+                          - stages["load"]["peak_rss_bytes"])
+        target = 3 * fp32 + activations
+        peak = stages["run"]["peak_rss_bytes"]
+        stores = stages["run"].get("stores") or {}
+        largest = max(stores.items(), key=lambda kv: kv[1], default=("-", 0))
+        lines.append((model, harness.cell(fp32 / 2**30), harness.cell(activations / 2**30),
+                      harness.cell(target / 2**30), harness.cell(peak / 2**30),
+                      harness.cell(peak / target), f"{largest[0]}, {largest[1] / 2**30:.2f}"))
+    return harness.table(
+        ["model", "fp32 denoiser (GiB)", "activations (GiB)", "3x + activations (GiB)",
+         "run peak (GiB)", "peak / bound", "largest store (GiB)"], lines)
 
 
 if __name__ == "__main__":
