@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,18 @@ def test_stage_record_round_trips_to_json() -> None:
     run = _plan()
     stages = [dataclasses.asdict(s) for s in run.stages]
     assert json.loads(json.dumps(stages, allow_nan=False)) == stages
+
+
+def test_an_applied_map_counts_the_weights_the_float_cache_lacks() -> None:
+    """A trial holds a dequantized float copy of every weight the engine's cache does not
+    hold. These layers fit the default cache at every bit-width (a trial adds no copy); with
+    no cache, a trial holds one copy of the whole denoiser's weights."""
+    from mpq_search.config import StudyConfig
+
+    weights = 4.0 * sum(math.prod(s.weight_shape) for s in _specs())
+    widths = len(StudyConfig().quant.w_bits)
+    cached, uncached = _plan(), _plan(max_cache_bytes=0)
+    assert cached.stage("trial").peak_bytes - uncached.stage("trial").peak_bytes == \
+        pytest.approx(widths * weights - weights)
+    assert uncached.stage("calibration").peak_bytes >= \
+        uncached.stage("load").peak_bytes + weights

@@ -13,7 +13,8 @@ Memory. A stage's peak is what the process holds while it runs: the baseline and
 model, the stores alive then (round-to-nearest weight tables that fit `max_cache_bytes`: one
 uint8 code per weight per candidate bit-width and a per-channel grid; larger ones and GPTQ's are
 read from their cache file; the
-engine's dequantized cache, at most `max_cache_bytes`; the sensitivity profile's kept weight
+engine's dequantized cache, at most `max_cache_bytes`, and while a map is applied the
+dequantized copy of every weight the cache lacks; the sensitivity profile's kept weight
 errors, at most `SENSITIVITY_DELTA_BYTES`; one chunk of GPTQ Hessians, (cols)^2 float32 each,
 bounded by `max_hessian_bytes` or the largest layer alone; recorded activation samples) and the
 largest transient (one call's activations, the autograd graph of the sensitivity batch, a
@@ -148,6 +149,9 @@ class _Model:
         self.dequant = _greedy([w for w in weight_bytes for _ in range(self.nw)],
                                self.quant.max_cache_bytes)
         self.deltas = _greedy([w * self.nw for w in weight_bytes], SENSITIVITY_DELTA_BYTES)
+        # a map applied: every layer whose floats the cache lacks gets a dequantized copy of
+        # its weight at its bits (the cache holds whole layers at every bit-width first)
+        self.applied = max(0.0, sum(weight_bytes) - self.dequant / max(1, self.nw))
         self.largest_weight = max(weight_bytes, default=0.0)
         self.largest_input = max((4.0 * math.prod(s.input_shape) for s in self.specs),
                                  default=0.0)
@@ -303,8 +307,11 @@ class _Model:
                 self.p.call_seconds(2) * self.c.quant_slowdown
         records = 4.0 * len(self.specs) * recorded * q.act_samples_per_step
         compiled = self.c.compile_bytes if q.kernel == "compiled" else 0.0
+        # the compiled kernel's warm-up applies a map (its dequantized weights)
+        warm_up = self.applied if q.kernel == "compiled" else 0.0
         peak = self.resident + self.tables + self.dequant + records + compiled + \
-            self.sampling_bytes(q.calib_n, q.batch_size)
+            max(self.sampling_bytes(q.calib_n, q.batch_size),
+                warm_up + self.sampling_bytes(2, 2))
         return StagePlan("calibration", seconds, peak,
                          f"{q.calib_n} samples x {q.calib_steps} steps, {searches} ranges")
 
@@ -329,7 +336,7 @@ class _Model:
                                 self.c.quant_slowdown) + self.score(cfg.n) + \
             self.ops(self.c.trial_ops + self.c.trial_param_ops * params)
         quantizing = 4.0 * self.p.rows_per_sample * self.largest_input
-        peak = self.engine_bytes() + self.c.study_bytes + self.largest_weight + max(
+        peak = self.engine_bytes() + self.c.study_bytes + self.largest_weight + self.applied + max(
             self.sampling_bytes(cfg.n, cfg.batch_size, quantizing),
             self.sampling_bytes(cfg.guard_n, cfg.batch_size, quantizing) if cfg.guard_n else 0)
         return StagePlan("trial", seconds, peak, f"{cfg.n} samples x {cfg.trial_steps} steps, "
