@@ -291,3 +291,6 @@ def test_an_applied_map_counts_the_weights_the_float_cache_lacks() -> None:
         pytest.approx(widths * weights - weights)
     assert uncached.stage("calibration").peak_bytes >= \
         uncached.stage("load").peak_bytes + weights
+    half = _plan(max_cache_bytes=0, dtype="bfloat16")  # the copies are in the model's dtype
+    assert uncached.stage("trial").peak_bytes - half.stage("trial").peak_bytes == \
+        pytest.approx(weights / 2)

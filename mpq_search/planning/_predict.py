@@ -146,12 +146,16 @@ class _Model:
         codes = sum(w / 4.0 * self.nw for w in weight_bytes)
         in_memory = self.quant.rounding == "rtn" and codes <= self.quant.max_cache_bytes
         self.tables = self.table_bytes if in_memory else 0.0
-        self.dequant = _greedy([w for w in weight_bytes for _ in range(self.nw)],
+        # the engine's cache, the applied copies and the kept weight errors are in the
+        # model's dtype (computed in float32, then cast)
+        model_bytes = [w * (0.5 if config.dtype in ("float16", "bfloat16") else 1.0)
+                       for w in weight_bytes]
+        self.dequant = _greedy([w for w in model_bytes for _ in range(self.nw)],
                                self.quant.max_cache_bytes)
-        self.deltas = _greedy([w * self.nw for w in weight_bytes], SENSITIVITY_DELTA_BYTES)
+        self.deltas = _greedy([w * self.nw for w in model_bytes], SENSITIVITY_DELTA_BYTES)
         # a map applied: every layer whose floats the cache lacks gets a dequantized copy of
         # its weight at its bits (the cache holds whole layers at every bit-width first)
-        self.applied = max(0.0, sum(weight_bytes) - self.dequant / max(1, self.nw))
+        self.applied = max(0.0, sum(model_bytes) - self.dequant / max(1, self.nw))
         self.largest_weight = max(weight_bytes, default=0.0)
         self.largest_input = max((4.0 * math.prod(s.input_shape) for s in self.specs),
                                  default=0.0)
