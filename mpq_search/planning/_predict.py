@@ -12,13 +12,12 @@ lazy-batch updates, one small-op sequence per column), the activation-range sear
 Memory. A stage's peak is what the process holds while it runs: the baseline and the loaded
 model, the stores alive then (round-to-nearest weight tables that fit `max_cache_bytes`: one
 uint8 code per weight per candidate bit-width and a per-channel grid; larger ones and GPTQ's are
-read from their cache file; the
-engine's dequantized cache, at most `max_cache_bytes`, and while a map is applied the
-dequantized copy of every weight the cache lacks; the sensitivity profile's kept weight
-errors, at most `SENSITIVITY_DELTA_BYTES`; one chunk of GPTQ Hessians, (cols)^2 float32 each,
-bounded by `max_hessian_bytes` or the largest layer alone; recorded activation samples) and the
-largest transient (one call's activations, the autograd graph of the sensitivity batch, a
-decoded batch).
+read from their cache file; the engine's dequantized cache, at most `max_cache_bytes`, and
+while a map is applied the dequantized copy of every weight the cache lacks; the sensitivity
+profile's kept weight errors, at most `SENSITIVITY_DELTA_BYTES`; one chunk of GPTQ Hessians,
+(cols)^2 float32 each, bounded by `max_hessian_bytes` or the largest layer alone; recorded
+activation samples) and the largest transient (one call's activations, the autograd graph of
+the sensitivity batch, a decoded batch).
 """
 
 from __future__ import annotations
