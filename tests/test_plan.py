@@ -294,3 +294,32 @@ def test_an_applied_map_counts_the_weights_the_float_cache_lacks() -> None:
     half = _plan(max_cache_bytes=0, dtype="bfloat16")  # the copies are in the model's dtype
     assert uncached.stage("trial").peak_bytes - half.stage("trial").peak_bytes == \
         pytest.approx(weights / 2)
+
+
+FREED_BEFORE_A_PLAN = """
+import sys, numpy as np
+from mpq_search.planning import plan
+from mpq_search.runtime import keep_freed_memory
+from mpq_search.search import load_config
+keep_freed_memory()  # as the CLI runs; then memory freed before the plan, which loading hands back
+blocks = [np.ones(1 << 20) for _ in range(64)]
+del blocks
+probe = plan(load_config(None, model=sys.argv[1], n=4, batch_size=4)).probe
+print(probe.model_bytes)
+"""
+
+
+def test_the_loaded_model_is_counted_after_freed_memory_is_handed_back(
+        tiny_pipeline_dir: Path) -> None:
+    """Loading starts a phase, which returns the memory glibc kept; the model's bytes are not
+    what RSS grew by then (which can be negative) but at least its parameters."""
+    import subprocess
+    import sys
+
+    from mpq_search.models import load_model
+
+    params = sum(p.numel() * p.element_size()
+                 for p in load_model(tiny_pipeline_dir).denoiser.parameters())
+    out = subprocess.run([sys.executable, "-c", FREED_BEFORE_A_PLAN, str(tiny_pipeline_dir)],
+                         capture_output=True, text=True, check=True, timeout=300)
+    assert int(out.stdout.strip().splitlines()[-1]) >= params

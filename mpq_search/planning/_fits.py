@@ -21,7 +21,7 @@ from mpq_search.models import LoadedModel
 from mpq_search.planning._measure import available_bytes, measure, memory_now
 from mpq_search.planning._predict import Constants, predict
 from mpq_search.planning._records import RunPlan
-from mpq_search.runtime import resolve_device, torch_threads
+from mpq_search.runtime import release_freed_memory, resolve_device, torch_threads
 from mpq_search.search import default_feature_net, load
 
 
@@ -53,6 +53,7 @@ def check_fits(run: RunPlan, available: int, source: str = "available memory") -
 def plan(config: StudyConfig, *, constants: Constants | None = None) -> RunPlan:
     """Load the model, measure it here and predict every stage of a run of `config`."""
     device = torch.device(resolve_device(config.device))
+    release_freed_memory()  # the baseline is what stays: loading starts a phase, which trims
     baseline = memory_now(device)
     with torch_threads(config.threads):
         started = time.perf_counter()

@@ -439,6 +439,12 @@ def _ilp_seconds(config: StudyConfig, specs: Sequence[LayerSpec]) -> float:
     return time.perf_counter() - started
 
 
+def _weights_bytes(model: LoadedModel) -> int:
+    """The denoiser's parameters: the least the loaded model adds, whatever the allocator
+    handed back meanwhile (a phase start releases freed memory, `runtime`)."""
+    return sum(p.numel() * p.element_size() for p in model.denoiser.parameters())
+
+
 def measure(model: LoadedModel, specs: Sequence[LayerSpec], config: StudyConfig, *,
             feature_net: str, baseline_bytes: int, load_seconds: float,
             timings: bool = True) -> Probe:
@@ -468,7 +474,8 @@ def measure(model: LoadedModel, specs: Sequence[LayerSpec], config: StudyConfig,
     channels, height, width = (*shape, 1, 1, 1)[:3]
     return Probe(
         device=str(device), rows_per_sample=max(1, slices.rows), slice_samples=slices.many[0],
-        baseline_bytes=baseline_bytes, model_bytes=max(0, start - baseline_bytes),
+        baseline_bytes=baseline_bytes,
+        model_bytes=max(start - baseline_bytes, _weights_bytes(model)),
         load_seconds=load_seconds, call_fixed_seconds=call_fixed,
         call_sample_seconds=call_sample, act_fixed_bytes=act_fixed,
         act_sample_bytes=act_sample, grad_forward_ratio=forward_ratio,
