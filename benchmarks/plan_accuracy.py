@@ -14,7 +14,6 @@ targets are read on the trial and on the run's peak. Examples:
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -56,10 +55,8 @@ def main(argv: list[str] | None = None) -> None:
 def _measured_rows(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Measured rows by model label, then stage name (the last row of a stage wins)."""
     rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.setdefault(row["model"], {})[row["name"]] = row
+    for row in harness.Results(path).rows:
+        rows.setdefault(row["model"], {})[row["name"]] = row
     return rows
 
 

@@ -109,21 +109,15 @@ def weight_tables(
         return WeightTables("rtn", config.weight_grid, rounded,
                             settings=config.weight_settings(),
                             seconds=time.perf_counter() - started)
-    if config.rounding == "rtn":  # larger than the cache budget: one layer at a time, to disk
-        path = cached_array_file(
-            "weights", _rtn_cache_key(model, names, config), _array_names(names, config.w_bits),
-            lambda write: _rtn_arrays(modules, names, config, write))
-    else:
-        path = cached_array_file(
-            "weights", _cache_key(model, names, config), _array_names(names, config.w_bits),
-            lambda write: _gptq_arrays(model, modules, names, config, progress, write))
+    rtn = config.rounding == "rtn"  # here: larger than the cache budget, so to disk as well
+    key = _rtn_cache_key(model, names, config) if rtn else _cache_key(model, names, config)
+    path = cached_array_file(
+        "weights", key, _array_names(names, config.w_bits),
+        (lambda write: _rtn_arrays(modules, names, config, write)) if rtn
+        else (lambda write: _gptq_arrays(model, modules, names, config, progress, write)))
     entries = StoredCodes(path, {n: _weight(modules[n]).device for n in names}, config.w_bits)
-    if config.rounding == "rtn":
-        return WeightTables("rtn", config.weight_grid, entries,
-                            settings=config.weight_settings(),
-                            seconds=time.perf_counter() - started)
-    fallback = tuple(n for n in names if not gptq_supported(modules[n]))
-    return WeightTables("gptq", config.weight_grid, entries, fallback,
+    fallback = () if rtn else tuple(n for n in names if not gptq_supported(modules[n]))
+    return WeightTables(config.rounding, config.weight_grid, entries, fallback,
                         settings=config.weight_settings(), seconds=time.perf_counter() - started)
 
 
@@ -169,9 +163,13 @@ def _rtn_arrays(modules: Mapping[str, nn.Module], names: list[str], config: Quan
     for name in names:
         weight = _weight(modules[name])
         for bits in config.w_bits:
-            entry = round_to_nearest(weight, bits, config.weight_grid)
-            for part in ("codes", "scale", "zero"):
-                write(f"{name}|{bits}|{part}", getattr(entry, part).cpu().numpy())
+            _write_entry(write, name, bits, round_to_nearest(weight, bits, config.weight_grid))
+
+
+def _write_entry(write: ArrayWriter, name: str, bits: int, entry: WeightQuant) -> None:
+    """One layer's codes and grid at `bits`, as the arrays `StoredCodes.read` reads."""
+    for part in ("codes", "scale", "zero"):
+        write(f"{name}|{bits}|{part}", getattr(entry, part).cpu().numpy())
 
 
 def _array_names(names: list[str], w_bits: Sequence[int]) -> tuple[str, ...]:
@@ -255,8 +253,7 @@ def _gptq_arrays(model: LoadedModel, modules: Mapping[str, nn.Module], names: li
                            for b in config.w_bits}
             del accumulator
             for bits, entry in by_bits.items():
-                for part in ("codes", "scale", "zero"):
-                    write(f"{name}|{bits}|{part}", getattr(entry, part).cpu().numpy())
+                _write_entry(write, name, bits, entry)
             del by_bits
 
 
