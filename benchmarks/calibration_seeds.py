@@ -8,13 +8,24 @@ activation ranges come from), a uniform map with the default quantizer is scored
 * `all-steps`: GPTQ's Hessians collected at every calibration step instead of the
   `calib_timesteps` recorded ones (activation ranges unchanged);
 * `split`: GPTQ tables from one seed, activation ranges from the other (`--seeds A,B` gives the
-  two crossings), which says whether the weights or the activation ranges move the score.
+  two crossings), which says whether the weights or the activation ranges move the score;
+* `more-hessian`: GPTQ's Hessians from 4x `calib_n` trajectories (activation ranges unchanged);
+* `no-act-order`: GPTQ's columns in their natural order instead of descending diag(H);
+* `damp-0.1`: GPTQ dampening 0.1 instead of 0.01 (closer to rounding to nearest);
+* `rtn`: weights rounded to nearest on the study's grid (they do not depend on the seed; the
+  activation ranges do).
+
+`--ranges-seed S` takes the activation ranges from seed S in every variant but `split`, so that
+only the weights change between rows. Besides FID-excess, each row has the paired mean squared
+error of the images against the FP images of the same noise, and the mean brightness shift.
 
 Rows append to results/calibration_seeds_<model>.jsonl, keyed by (variant, tables seed, ranges
 seed, setting); a rerun skips rows already there. (docs/results.md#uniform-settings)
 
     python benchmarks/calibration_seeds.py --model mnist-ddpm --seeds 1000,1001
     python benchmarks/calibration_seeds.py --model mnist-ddpm --seeds 1000,1001 --variants split
+    python benchmarks/calibration_seeds.py --model mnist-ddpm --seeds 1000,1001,1002,1003,1004 \\
+        --variants default,more-hessian --settings W4A8 --ranges-seed 1000
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Any
 
 import harness
 
-VARIANTS = ("default", "all-steps", "split")
+VARIANTS = ("default", "all-steps", "split", "more-hessian", "no-act-order", "damp-0.1", "rtn")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="uniform settings (default: W8A8,W4A8)")
     made.add_argument("--n", type=int, default=harness.MIN_HELDOUT_N, help="held-out samples")
     made.add_argument("--steps", type=int, default=20, help="DDIM steps of each sample")
+    made.add_argument("--ranges-seed", type=int, default=None,
+                      help="activation ranges from this seed (default: each row's tables seed)")
     args = harness.start(harness.parse(made, argv))
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -45,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
                           key=("variant", "tables_seed", "ranges_seed", "setting"))
     _measure(args, out)
     print(harness.table(
-        ["variant", "tables seed", "ranges seed", "setting", "FID-excess"],
+        ["variant", "tables seed", "ranges seed", "setting", "FID-excess", "paired MSE",
+         "mean shift"],
         [(r["variant"], r["tables_seed"], r["ranges_seed"], r["setting"],
-          harness.cell(r["fid_excess"])) for r in out.rows]))
+          harness.cell(r["fid_excess"]), harness.cell(r.get("paired_mse"), 5),
+          harness.cell(r.get("mean_shift"), 4)) for r in out.rows]))
 
 
 def _cases(args: Any) -> list[tuple[str, int, int]]:
@@ -57,7 +72,8 @@ def _cases(args: Any) -> list[tuple[str, int, int]]:
         if variant == "split":
             cases += [("split", a, b) for a in args.seeds for b in args.seeds if a != b]
         else:
-            cases += [(variant, seed, seed) for seed in args.seeds]
+            ranges = args.ranges_seed
+            cases += [(variant, seed, seed if ranges is None else ranges) for seed in args.seeds]
     return cases
 
 
@@ -68,6 +84,7 @@ def _measure(args: Any, out: harness.Results) -> None:
     from mpq_search.layers import discover_layers
     from mpq_search.models import load_model
     from mpq_search.quant import QuantEngine, weight_tables
+    from mpq_search.sampling import sample
     from mpq_search.search._scorer import default_feature_net
 
     model = load_model(args.model)
@@ -76,17 +93,18 @@ def _measure(args: Any, out: harness.Results) -> None:
     net = get_feature_net(default_feature_net(model))
     settings = SampleSettings(n=args.n, steps=args.steps, seed=1, batch_size=128)
     reference = fp_reference(model, net, settings)
+    fp_images = sample(model, n=settings.n, steps=settings.steps, seed=settings.seed,
+                       batch_size=settings.batch_size)
     base = harness.study_config(model=args.model).quant
     for variant, tables_seed, ranges_seed in _cases(args):
         todo = [s for s in args.settings
                 if not out.done((variant, tables_seed, ranges_seed, s))]
         if not todo:
             continue
-        rounding = replace(base, seed=tables_seed)
-        if variant == "all-steps":
-            rounding = replace(rounding, calib_timesteps=rounding.calib_steps)
+        rounding = _tables_config(variant, replace(base, seed=tables_seed))
         tables = weight_tables(model, specs, rounding)
-        engine = QuantEngine(model, specs, replace(base, seed=ranges_seed),
+        engine = QuantEngine(model, specs,
+                             replace(base, seed=ranges_seed, rounding=rounding.rounding),
                              weights=tables).calibrate()
         for text in todo:
             bits = LayerBits.parse(text)
@@ -95,11 +113,30 @@ def _measure(args: Any, out: harness.Results) -> None:
                 result = evaluate_current(model, net, settings, reference)
             finally:
                 engine.remove()
+            paired = float(((result.images - fp_images) ** 2).mean())
+            shift = float(result.images.mean() - fp_images.mean())
             out.add({"variant": variant, "tables_seed": tables_seed,
                      "ranges_seed": ranges_seed, "setting": text, "n": args.n,
-                     "steps": args.steps, "heldout_seed": 1, "fid_excess": result.fid_excess})
+                     "steps": args.steps, "heldout_seed": 1, "fid_excess": result.fid_excess,
+                     "paired_mse": paired, "mean_shift": shift})
             print(f"{variant} tables {tables_seed} ranges {ranges_seed} {text}: "
-                  f"{result.fid_excess:.2f}", flush=True)
+                  f"{result.fid_excess:.2f} (paired MSE {paired:.5f}, shift {shift:+.5f})",
+                  flush=True)
+
+
+def _tables_config(variant: str, config: Any) -> Any:
+    """The weight tables' config of `variant` (`config`: the study's, at the tables seed)."""
+    if variant == "all-steps":
+        return replace(config, calib_timesteps=config.calib_steps)
+    if variant == "more-hessian":
+        return replace(config, calib_n=4 * config.calib_n)
+    if variant == "no-act-order":
+        return replace(config, gptq_act_order=False)
+    if variant == "damp-0.1":
+        return replace(config, gptq_damp=0.1)
+    if variant == "rtn":
+        return replace(config, rounding="rtn")
+    return config
 
 
 if __name__ == "__main__":

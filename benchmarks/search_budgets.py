@@ -15,7 +15,8 @@ Resumable: studies resume from their storage under `--root`; held-out scores are
 is not scored again). `--procs N` runs the cells as a queue over N processes of
 `--threads / N` threads (what `run_budgets.sh` did); `--table-only` prints the tables: per
 budget the median [min-max] over seeds of each entry, then per variant its best map over the
-best ILP prior and over uniform. Use one `--out` per rounding: scores are keyed by the map.
+best ILP prior and over uniform. Use one `--out` per rounding and per `--calib-seed`: scores are
+keyed by the map.
 
     python benchmarks/search_budgets.py --model mnist-ddpm --variants best-prior,random \\
         --seeds 0,1,2 --budgets 3bits,4bits,4.5bits,bops<=W4A8 --procs 2
@@ -67,7 +68,7 @@ class Cell:
             quick=args.quick, model=args.model, budget=self.budget, seed=self.seed,
             root=str(args.root), threads=args.threads, trials=args.trials, proxy=args.proxy,
             rounding=args.rounding, weight_grid=args.weight_grid,
-            promote_passes=args.promote_passes)
+            promote_passes=args.promote_passes, **{"quant.seed": args.calib_seed})
 
     def run(self) -> None:
         if self.source is None and not self.complete:
@@ -299,6 +300,9 @@ def arguments() -> argparse.ArgumentParser:
         made.add_argument(option, type=int, default=None, help="default: the study default")
     for option in ("--proxy", "--rounding", "--weight-grid"):
         made.add_argument(option, default=None, help="default: the study default")
+    made.add_argument("--calib-seed", type=int, default=None,
+                      help="the quantizer's calibration noise seed (default: the study "
+                           "default); the weight tables change with it, so use its own --out")
     made.add_argument("--heldout-n", type=int, default=harness.MIN_HELDOUT_N)
     made.add_argument("--heldout-seed", type=int, default=1)
     made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-budgets"),
