@@ -19,6 +19,12 @@ activation ranges come from), a uniform map with the default quantizer is scored
 only the weights change between rows. Besides FID-excess, each row has the paired mean squared
 error of the images against the FP images of the same noise, and the mean brightness shift.
 
+`--layers BITS` measures per layer instead: each seed's default GPTQ table at BITS, its output
+error (relative, ||(W_q - W) X|| / ||W X|| squared) on its own calibration inputs and on the
+inputs of 64 other trajectories (noise seed `--test-seed`), which says whether one draw's tables
+are worse layer by layer or only in how the layers combine; rows go to
+results/calibration_seeds_layers_<model>.jsonl.
+
 Rows append to results/calibration_seeds_<model>.jsonl, keyed by (variant, tables seed, ranges
 seed, setting); a rerun skips rows already there. (docs/results.md#uniform-settings)
 
@@ -26,6 +32,7 @@ seed, setting); a rerun skips rows already there. (docs/results.md#uniform-setti
     python benchmarks/calibration_seeds.py --model mnist-ddpm --seeds 1000,1001 --variants split
     python benchmarks/calibration_seeds.py --model mnist-ddpm --seeds 1000,1001,1002,1003,1004 \\
         --variants default,more-hessian --settings W4A8 --ranges-seed 1000
+    python benchmarks/calibration_seeds.py --model mnist-ddpm --seeds 1000,1001 --layers 4
 """
 
 from __future__ import annotations
@@ -49,7 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     made.add_argument("--steps", type=int, default=20, help="DDIM steps of each sample")
     made.add_argument("--ranges-seed", type=int, default=None,
                       help="activation ranges from this seed (default: each row's tables seed)")
+    made.add_argument("--layers", type=int, default=None, metavar="BITS",
+                      help="per-layer output errors of the tables at BITS instead (see above)")
+    made.add_argument("--test-seed", type=int, default=2000,
+                      help="noise seed of --layers' other trajectories (%(default)s)")
     args = harness.start(harness.parse(made, argv))
+    if args.layers is not None:
+        _layer_errors(args)
+        return
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         made.error(f"unknown variants {sorted(unknown)}; variants: {', '.join(VARIANTS)}")
@@ -137,6 +151,62 @@ def _tables_config(variant: str, config: Any) -> Any:
     if variant == "rtn":
         return replace(config, rounding="rtn")
     return config
+
+
+
+def _layer_errors(args: Any) -> None:
+    """Per layer and seed: the table's relative output error on its own calibration inputs and
+    on other trajectories' (see the module docstring)."""
+    import torch
+
+    from mpq_search.layers import discover_layers, quantizable_modules
+    from mpq_search.models import load_model
+    from mpq_search.quant import weight_tables
+    from mpq_search.quant._tables import _collect_hessians
+
+    model = load_model(args.model)
+    specs = discover_layers(model.denoiser)
+    modules = quantizable_modules(model.denoiser)
+    base = harness.study_config(model=args.model, quick=args.quick).quant
+    folder = harness.QUICK_RESULTS if args.quick else harness.RESULTS
+    out = harness.Results(folder / f"calibration_seeds_layers_{Path(args.model).name}.jsonl",
+                          key=("seed", "test_seed", "bits", "layer"))
+
+    def hessians(config: Any) -> dict[str, torch.Tensor]:
+        return {n: a.mean() for n, a in _collect_hessians(model, modules, config, None).items()}
+
+    def error(name: str, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
+        weight = modules[name].weight.detach().float().reshape(rounded.shape[0], -1)
+        delta = rounded.reshape(rounded.shape[0], -1) - weight
+        return float(torch.trace(delta @ hessian @ delta.T) /
+                     torch.trace(weight @ hessian @ weight.T))
+
+    test = hessians(replace(base, seed=args.test_seed, calib_n=2 * base.calib_n))
+    for seed in args.seeds:
+        config = replace(base, seed=seed)
+        own = hessians(config)
+        tables = weight_tables(model, specs, config)
+        for name in own:
+            rounded = tables.quant(name, args.layers).dequantize().float()
+            out.add({"seed": seed, "test_seed": args.test_seed, "bits": args.layers,
+                     "layer": name, "columns": modules[name].weight[0].numel(),
+                     "calibration_error": error(name, rounded, own[name]),
+                     "test_error": error(name, rounded, test[name])})
+    rows = [r for r in out.rows if r["bits"] == args.layers and r["test_seed"] == args.test_seed]
+    first, *others = args.seeds
+    by = {(r["seed"], r["layer"]): r for r in rows}
+    table = []
+    for r in (r for r in rows if r["seed"] == first):
+        cells = [r["layer"], r["columns"], harness.cell(r["test_error"], 5),
+                 harness.cell(r["test_error"] / r["calibration_error"])
+                 if r["calibration_error"] else "-"]
+        for seed in others:
+            other = by.get((seed, r["layer"]))
+            cells.append(harness.cell(other["test_error"] / r["test_error"])
+                         if other and r["test_error"] else "-")
+        table.append(cells)
+    print(harness.table(["layer", "columns", f"test error, seed {first}", "test / calibration",
+                         *[f"seed {s} / seed {first} (test)" for s in others]], table))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ line. The scenarios themselves are not run here (minutes each; `--quick` runs th
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
@@ -98,6 +99,32 @@ def test_budget_cells_pass_the_options_on() -> None:
             "--variants", "best-prior,random"]
     kept = search_budgets._without(argv, ("--procs", "--seeds", "--budgets", "--threads"))
     assert kept == ["--model", "mnist-dit", "--variants", "best-prior,random"]
+
+
+
+def test_a_budget_cell_takes_the_calibration_seed(tmp_path: Path) -> None:
+    search_budgets = importlib.import_module("search_budgets")
+    args = search_budgets.arguments().parse_args(["--root", str(tmp_path), "--calib-seed", "1001"])
+    cell = search_budgets.Cell(args, harness.Results(tmp_path / "r.jsonl"), "4bits", 2, {})
+    config = cell.base()
+    assert (config.seed, config.quant.seed) == (2, 1001)
+    args = search_budgets.arguments().parse_args(["--root", str(tmp_path)])
+    default = search_budgets.Cell(args, harness.Results(tmp_path / "r.jsonl"), "4bits", 2, {})
+    assert default.base().quant.seed == harness.study_config().quant.seed
+
+
+def test_calibration_variants_change_only_the_tables_they_name() -> None:
+    seeds = importlib.import_module("calibration_seeds")
+    base = harness.study_config().quant
+    changed = {v: {k for k, value in vars(seeds._tables_config(v, base)).items()
+                   if value != getattr(base, k)} for v in seeds.VARIANTS}
+    assert changed == {"default": set(), "split": set(), "all-steps": {"calib_timesteps"},
+                       "more-hessian": {"calib_n"}, "no-act-order": {"gptq_act_order"},
+                       "damp-0.1": {"gptq_damp"}, "rtn": {"rounding"}}
+    assert seeds._tables_config("more-hessian", base).calib_n == 4 * base.calib_n
+    made = argparse.Namespace(seeds=[5, 6], variants=["default", "split"], ranges_seed=7)
+    assert seeds._cases(made) == [("default", 5, 7), ("default", 6, 7), ("split", 5, 6),
+                                  ("split", 6, 5)]
 
 
 def test_results_keep_a_whole_last_row_without_its_newline(tmp_path: Path) -> None:
