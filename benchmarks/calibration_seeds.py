@@ -21,8 +21,8 @@ error of the images against the FP images of the same noise, and the mean bright
 
 `--layers BITS` measures per layer instead: each seed's default GPTQ table at BITS, its output
 error (relative, ||(W_q - W) X|| / ||W X|| squared) on its own calibration inputs and on the
-inputs of 64 other trajectories (noise seed `--test-seed`), which says whether one draw's tables
-are worse layer by layer or only in how the layers combine; rows go to
+inputs of twice `calib_n` other trajectories (noise seed `--test-seed`), which says whether one
+draw's tables are worse layer by layer or only in how the layers combine; rows go to
 results/calibration_seeds_layers_<model>.jsonl.
 
 Rows append to results/calibration_seeds_<model>.jsonl, keyed by (variant, tables seed, ranges

@@ -26,6 +26,8 @@ ACT_RANGES: tuple[str, ...] = get_args(ActRanges)
 ModelDtype = Literal["float32", "float16", "bfloat16"]
 """The floating-point type the FP model's denoiser runs in (`models.load_model`)."""
 MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
+MODEL_DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+"""Bytes per element of each model dtype (what the planner counts without loading torch)."""
 
 ProxyName = Literal["fid", "kid", "paired", "pixel", "fid+paired"]
 """A trial's score against the FP samples of the same noise (`evaluate.PROXY_LABELS`)."""

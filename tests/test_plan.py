@@ -292,6 +292,10 @@ def test_an_applied_map_counts_the_weights_the_float_cache_lacks() -> None:
     assert uncached.stage("calibration").peak_bytes >= \
         uncached.stage("load").peak_bytes + weights
     half = _plan(max_cache_bytes=0, dtype="bfloat16")  # the copies are in the model's dtype
+    from mpq_search.choices import MODEL_DTYPE_BYTES
+    from mpq_search.models import resolve_dtype
+
+    assert {d: resolve_dtype(d).itemsize for d in MODEL_DTYPE_BYTES} == MODEL_DTYPE_BYTES
     assert uncached.stage("trial").peak_bytes - half.stage("trial").peak_bytes == \
         pytest.approx(weights / 2)
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mpq_search.choices import MODEL_DTYPE_BYTES
 from mpq_search.config import StudyConfig
 from mpq_search.layers import LayerSpec
 from mpq_search.planning._records import FID_BENCH_DIM, Probe, RunPlan, StagePlan
@@ -147,8 +148,7 @@ class _Model:
         self.tables = self.table_bytes if in_memory else 0.0
         # the engine's cache, the applied copies and the kept weight errors are in the
         # model's dtype (computed in float32, then cast)
-        model_bytes = [w * (0.5 if config.dtype in ("float16", "bfloat16") else 1.0)
-                       for w in weight_bytes]
+        model_bytes = [w * MODEL_DTYPE_BYTES[config.dtype] / 4.0 for w in weight_bytes]
         self.dequant = _greedy([w for w in model_bytes for _ in range(self.nw)],
                                self.quant.max_cache_bytes)
         self.deltas = _greedy([w * self.nw for w in model_bytes], SENSITIVITY_DELTA_BYTES)
