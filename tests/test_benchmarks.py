@@ -113,6 +113,31 @@ def test_a_budget_cell_takes_the_calibration_seed(tmp_path: Path) -> None:
     assert default.base().quant.seed == harness.study_config().quant.seed
 
 
+def test_headroom_picks_the_best_feasible_map_within_each_checkpoint(tmp_path: Path) -> None:
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    headroom = importlib.import_module("search_headroom")
+    study = optuna.create_study(directions=["minimize", "minimize"])
+
+    def add(value: float, *, excess: float = 0.0, role: str = "search") -> None:
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE, values=[value, 1.0], user_attrs={"role": role},
+            system_attrs={"constraints:budget": excess}))
+
+    add(1.0, excess=2.0, role="baseline")  # uniform W8A8: best proxy, outside the budget
+    add(9.0)
+    add(5.0)
+    add(7.0)
+    add(3.0, excess=0.5)  # over the budget
+    add(2.0)
+    assert [t.values[0] for t in headroom.ranked(study, 2)] == [5.0, 9.0]
+    assert [t.values[0] for t in headroom.ranked(study, 5)] == [2.0, 5.0, 7.0, 9.0]
+    config = headroom.study_config(headroom.arguments().parse_args(
+        ["--root", str(tmp_path), "--seed", "2"]), 440)
+    assert (config.trials, config.seed, config.guided.surrogate_prior) == (440, 2, "best-prior")
+
+
 def test_calibration_variants_change_only_the_tables_they_name() -> None:
     seeds = importlib.import_module("calibration_seeds")
     base = harness.study_config().quant

@@ -1,0 +1,189 @@
+"""Headroom of the search: how much better does a study get with 10x the trials? Held-out
+scores of one long default study's best map after each checkpoint (docs/results.md#search-quality).
+
+One study at `--budget` and `--seed`, with the default settings and the `best-prior` start that
+`search_budgets.py` runs, is resumed to each of `--checkpoints` search trials in turn (priors
+count, the uniform baselines are extra). After each, its best map by the proxy so far gets a
+held-out FID-excess (N >= 1000 at the sampler's steps, noise seed `--heldout-seed`, which no
+trial uses). The sampler does not look at the trial count and a seed gives one study to the
+last digit, so the first `--checkpoints` entry equal to the default's trials (44) is the
+default study's best: its map key matches `search_budgets.py`'s `search:best-prior` row of the
+same cell. At the last checkpoint the `--top` best maps by the proxy are scored too: how much
+a perfect ranking among them would gain over the proxy's pick.
+
+Resumable: the study resumes from its storage under `--root`; held-out rows, keyed by
+(model, budget, seed, entry), are JSON lines in `--out`. A map already scored at the same
+held-out setting in `--out` or `--reuse` is not scored again.
+
+    python benchmarks/search_headroom.py --model mnist-ddpm --budget 3bits --seed 0 \\
+        --checkpoints 44,110,220,440 --top 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import harness
+
+if TYPE_CHECKING:
+    import optuna
+
+    from mpq_search.search import SearchPlan, StudyConfig
+
+
+def _slug(budget: str) -> str:
+    return budget.replace("<=", "-le-").replace("<", "-lt-")
+
+
+def study_config(args: argparse.Namespace, trials: int) -> StudyConfig:
+    """The default study of the cell (search_budgets.py's `best-prior`), to `trials` trials."""
+    config = harness.study_config(
+        quick=args.quick, model=args.model, budget=args.budget, seed=args.seed,
+        root=str(args.root), threads=args.threads, trials=trials)
+    name = f"{Path(args.model).name}-{_slug(args.budget)}-s{args.seed}-headroom"
+    return config.replace(study=name, surrogate_prior="best-prior")
+
+
+def ranked(study: optuna.Study, upto: int) -> list[optuna.trial.FrozenTrial]:
+    """The study's feasible finished trials among its first `upto` search trials, best proxy
+    score first (ties: the earlier trial). Feasible as in `Study.best_trials`: the uniform
+    baselines outside the budget are references, not picks."""
+    from optuna.trial import TrialState
+
+    from mpq_search.search import counted_trials
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    kept = [t for t in done if t.values and all(v <= 0 for v in t.constraints.values())
+            and counted_trials(study, below=t.number) < upto]
+    return sorted(kept, key=lambda t: (t.values[0], t.number))
+
+
+def plan_of(config: StudyConfig, study: optuna.Study) -> SearchPlan:
+    from mpq_search.search import ImportanceScores, load, prepare
+
+    model, specs = load(config)
+    stored = study.user_attrs.get("importance")
+    return prepare(config, model, specs,
+                   importance=None if stored is None else ImportanceScores.from_dict(stored))
+
+
+def known_scores(args: argparse.Namespace, results: harness.Results) -> dict[str, float]:
+    """Held-out scores of maps already measured at this setting (`--out`, `--reuse`)."""
+    scored: dict[str, float] = {}
+    rows: list[dict[str, Any]] = list(results)
+    for path in args.reuse:
+        if path.exists():
+            rows += list(harness.Results(path))
+    for row in rows:
+        if ("map" in row and row.get("model") == args.model and row.get("heldout") is not None
+                and (row.get("heldout_n"), row.get("heldout_seed"))
+                == (args.heldout_n, args.heldout_seed)):
+            scored[row["map"]] = row["heldout"]
+    return scored
+
+
+def measure(args: argparse.Namespace) -> None:
+    from mpq_search.api import run
+    from mpq_search.bitmap import BitMap
+    from mpq_search.cost import cost_of
+    from mpq_search.search import calibrate
+
+    harness.start(args)
+    results = harness.Results(args.out, key=("model", "budget", "seed", "entry"))
+    scored = known_scores(args, results)
+    heldout: harness.HeldOut | None = None
+    checkpoints = sorted(args.checkpoints)
+    for upto in checkpoints:
+        tops = args.top if upto == checkpoints[-1] else 1
+        entries = ["best"] + [f"top:{k}" for k in range(2, tops + 1)]
+        if all(results.done((args.model, args.budget, args.seed, f"{e}@{upto}"))
+               for e in entries):
+            continue
+        config = study_config(args, upto)
+        started = time.perf_counter()
+        study = run(config)
+        print(f"{args.budget} seed {args.seed}: {upto} trials, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        plan = None
+        for rank, trial in enumerate(ranked(study, upto)[:tops], start=1):
+            entry = f"{entries[rank - 1]}@{upto}"
+            if results.done((args.model, args.budget, args.seed, entry)):
+                continue
+            bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
+            key = harness.map_key(bitmap)
+            plan = plan or plan_of(config, study)
+            started = time.perf_counter()
+            if key not in scored:
+                if heldout is None:
+                    heldout = harness.HeldOut.of(calibrate(plan), config, n=args.heldout_n,
+                                                 seed=args.heldout_seed, quick=args.quick)
+                scored[key] = heldout.score(bitmap)
+            cost = cost_of(list(plan.specs), bitmap)
+            row = results.add({
+                "model": args.model, "budget": args.budget, "seed": args.seed,
+                "entry": entry, "trials": upto, "rank": rank, "trial": trial.number,
+                "heldout": scored[key], "proxy": trial.values[0],
+                "avg_w_bits": cost.avg_w_bits, "avg_a_bits": cost.avg_a_bits,
+                "bops": cost.bops, "heldout_n": args.heldout_n,
+                "heldout_seed": args.heldout_seed, "map": key,
+                "seconds": time.perf_counter() - started})
+            print(f"  {entry}: trial {trial.number}, proxy {row['proxy']:.2f}, held-out "
+                  f"{row['heldout']:.3f}, map {key}", flush=True)
+
+
+def table(rows: list[dict[str, Any]], model: str) -> str:
+    """Per (budget, seed): each checkpoint's best (proxy, held-out), then the top maps."""
+    picked = sorted((r for r in rows if r.get("model") == model and "trials" in r),
+                    key=lambda r: (r["budget"], r["seed"], r["trials"], r["rank"]))
+    return harness.table(
+        ["budget", "seed", "search trials", "rank by proxy", "trial", "proxy", "held-out",
+         "map"],
+        [[r["budget"], r["seed"], r["trials"], r["rank"], r["trial"], harness.cell(r["proxy"]),
+          harness.cell(r["heldout"]), r["map"]] for r in picked])
+
+
+def arguments() -> argparse.ArgumentParser:
+    made = harness.parser(__doc__, out=None, seeds=None)
+    made.add_argument("--out", type=Path, default=None,
+                      help="result rows (default: results/search_headroom_<model>.jsonl)")
+    made.add_argument("--budget", default="3bits")
+    made.add_argument("--seed", type=int, default=0, help="the study seed (%(default)s)")
+    made.add_argument("--checkpoints", type=harness.int_list, default=[44, 110, 220, 440],
+                      help="search-trial counts to score the best map at (44,110,220,440)")
+    made.add_argument("--top", type=int, default=3,
+                      help="maps scored at the last checkpoint, by proxy rank (%(default)s)")
+    made.add_argument("--reuse", type=Path, nargs="*", default=None,
+                      help="other result files whose held-out scores to reuse (default: "
+                           "results/search_budgets_<model>.jsonl)")
+    made.add_argument("--heldout-n", type=int, default=harness.MIN_HELDOUT_N)
+    made.add_argument("--heldout-seed", type=int, default=1)
+    made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-headroom"),
+                      help="the study's folder")
+    made.add_argument("--table-only", action="store_true")
+    return made
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(sys.argv[1:] if argv is None else argv)
+    name = Path(args.model).name
+    if args.out is None:
+        args.out = harness.RESULTS / f"search_headroom_{name}.jsonl"
+    if args.reuse is None:
+        args.reuse = [harness.RESULTS / f"search_budgets_{name}.jsonl"]
+    harness.quick_out(args)
+    if args.quick:
+        args.heldout_n = min(args.heldout_n, 16)
+        args.checkpoints, args.top = [2, 3], 2
+        args.root = harness.QUICK_RESULTS / "headroom-studies"  # never a real study's folder
+        args.reuse = []
+    if not args.table_only:
+        measure(args)
+    print(table(harness.Results(args.out).rows, args.model))
+
+
+if __name__ == "__main__":
+    main()
