@@ -11,12 +11,18 @@ default study's best: its map key matches `search_budgets.py`'s `search:best-pri
 same cell. At the last checkpoint the `--top` best maps by the proxy are scored too: how much
 a perfect ranking among them would gain over the proxy's pick.
 
+`--rescore N:steps:seed,...` instead scores the maps held-out so far (the checkpoints' and top
+maps, and the study's ILP priors) at other sample settings, with every proxy of one sampling
+pass (`evaluate.PROXIES`): does a proxy with more steps or samples rank them as the held-out
+score does? It reads the study as it stands, so it can run beside the long study.
+
 Resumable: the study resumes from its storage under `--root`; held-out rows, keyed by
 (model, budget, seed, entry), are JSON lines in `--out`. A map already scored at the same
 held-out setting in `--out` or `--reuse` is not scored again.
 
     python benchmarks/search_headroom.py --model mnist-ddpm --budget 3bits --seed 0 \\
         --checkpoints 44,110,220,440 --top 3
+    python benchmarks/search_headroom.py --rescore 512:5:0,128:20:0,256:10:0,512:20:0
 """
 
 from __future__ import annotations
@@ -135,9 +141,80 @@ def measure(args: argparse.Namespace) -> None:
                   f"{row['heldout']:.3f}, map {key}", flush=True)
 
 
+def rescore(args: argparse.Namespace) -> None:
+    """Score the maps of this study that have a held-out score at each `--rescore` setting."""
+    from mpq_search.bitmap import BitMap
+    from mpq_search.evaluate import SampleSettings
+    from mpq_search.search import calibrate, find_study
+
+    harness.start(args)
+    results = harness.Results(args.out, key=("model", "budget", "seed", "entry"))
+    scored = known_scores(args, results)
+    config = study_config(args, max(args.checkpoints))
+    study = find_study(config.study_name, config.storage_url)
+    if study is None:
+        raise SystemExit(f"no study {config.study_name} under {args.root}: run the checkpoints")
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    maps: dict[str, tuple[str, BitMap]] = {}  # map key -> (name, map)
+    for row in results:
+        if "trials" in row and row.get("model") == args.model and row["budget"] == args.budget \
+                and row["seed"] == args.seed:
+            bitmap = BitMap.from_dict(trials[row["trial"]].user_attrs["bitmap"])
+            maps.setdefault(row["map"], (f"trial {row['trial']}", bitmap))
+    for trial in trials.values():
+        tag = str(trial.user_attrs.get("tag", ""))
+        if tag.startswith("prior:") and tag.endswith(f"@{study.user_attrs['budget']}"):
+            bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
+            maps.setdefault(harness.map_key(bitmap), (tag.split("@")[0], bitmap))
+    maps = {k: v for k, v in maps.items() if k in scored}
+    scorer = calibrate(plan_of(config, study))
+    for setting_text in args.rescore:
+        n, steps, noise = (int(x) for x in setting_text.split(":"))
+        setting = SampleSettings(n, steps, noise, config.batch_size)
+        reference = None
+        for key, (name, bitmap) in maps.items():
+            entry = f"rescore:{setting_text}:{key}"
+            if results.done((args.model, args.budget, args.seed, entry)):
+                continue
+            reference = reference or scorer.reference_for(setting)
+            started = time.perf_counter()
+            scores = scorer.score(bitmap, setting, reference).scores
+            results.add({"model": args.model, "budget": args.budget, "seed": args.seed,
+                         "entry": entry, "setting": setting_text, "name": name, "map": key,
+                         "scores": scores, "heldout": scored[key],
+                         "seconds": time.perf_counter() - started})
+            print(f"  {setting_text} {name}: fid {scores['fid']:.2f}, held-out "
+                  f"{scored[key]:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def rescore_table(rows: list[dict[str, Any]], model: str) -> str:
+    """Per setting and proxy: Spearman with the held-out score over the rescored maps, and
+    which map each ranks first."""
+    from scipy.stats import spearmanr
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("model") == model and "setting" in row:
+            by.setdefault(f"{row['budget']} s{row['seed']} {row['setting']}", []).append(row)
+    lines = []
+    for group, picked in sorted(by.items()):
+        best = min(picked, key=lambda r: r["heldout"])
+        for proxy in picked[0]["scores"]:
+            if len(picked) < 3:
+                continue
+            rho = spearmanr([r["scores"][proxy] for r in picked],
+                            [r["heldout"] for r in picked]).statistic
+            first = min(picked, key=lambda r: r["scores"][proxy])
+            lines.append([group, proxy, len(picked), harness.cell(float(rho)),
+                          f"{first['name']} ({harness.cell(first['heldout'])})",
+                          f"{best['name']} ({harness.cell(best['heldout'])})"])
+    return harness.table(["cell, setting", "proxy", "maps", "Spearman with held-out",
+                          "ranked first (held-out)", "best held-out"], lines)
+
+
 def table(rows: list[dict[str, Any]], model: str) -> str:
     """Per (budget, seed): each checkpoint's best (proxy, held-out), then the top maps."""
-    picked = sorted((r for r in rows if r.get("model") == model and "trials" in r),
+    picked = sorted((r for r in rows if r.get("model") == model and "rank" in r),
                     key=lambda r: (r["budget"], r["seed"], r["trials"], r["rank"]))
     return harness.table(
         ["budget", "seed", "search trials", "rank by proxy", "trial", "proxy", "held-out",
@@ -163,6 +240,8 @@ def arguments() -> argparse.ArgumentParser:
     made.add_argument("--heldout-seed", type=int, default=1)
     made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-headroom"),
                       help="the study's folder")
+    made.add_argument("--rescore", type=harness.str_list, default=[],
+                      help="score the held-out maps at these settings instead, each N:steps:seed")
     made.add_argument("--table-only", action="store_true")
     return made
 
@@ -181,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         args.root = harness.QUICK_RESULTS / "headroom-studies"  # never a real study's folder
         args.reuse = []
     if not args.table_only:
-        measure(args)
-    print(table(harness.Results(args.out).rows, args.model))
+        (rescore if args.rescore else measure)(args)
+    rows = harness.Results(args.out).rows
+    print(table(rows, args.model), rescore_table(rows, args.model), sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,17 @@ def test_headroom_picks_the_best_feasible_map_within_each_checkpoint(tmp_path: P
     assert (config.trials, config.seed, config.guided.surrogate_prior) == (440, 2, "best-prior")
 
 
+def test_headroom_rescore_table_ranks_proxies_against_held_out() -> None:
+    headroom = importlib.import_module("search_headroom")
+    rows = [{"model": "m", "budget": "3bits", "seed": 0, "setting": "128:20:0", "name": name,
+             "heldout": held, "scores": {"fid": fid, "pixel": pixel}}
+            for name, held, fid, pixel in [("a", 1.0, 3.0, 1.0), ("b", 2.0, 2.0, 2.0),
+                                           ("c", 3.0, 1.0, 3.0)]]
+    text = headroom.rescore_table(rows, "m")
+    assert "| 3bits s0 128:20:0 | fid | 3 | -1.00 | c (3.00) | a (1.00) |" in text
+    assert "| 3bits s0 128:20:0 | pixel | 3 | 1.00 | a (1.00) | a (1.00) |" in text
+
+
 def test_calibration_variants_change_only_the_tables_they_name() -> None:
     seeds = importlib.import_module("calibration_seeds")
     base = harness.study_config().quant
