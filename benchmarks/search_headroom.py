@@ -142,7 +142,8 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def rescore(args: argparse.Namespace) -> None:
-    """Score the maps of this study that have a held-out score at each `--rescore` setting."""
+    """Score every map of the study (`--study`, default the long one) that has a held-out
+    score, in `--out` or `--reuse`, at each `--rescore` setting."""
     from mpq_search.bitmap import BitMap
     from mpq_search.evaluate import SampleSettings
     from mpq_search.search import calibrate, find_study
@@ -151,22 +152,21 @@ def rescore(args: argparse.Namespace) -> None:
     results = harness.Results(args.out, key=("model", "budget", "seed", "entry"))
     scored = known_scores(args, results)
     config = study_config(args, max(args.checkpoints))
+    if args.study:
+        config = config.replace(study=args.study)
     study = find_study(config.study_name, config.storage_url)
     if study is None:
         raise SystemExit(f"no study {config.study_name} under {args.root}: run the checkpoints")
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     maps: dict[str, tuple[str, BitMap]] = {}  # map key -> (name, map)
-    for row in results:
-        if "trials" in row and row.get("model") == args.model and row["budget"] == args.budget \
-                and row["seed"] == args.seed:
-            bitmap = BitMap.from_dict(trials[row["trial"]].user_attrs["bitmap"])
-            maps.setdefault(row["map"], (f"trial {row['trial']}", bitmap))
-    for trial in trials.values():
+    for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if "bitmap" not in trial.user_attrs or any(v > 0 for v in trial.constraints.values()):
+            continue  # a uniform reference outside the budget is not a candidate
+        bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
+        key = harness.map_key(bitmap)
         tag = str(trial.user_attrs.get("tag", ""))
-        if tag.startswith("prior:") and tag.endswith(f"@{study.user_attrs['budget']}"):
-            bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
-            maps.setdefault(harness.map_key(bitmap), (tag.split("@")[0], bitmap))
-    maps = {k: v for k, v in maps.items() if k in scored}
+        if key in scored:
+            maps.setdefault(key, (tag.split("@")[0] if tag.startswith("prior:")
+                                  else f"trial {trial.number}", bitmap))
     scorer = calibrate(plan_of(config, study))
     for setting_text in args.rescore:
         n, steps, noise = (int(x) for x in setting_text.split(":"))
@@ -181,6 +181,7 @@ def rescore(args: argparse.Namespace) -> None:
             scores = scorer.score(bitmap, setting, reference).scores
             results.add({"model": args.model, "budget": args.budget, "seed": args.seed,
                          "entry": entry, "setting": setting_text, "name": name, "map": key,
+                         "study": config.study_name,
                          "scores": scores, "heldout": scored[key],
                          "seconds": time.perf_counter() - started})
             print(f"  {setting_text} {name}: fid {scores['fid']:.2f}, held-out "
@@ -208,8 +209,19 @@ def rescore_table(rows: list[dict[str, Any]], model: str) -> str:
             lines.append([group, proxy, len(picked), harness.cell(float(rho)),
                           f"{first['name']} ({harness.cell(first['heldout'])})",
                           f"{best['name']} ({harness.cell(best['heldout'])})"])
-    return harness.table(["cell, setting", "proxy", "maps", "Spearman with held-out",
-                          "ranked first (held-out)", "best held-out"], lines)
+    pooled: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    for line in lines:
+        setting = str(line[0]).split(" ", 2)[2]
+        pooled.setdefault((setting, str(line[1])), []).append(
+            (float(line[3]), str(line[4]).split(" (")[0] == str(line[5]).split(" (")[0]))
+    summary = [[setting, proxy, len(cells), harness.cell(sum(r for r, _ in cells) / len(cells)),
+                f"{sum(hit for _, hit in cells)} of {len(cells)}"]
+               for (setting, proxy), cells in sorted(pooled.items())]
+    return "\n\n".join([
+        harness.table(["cell, setting", "proxy", "maps", "Spearman with held-out",
+                       "ranked first (held-out)", "best held-out"], lines),
+        harness.table(["setting", "proxy", "cells", "mean Spearman",
+                       "ranks the held-out best first"], summary)])
 
 
 def table(rows: list[dict[str, Any]], model: str) -> str:
@@ -242,6 +254,9 @@ def arguments() -> argparse.ArgumentParser:
                       help="the study's folder")
     made.add_argument("--rescore", type=harness.str_list, default=[],
                       help="score the held-out maps at these settings instead, each N:steps:seed")
+    made.add_argument("--study", default=None,
+                      help="with --rescore: the study under --root whose maps to score, made at "
+                           "--budget and --seed (default: the long study)")
     made.add_argument("--table-only", action="store_true")
     return made
 
