@@ -11,10 +11,12 @@ default study's best: its map key matches `search_budgets.py`'s `search:best-pri
 same cell. At the last checkpoint the `--top` best maps by the proxy are scored too: how much
 a perfect ranking among them would gain over the proxy's pick.
 
-`--rescore N:steps:seed,...` instead scores the maps held-out so far (the checkpoints' and top
-maps, and the study's ILP priors) at other sample settings, with every proxy of one sampling
-pass (`evaluate.PROXIES`): does a proxy with more steps or samples rank them as the held-out
-score does? It reads the study as it stands, so it can run beside the long study.
+`--rescore N:steps:seed,...` instead scores every feasible map of a study that has a held-out
+score (the checkpoints' and top maps, the ILP priors; `--study` names another study under
+`--root`, e.g. a `search_budgets.py` cell, whose scores `--reuse` finds) at other sample
+settings, with every proxy of one sampling pass (`evaluate.PROXIES`): does a proxy with more
+steps or samples rank them as the held-out score does? It reads the study as it stands, so it
+can run beside the long study (the two then share the cores).
 
 Resumable: the study resumes from its storage under `--root`; held-out rows, keyed by
 (model, budget, seed, entry), are JSON lines in `--out`. A map already scored at the same
