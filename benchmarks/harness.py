@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mpq_search.bitmap import BitMap
     from mpq_search.evaluate import Reference, SampleSettings
-    from mpq_search.search import Scorer, StudyConfig
+    from mpq_search.search import Scorer, SearchPlan, StudyConfig
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -120,6 +120,20 @@ def study_config(*, quick: bool = False, **flat: Any) -> StudyConfig:
 
     given = {k: v for k, v in flat.items() if v is not None}
     return load_config(None, **({**QUICK_STUDY, **given} if quick else given))
+
+
+def heldout_arguments(made: argparse.ArgumentParser) -> None:
+    """`--heldout-n` and `--heldout-seed`, the held-out setting of the scenarios that score
+    bit maps (`HeldOut`)."""
+    made.add_argument("--heldout-n", type=int, default=MIN_HELDOUT_N,
+                      help="held-out samples (%(default)s)")
+    made.add_argument("--heldout-seed", type=int, default=1,
+                      help="held-out noise seed, one no trial uses (%(default)s)")
+
+
+def budget_slug(budget: str) -> str:
+    """A budget as part of a study or file name: 'bops<=W4A8' -> 'bops-le-W4A8'."""
+    return budget.replace("<=", "-le-").replace("<", "-lt-")
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -267,6 +281,26 @@ class HeldOut:
     def key(self) -> str:
         """The setting as stored with held-out scores (N, steps, seed)."""
         return str(self.settings.key())
+
+
+def heldout_scores(rows: Iterable[dict[str, Any]], model: str, n: int,
+                   seed: int) -> dict[str, float]:
+    """Map key -> held-out score, from result rows of `model` scored at N = `n` on noise seed
+    `seed` (rows with a `map` and a `heldout`), so that a map is scored only once."""
+    return {row["map"]: row["heldout"] for row in rows
+            if "map" in row and row.get("heldout") is not None and row.get("model") == model
+            and (row.get("heldout_n"), row.get("heldout_seed")) == (n, seed)}
+
+
+def study_plan(config: StudyConfig, study: Any) -> SearchPlan:
+    """The search plan of a stored study, with the importance scores it stored (none: they
+    are profiled again)."""
+    from mpq_search.search import ImportanceScores, load, prepare
+
+    model, specs = load(config)
+    stored = study.user_attrs.get("importance")
+    return prepare(config, model, specs,
+                   importance=None if stored is None else ImportanceScores.from_dict(stored))
 
 
 def map_key(bitmap: BitMap) -> str:

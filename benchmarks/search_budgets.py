@@ -81,7 +81,7 @@ class Cell:
         studies = {v: self.study(v) for v in to_run}
         config, study = studies.get(self.source) or next(iter(studies.values()))
         maps, proxies = self.maps(studies, study if self.source in studies else None)
-        plan = self.plan(config, study)
+        plan = harness.study_plan(config, study)
         maps |= self.baselines(plan)
         self.score(plan, maps, proxies)
         if not self.complete:  # the baselines are scored
@@ -91,7 +91,7 @@ class Cell:
     def study(self, variant: str) -> tuple[StudyConfig, Any]:
         from mpq_search.api import run
 
-        name = f"{self.args.model}-{_slug(self.budget)}-s{self.seed}-{variant}"
+        name = f"{self.args.model}-{harness.budget_slug(self.budget)}-s{self.seed}-{variant}"
         config = self.base().replace(study=name, **VARIANTS[variant])
         started = time.perf_counter()
         study = run(config)
@@ -119,14 +119,6 @@ class Cell:
                 if trial.values:
                     proxies[name] = trial.values[0]
         return maps, proxies
-
-    def plan(self, config: StudyConfig, study: Any) -> SearchPlan:
-        from mpq_search.search import ImportanceScores, load, prepare
-
-        model, specs = load(config)
-        stored = study.user_attrs.get("importance")
-        return prepare(config, model, specs,
-                       importance=None if stored is None else ImportanceScores.from_dict(stored))
 
     def baselines(self, plan: SearchPlan) -> dict[str, BitMap]:
         """3 random-importance ILPs and the strongest uniform setting inside the budget."""
@@ -178,17 +170,11 @@ class Cell:
                   f"({row['seconds']:.0f} s)", flush=True)
 
 
-def _slug(budget: str) -> str:
-    return budget.replace("<=", "-le-").replace("<", "-lt-")
-
-
 def open_results(args: argparse.Namespace) -> tuple[harness.Results, dict[str, float]]:
     """The result rows, and the held-out scores of maps already measured at this setting."""
     results = harness.Results(args.out, key=("model", "budget", "seed", "entry"))
-    scored = {row["map"]: row["heldout"] for row in results
-              if "map" in row and row.get("model") == args.model
-              and (row["heldout_n"], row["heldout_seed"]) == (args.heldout_n, args.heldout_seed)}
-    return results, scored
+    return results, harness.heldout_scores(results, args.model, args.heldout_n,
+                                           args.heldout_seed)
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -211,7 +197,7 @@ def fan_out(args: argparse.Namespace, argv: list[str]) -> None:
 
     def one(cell: tuple[int, str]) -> int:
         seed, budget = cell
-        log = logs / f"{args.model}-{_slug(budget)}-s{seed}.log"
+        log = logs / f"{args.model}-{harness.budget_slug(budget)}-s{seed}.log"
         command = [sys.executable, __file__, *passed, "--seeds", str(seed), "--budgets",
                    budget, "--threads", str(threads), "--procs", "1", "--no-table"]
         with log.open("a") as handle:
@@ -303,8 +289,7 @@ def arguments() -> argparse.ArgumentParser:
     made.add_argument("--calib-seed", type=int, default=None,
                       help="the quantizer's calibration noise seed (default: the study "
                            "default); the weight tables change with it, so use its own --out")
-    made.add_argument("--heldout-n", type=int, default=harness.MIN_HELDOUT_N)
-    made.add_argument("--heldout-seed", type=int, default=1)
+    harness.heldout_arguments(made)
     made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-budgets"),
                       help="the studies' folder (one per concurrent invocation)")
     made.add_argument("--procs", type=int, default=1, help="processes sharing the cells")

@@ -40,11 +40,7 @@ import harness
 if TYPE_CHECKING:
     import optuna
 
-    from mpq_search.search import SearchPlan, StudyConfig
-
-
-def _slug(budget: str) -> str:
-    return budget.replace("<=", "-le-").replace("<", "-lt-")
+    from mpq_search.search import StudyConfig
 
 
 def study_config(args: argparse.Namespace, trials: int) -> StudyConfig:
@@ -52,7 +48,7 @@ def study_config(args: argparse.Namespace, trials: int) -> StudyConfig:
     config = harness.study_config(
         quick=args.quick, model=args.model, budget=args.budget, seed=args.seed,
         root=str(args.root), threads=args.threads, trials=trials)
-    name = f"{Path(args.model).name}-{_slug(args.budget)}-s{args.seed}-headroom"
+    name = f"{Path(args.model).name}-{harness.budget_slug(args.budget)}-s{args.seed}-headroom"
     return config.replace(study=name, surrogate_prior="best-prior")
 
 
@@ -70,28 +66,13 @@ def ranked(study: optuna.Study, upto: int) -> list[optuna.trial.FrozenTrial]:
     return sorted(kept, key=lambda t: (t.values[0], t.number))
 
 
-def plan_of(config: StudyConfig, study: optuna.Study) -> SearchPlan:
-    from mpq_search.search import ImportanceScores, load, prepare
-
-    model, specs = load(config)
-    stored = study.user_attrs.get("importance")
-    return prepare(config, model, specs,
-                   importance=None if stored is None else ImportanceScores.from_dict(stored))
-
-
 def known_scores(args: argparse.Namespace, results: harness.Results) -> dict[str, float]:
     """Held-out scores of maps already measured at this setting (`--out`, `--reuse`)."""
-    scored: dict[str, float] = {}
     rows: list[dict[str, Any]] = list(results)
     for path in args.reuse:
         if path.exists():
             rows += list(harness.Results(path))
-    for row in rows:
-        if ("map" in row and row.get("model") == args.model and row.get("heldout") is not None
-                and (row.get("heldout_n"), row.get("heldout_seed"))
-                == (args.heldout_n, args.heldout_seed)):
-            scored[row["map"]] = row["heldout"]
-    return scored
+    return harness.heldout_scores(rows, args.model, args.heldout_n, args.heldout_seed)
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -123,7 +104,7 @@ def measure(args: argparse.Namespace) -> None:
                 continue
             bitmap = BitMap.from_dict(trial.user_attrs["bitmap"])
             key = harness.map_key(bitmap)
-            plan = plan or plan_of(config, study)
+            plan = plan or harness.study_plan(config, study)
             started = time.perf_counter()
             if key not in scored:
                 if heldout is None:
@@ -169,7 +150,7 @@ def rescore(args: argparse.Namespace) -> None:
         if key in scored:
             maps.setdefault(key, (tag.split("@")[0] if tag.startswith("prior:")
                                   else f"trial {trial.number}", bitmap))
-    scorer = calibrate(plan_of(config, study))
+    scorer = calibrate(harness.study_plan(config, study))
     for setting_text in args.rescore:
         n, steps, noise = (int(x) for x in setting_text.split(":"))
         setting = SampleSettings(n, steps, noise, config.batch_size)
@@ -250,8 +231,7 @@ def arguments() -> argparse.ArgumentParser:
     made.add_argument("--reuse", type=Path, nargs="*", default=None,
                       help="other result files whose held-out scores to reuse (default: "
                            "results/search_budgets_<model>.jsonl)")
-    made.add_argument("--heldout-n", type=int, default=harness.MIN_HELDOUT_N)
-    made.add_argument("--heldout-seed", type=int, default=1)
+    harness.heldout_arguments(made)
     made.add_argument("--root", type=Path, default=Path("/tmp/mpq-bench-headroom"),
                       help="the study's folder")
     made.add_argument("--rescore", type=harness.str_list, default=[],
