@@ -10,10 +10,13 @@ activation ranges come from), a uniform map with the default quantizer is scored
 * `split`: GPTQ tables from one seed, activation ranges from the other (`--seeds A,B` gives the
   two crossings), which says whether the weights or the activation ranges move the score;
 * `more-hessian`: GPTQ's Hessians from 4x `calib_n` trajectories (activation ranges unchanged);
+  `hessian-xK` from K x `calib_n`;
 * `no-act-order`: GPTQ's columns in their natural order instead of descending diag(H);
-* `damp-0.1`: GPTQ dampening 0.1 instead of 0.01 (closer to rounding to nearest);
+* `damp-0.1`: GPTQ dampening 0.1 instead of 0.01 (closer to rounding to nearest); any
+  `damp-D` sets dampening D;
 * `rtn`: weights rounded to nearest on the study's grid (they do not depend on the seed; the
-  activation ranges do).
+  activation ranges do);
+* variants of the tables joined with `+` combine, e.g. `hessian-x8+damp-0.05`.
 
 `--ranges-seed S` takes the activation ranges from seed S in every variant but `split`, so that
 only the weights change between rows. Besides FID-excess, each row has the paired mean squared
@@ -43,7 +46,8 @@ from typing import Any
 
 import harness
 
-VARIANTS = ("default", "all-steps", "split", "more-hessian", "no-act-order", "damp-0.1", "rtn")
+VARIANTS = ("default", "all-steps", "split", "more-hessian", "hessian-xK", "no-act-order",
+            "damp-D", "rtn")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers is not None:
         _layer_errors(args)
         return
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = [v for v in args.variants if v != "split" and not _known(v)]
     if unknown:
         made.error(f"unknown variants {sorted(unknown)}; variants: {', '.join(VARIANTS)}")
     folder = harness.QUICK_RESULTS if args.quick else harness.RESULTS
@@ -140,19 +144,36 @@ def _measure(args: Any, out: harness.Results) -> None:
                   flush=True)
 
 
+def _known(variant: str) -> bool:
+    """Whether every `+`-joined part of `variant` is a tables variant."""
+    try:
+        _tables_config(variant, None)
+    except ValueError:
+        return False
+    return True
+
+
 def _tables_config(variant: str, config: Any) -> Any:
-    """The weight tables' config of `variant` (`config`: the study's, at the tables seed)."""
-    if variant == "all-steps":
-        return replace(config, calib_timesteps=config.calib_steps)
-    if variant == "more-hessian":
-        return replace(config, calib_n=4 * config.calib_n)
-    if variant == "no-act-order":
-        return replace(config, gptq_act_order=False)
-    if variant == "damp-0.1":
-        return replace(config, gptq_damp=0.1)
-    if variant == "rtn":
-        return replace(config, rounding="rtn")
-    return config
+    """The weight tables' config of `variant` (`config`: the study's, at the tables seed; None
+    only checks the name)."""
+    changes: dict[str, Any] = {}
+    for part in variant.split("+"):
+        if part == "all-steps":
+            changes["calib_timesteps"] = None if config is None else config.calib_steps
+        elif part == "more-hessian":
+            changes["calib_n"] = None if config is None else 4 * config.calib_n
+        elif part.startswith("hessian-x") and part[len("hessian-x"):].isdigit():
+            times = int(part[len("hessian-x"):])
+            changes["calib_n"] = None if config is None else times * config.calib_n
+        elif part == "no-act-order":
+            changes["gptq_act_order"] = False
+        elif part.startswith("damp-"):
+            changes["gptq_damp"] = float(part[len("damp-"):])
+        elif part == "rtn":
+            changes["rounding"] = "rtn"
+        elif part not in ("default", "split"):  # split: the default tables, crossed
+            raise ValueError(f"unknown tables variant {part!r}")
+    return config if config is None else replace(config, **changes)
 
 
 def _layer_errors(args: Any) -> None:
