@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers is not None:
         _layer_errors(args)
         return
-    unknown = [v for v in args.variants if v != "split" and not _known(v)]
+    base = harness.study_config(model=args.model).quant
+    unknown = [v for v in args.variants if not _known(v, base)]
     if unknown:
         made.error(f"unknown variants {sorted(unknown)}; variants: {', '.join(VARIANTS)}")
     folder = harness.QUICK_RESULTS if args.quick else harness.RESULTS
@@ -144,36 +145,37 @@ def _measure(args: Any, out: harness.Results) -> None:
                   flush=True)
 
 
-def _known(variant: str) -> bool:
-    """Whether every `+`-joined part of `variant` is a tables variant."""
+def _known(variant: str, config: Any) -> bool:
+    """Whether `variant` is `split` or made of `+`-joined tables variants."""
     try:
-        _tables_config(variant, None)
+        _tables_config(variant, config)
     except ValueError:
         return False
     return True
 
 
 def _tables_config(variant: str, config: Any) -> Any:
-    """The weight tables' config of `variant` (`config`: the study's, at the tables seed; None
-    only checks the name)."""
+    """The weight tables' config of `variant` (`config`: the study's, at the tables seed);
+    ValueError for a part it does not know. `split` crosses the default tables with other
+    ranges."""
     changes: dict[str, Any] = {}
-    for part in variant.split("+"):
+    for part in ("default" if variant == "split" else variant).split("+"):
+        times = part.removeprefix("hessian-x")
         if part == "all-steps":
-            changes["calib_timesteps"] = None if config is None else config.calib_steps
+            changes["calib_timesteps"] = config.calib_steps
         elif part == "more-hessian":
-            changes["calib_n"] = None if config is None else 4 * config.calib_n
-        elif part.startswith("hessian-x") and part[len("hessian-x"):].isdigit():
-            times = int(part[len("hessian-x"):])
-            changes["calib_n"] = None if config is None else times * config.calib_n
+            changes["calib_n"] = 4 * config.calib_n
+        elif part.startswith("hessian-x") and times.isdigit():
+            changes["calib_n"] = int(times) * config.calib_n
         elif part == "no-act-order":
             changes["gptq_act_order"] = False
         elif part.startswith("damp-"):
-            changes["gptq_damp"] = float(part[len("damp-"):])
+            changes["gptq_damp"] = float(part.removeprefix("damp-"))
         elif part == "rtn":
             changes["rounding"] = "rtn"
-        elif part not in ("default", "split"):  # split: the default tables, crossed
+        elif part != "default":
             raise ValueError(f"unknown tables variant {part!r}")
-    return config if config is None else replace(config, **changes)
+    return replace(config, **changes)
 
 
 def _layer_errors(args: Any) -> None:

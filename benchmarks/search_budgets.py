@@ -15,8 +15,8 @@ Resumable: studies resume from their storage under `--root`; held-out scores are
 is not scored again). `--procs N` runs the cells as a queue over N processes of
 `--threads / N` threads (what `run_budgets.sh` did); `--table-only` prints the tables: per
 budget the median [min-max] over seeds of each entry, then per variant its best map over the
-best ILP prior and over uniform. Use one `--out` per rounding and per `--calib-seed`: scores are
-keyed by the map.
+best ILP prior and over uniform. Use one `--out` per rounding, `--proxy` and `--calib-seed`:
+scores are keyed by the map, a cell's entries by (budget, seed).
 
     python benchmarks/search_budgets.py --model mnist-ddpm --variants best-prior,random \\
         --seeds 0,1,2 --budgets 3bits,4bits,4.5bits,bops<=W4A8 --procs 2
@@ -178,11 +178,12 @@ def open_results(args: argparse.Namespace) -> tuple[harness.Results, dict[str, f
 
 
 def measure(args: argparse.Namespace) -> None:
-    """Every cell, seed-major, in this process."""
+    """Every cell, seed-major, in this process; `--out` is read again before each cell, so a
+    cell (or map) another invocation finished meanwhile is not run (or scored) again."""
     harness.start(args)
-    results, scored = open_results(args)
     for seed in args.seeds:
         for budget in harness.str_list(args.budgets):
+            results, scored = open_results(args)
             Cell(args, results, budget, seed, scored).run()
 
 

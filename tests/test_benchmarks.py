@@ -163,8 +163,8 @@ def test_calibration_variants_change_only_the_tables_they_name() -> None:
     assert seeds._tables_config("more-hessian", base).calib_n == 4 * base.calib_n
     assert seeds._tables_config("hessian-x8", base).calib_n == 8 * base.calib_n
     assert seeds._tables_config("hessian-x4+damp-0.05", base).gptq_damp == 0.05
-    assert [v for v in ("damp-x", "hessian-x", "more", "rtn+damp-0.2") if seeds._known(v)] == [
-        "rtn+damp-0.2"]
+    assert [v for v in ("damp-x", "hessian-x", "more", "split+rtn", "rtn+damp-0.2")
+            if seeds._known(v, base)] == ["rtn+damp-0.2"]
     made = argparse.Namespace(seeds=[5, 6], variants=["default", "split"], ranges_seed=7)
     assert seeds._cases(made) == [("default", 5, 7), ("default", 6, 7), ("split", 5, 6),
                                   ("split", 6, 5)]
