@@ -16,6 +16,7 @@ activation ranges come from), a uniform map with the default quantizer is scored
   `damp-D` sets dampening D;
 * `rtn`: weights rounded to nearest on the study's grid (they do not depend on the seed; the
   activation ranges do);
+* `bias-correction`: GPTQ with bias correction (`QuantConfig.bias_correction`);
 * variants of the tables joined with `+` combine, e.g. `hessian-x8+damp-0.05`.
 
 `--ranges-seed S` takes the activation ranges from seed S in every variant but `split`, so that
@@ -46,8 +47,10 @@ from typing import Any
 
 import harness
 
+from mpq_search.errors import ConfigError
+
 VARIANTS = ("default", "all-steps", "split", "more-hessian", "hessian-xK", "no-act-order",
-            "damp-D", "rtn")
+            "damp-D", "rtn", "bias-correction")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +125,8 @@ def _measure(args: Any, out: harness.Results) -> None:
         rounding = _tables_config(variant, replace(base, seed=tables_seed))
         tables = weight_tables(model, specs, rounding)
         engine = QuantEngine(model, specs,
-                             replace(base, seed=ranges_seed, rounding=rounding.rounding),
+                             replace(base, seed=ranges_seed, rounding=rounding.rounding,
+                                     bias_correction=rounding.bias_correction),
                              weights=tables).calibrate()
         for text in todo:
             bits = LayerBits.parse(text)
@@ -149,7 +153,7 @@ def _known(variant: str, config: Any) -> bool:
     """Whether `variant` is `split` or made of `+`-joined tables variants."""
     try:
         _tables_config(variant, config)
-    except ValueError:
+    except (ValueError, ConfigError):  # an unknown part, or parts that do not combine
         return False
     return True
 
@@ -173,6 +177,8 @@ def _tables_config(variant: str, config: Any) -> Any:
             changes["gptq_damp"] = float(part.removeprefix("damp-"))
         elif part == "rtn":
             changes["rounding"] = "rtn"
+        elif part == "bias-correction":
+            changes["bias_correction"] = True
         elif part != "default":
             raise ValueError(f"unknown tables variant {part!r}")
     return replace(config, **changes)

@@ -397,9 +397,14 @@ class TorchaoDeployer:
                 continue
             module = self._modules[p.name]
             original = self._originals[p.name][0]
-            new = calibrated_weight(original.detach(), weights.quant(p.name, p.runs.w),
-                                    module.weight)
+            stored = weights.quant(p.name, p.runs.w)
+            new = calibrated_weight(original.detach(), stored, module.weight)
             module.weight = nn.Parameter(new, requires_grad=False)
+            fp_bias = self._originals[p.name][1]
+            if stored.bias is not None and isinstance(fp_bias, torch.Tensor):
+                # bias correction: the simulation's bias, in the layer's dtype (bit-identical)
+                module.bias = nn.Parameter(stored.bias.to(fp_bias.device, fp_bias.dtype),
+                                           requires_grad=False)
 
     def remove(self) -> None:
         """Put every original weight and bias back (a no-op when nothing is deployed)."""

@@ -104,16 +104,19 @@ def rms(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt())
 
 
-@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+@pytest.mark.parametrize("rounding", ["rtn", "gptq", "gptq+bias-correction"])
 def test_deployed_layers_match_the_simulation(tiny: tuple[LoadedModel, list[LayerSpec]],
                                               rounding: str) -> None:
-    """The deployed integer codes are the simulation's, whichever rounding made them."""
+    """The deployed integer codes (and, with bias correction, biases) are the simulation's,
+    whichever rounding made them."""
     model, specs = tiny
     bitmap = mixed_map(model, specs)
     inputs = layer_inputs(model)
     fp = run_layers(model, inputs)
-    config = replace(CALIB, rounding=rounding, weight_grid="minmax" if rounding == "gptq"
-                     else "mse")
+    corrected = rounding == "gptq+bias-correction"
+    rounding = rounding.removesuffix("+bias-correction")
+    config = replace(CALIB, rounding=rounding, bias_correction=corrected,
+                     weight_grid="minmax" if rounding == "gptq" else "mse")
     engine = QuantEngine(model, specs, config).calibrate()
     deployer = TorchaoDeployer(model, specs)
     if rounding == "rtn":  # the map says which quantizer: deploy recomputes those codes itself
@@ -125,10 +128,13 @@ def test_deployed_layers_match_the_simulation(tiny: tuple[LoadedModel, list[Laye
     modules = quantizable_modules(model.denoiser)
     dequantized = {p.name: modules[p.name].weight.dequantize() for p in report.layers
                    if p.config is not None}
+    deployed_biases = {n: modules[n].bias.detach().clone() for n in dequantized}
     deployer.remove()
+    fp_biases = {n: modules[n].bias.detach().clone() for n in dequantized}
     engine.apply(bitmap)
     simulated = run_layers(model, inputs)
     sim_weights = {n: modules[n].weight.detach().clone() for n in dequantized}
+    sim_biases = {n: modules[n].bias.detach().clone() for n in dequantized}
     engine.apply(runs_bitmap(bitmap, report.layers))  # what torchao runs, simulated
     sim_runs = run_layers(model, inputs)
     engine.remove()
@@ -142,16 +148,19 @@ def test_deployed_layers_match_the_simulation(tiny: tuple[LoadedModel, list[Laye
             assert torch.equal(out, fp[p.name]), p.name
             continue
         assert torch.equal(dequantized[p.name], sim_weights[p.name]), p.name  # same grid
+        assert torch.equal(deployed_biases[p.name], sim_biases[p.name]), p.name
+        # bias correction moves the bias; otherwise it stays the FP one
+        assert torch.equal(sim_biases[p.name], fp_biases[p.name]) != corrected, p.name
         if p.config == WEIGHT_ONLY_CONFIG:
             assert torch.equal(out, sim_runs[p.name]), p.name
         else:
             x = inputs[p.name]
             by_hand = nn.functional.linear(per_token_int8(x), sim_weights[p.name],
-                                           modules[p.name].bias)
+                                           sim_biases[p.name])
             assert rms(out - by_hand) <= 1e-5 * rms(by_hand), p.name
             sim = simulated[p.name]
             assert rms(out - sim) <= 0.05 * rms(sim), p.name
-            float_acts = nn.functional.linear(x, sim_weights[p.name], modules[p.name].bias)
+            float_acts = nn.functional.linear(x, sim_weights[p.name], sim_biases[p.name])
             assert rms(out - float_acts) <= 1.5 * rms(sim - float_acts), p.name
             checked += 1
     assert checked >= 1

@@ -59,7 +59,8 @@ def quantize_uniform(
     batch_size: int = DEFAULT_BATCH_SIZE,
     act_calibration: str = _QUANT.act_calibration, calib_n: int = _QUANT.calib_n,
     split_skip: bool = _QUANT.split_skip, rounding: str = _QUANT.rounding,
-    weight_grid: str = _QUANT.weight_grid, guidance_scale: float | None = None,
+    weight_grid: str = _QUANT.weight_grid, bias_correction: bool = _QUANT.bias_correction,
+    guidance_scale: float | None = None,
     device: str = _STUDY.device, dtype: str = _STUDY.dtype, progress: Phases | None = None,
 ) -> UniformScore:
     """Quantize every layer as `setting` (e.g. "W4A8") says and score it against FP and held-out.
@@ -77,7 +78,7 @@ def quantize_uniform(
     heldout = dataset_stats("heldout", net, _HELDOUT_SPLIT)
     bitmap = BitMap.uniform(loaded.identity, [s.name for s in specs], bits.w, bits.a)
     config = QuantConfig.for_bitmap(bitmap, split_skip=split_skip, rounding=rounding,
-                                    weight_grid=weight_grid,
+                                    weight_grid=weight_grid, bias_correction=bias_correction,
                                     **_calibration(act_calibration, calib_n, steps))
     started = time.perf_counter()
     engine = QuantEngine(loaded, specs, config).calibrate(phase("calibrating", calib_n))

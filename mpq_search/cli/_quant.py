@@ -45,6 +45,9 @@ RoundingOption = Annotated[str, typer.Option(
 WeightGridOption = Annotated[str, typer.Option(
     "--weight-grid", help="Per-channel weight grid: mse (clipping searched by weight MSE) or "
     "minmax (full range).")]
+BiasCorrectionOption = Annotated[bool, typer.Option(
+    "--bias-correction/--no-bias-correction", help="GPTQ with bias correction: each layer's "
+    "bias absorbs the mean of its rounding error, the codes minimise the rest.")]
 SplitOption = Annotated[
     bool, typer.Option(help="Separate activation ranges for concatenated skip inputs.")
 ]
@@ -65,6 +68,7 @@ def quantize_command(
     split_skip: SplitOption = QUANT.split_skip,
     rounding: RoundingOption = QUANT.rounding,
     weight_grid: WeightGridOption = QUANT.weight_grid,
+    bias_correction: BiasCorrectionOption = QUANT.bias_correction,
     guidance_scale: GuidanceOption = None,
     device: DeviceOption = STUDY.device,
     dtype: DtypeOption = STUDY.dtype,
@@ -79,7 +83,8 @@ def quantize_command(
             model, setting=uniform, feature_net=features, n=n, steps=steps, seed=seed,
             batch_size=batch_size, act_calibration=act_calibration, calib_n=calib_n,
             split_skip=split_skip, rounding=rounding, weight_grid=weight_grid,
-            guidance_scale=guidance_scale, device=device, dtype=dtype, progress=phases)
+            bias_correction=bias_correction, guidance_scale=guidance_scale, device=device,
+            dtype=dtype, progress=phases)
     if json_out:
         print_json(result)
         return

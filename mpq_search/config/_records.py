@@ -139,6 +139,11 @@ class QuantConfig(_Record):
     gptq_act_order: bool = field(default=True, metadata=option(
         "GPTQ rounds columns in descending order of diag(H) (inputs with most energy first).",
         identity=True))
+    bias_correction: bool = field(default=False, metadata=option(
+        "GPTQ with bias correction: each layer's bias absorbs the mean of its rounding error "
+        "on the calibration inputs, and the codes minimise the rest (the error on the centred "
+        "inputs). Needs rounding gptq; recorded in every exported bit map.",
+        cli=True, identity=True))
     max_hessian_bytes: int = field(default=1 << 30, metadata=option(
         "GPTQ collects the input Hessians of as many layers at a time as fit in this many "
         "bytes, one calibration pass per such chunk (bounded memory on large models)."))
@@ -160,6 +165,8 @@ class QuantConfig(_Record):
         if self.calib_timesteps > self.calib_steps:
             raise ConfigError(f"calib_timesteps ({self.calib_timesteps}) cannot exceed "
                               f"calib_steps ({self.calib_steps})")
+        if self.bias_correction and self.rounding != "gptq":
+            raise ConfigError(f"bias_correction needs rounding gptq, got {self.rounding!r}")
         if not 0.0 < self.gptq_damp <= 10.0:
             raise ConfigError(f"gptq_damp must be in (0, 10], got {self.gptq_damp}")
         if not 50.0 < self.percentile <= 100.0:
@@ -184,6 +191,8 @@ class QuantConfig(_Record):
             adopted = {k: tuple(v) if isinstance(v, list) else v
                        for k, v in recorded.items() if k in names}
             check_types(cls, adopted, BitMapError, "bit map quantizer setting ")
+            if settings.get("rounding", adopted.get("rounding")) != "gptq":
+                adopted.pop("bias_correction", None)  # GPTQ's option: not for another rounding
             candidates = adopted.pop("w_bits", None)
             if candidates is not None and set(w_bits) <= set(candidates):
                 w_bits = list(candidates)  # the study's tables: the same cache entry
@@ -199,7 +208,8 @@ class QuantConfig(_Record):
             self.rounding, self.weight_grid, calib_n=self.calib_n, calib_steps=self.calib_steps,
             calib_timesteps=self.calib_timesteps, seed=self.seed, batch_size=self.batch_size,
             gptq_damp=self.gptq_damp, gptq_act_order=self.gptq_act_order,
-            w_bits=list(self.w_bits))
+            w_bits=list(self.w_bits),
+            **({"bias_correction": True} if self.bias_correction else {}))
 
     def recorded_steps(self) -> list[int]:
         """Indices (0-based, in sampling order) of the steps whose layer inputs are recorded."""

@@ -129,6 +129,14 @@ class _Accumulator:
     grabber: _InputGrabber
     generator: torch.Generator
     sens_w: dict[str, torch.Tensor]
+    bias_deltas: dict[str, torch.Tensor]
+    """Per layer whose tables correct its bias (bias correction), the bias change at every
+    candidate bit-width, stacked (bits, out): part of the same perturbation as the weights'."""
+    biases: dict[str, torch.Tensor]
+    """The bias parameters of the layers in `bias_deltas`."""
+    pending: dict[str, list[torch.Tensor]]
+    """A probe's projections of a layer that has a bias change, until both its weight's and its
+    bias's gradients have been seen (autograd's hooks fire in either order)."""
     grad_x: dict[str, float]
     lo: dict[str, float]
     hi: dict[str, float]
@@ -148,10 +156,29 @@ class _Accumulator:
             assert grad is not None
             # float32: a float16 model's squares and sums overflow 65504 (no-op in float32)
             projections = (self.deltas(name).float() * grad.float()).flatten(1).sum(1)
-            self.sens_w[name] += projections.double().square().cpu()
+            self._add(name, projections)
             param.grad = None
 
         return consume
+
+    def bias_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def consume(param: torch.Tensor) -> None:
+            grad = param.grad
+            assert grad is not None
+            self._add(name, (self.bias_deltas[name].float() * grad.float()).sum(1))
+            param.grad = None
+
+        return consume
+
+    def _add(self, name: str, projections: torch.Tensor) -> None:
+        """Square a probe's projection of layer `name` once all its parts are in."""
+        if name in self.bias_deltas:
+            parts = self.pending.setdefault(name, [])
+            parts.append(projections)
+            if len(parts) < 2:
+                return
+            projections = self.pending.pop(name)[0] + projections
+        self.sens_w[name] += projections.double().square().cpu()
 
     def input_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def consume(grad: torch.Tensor) -> None:
@@ -172,8 +199,19 @@ def _accumulator(model: LoadedModel, names: Sequence[str], w_bits: Sequence[int]
             cached[name] = torch.stack([tables.delta(name, b, weight).to(weight.dtype)
                                         for b in w_bits])
     sens_w = {name: torch.zeros(len(w_bits), dtype=torch.float64) for name in names}
+    biases: dict[str, torch.Tensor] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
+    if tables.settings.get("bias_correction"):
+        for name in names:
+            bias = modules[name].bias
+            corrected = [tables.quant(name, b).bias for b in w_bits]
+            if isinstance(bias, torch.Tensor) and all(c is not None for c in corrected):
+                biases[name] = bias
+                bias_deltas[name] = torch.stack([c.to(bias) - bias.detach()
+                                                 for c in corrected if c is not None])
     return _Accumulator(
         params=params, w_bits=tuple(w_bits), tables=tables, cached=cached,
+        bias_deltas=bias_deltas, biases=biases, pending={},
         grabber=_InputGrabber({n: modules[n] for n in names}),
         generator=torch.Generator().manual_seed(seed + 1), sens_w=sens_w,
         grad_x=dict.fromkeys(names, 0.0), lo=dict.fromkeys(names, math.inf),
@@ -206,8 +244,10 @@ def profile_sensitivity(
     E (g_x . dx)^2 = |g_x|^2 step^2 / 12 for uniform rounding noise on the input. Inputs x_t come
     from a real FP trajectory of n samples, at `timesteps` uniformly spaced steps. dW is the
     quantizer's own rounding: `weights` (`quant.weight_tables` of the study's rounding), by
-    default the quantizer's default (`QuantConfig()`). Weight errors beyond `max_delta_bytes`
-    are recomputed at each use instead of kept (bounded memory, the same numbers).
+    default the quantizer's default (`QuantConfig()`); with bias correction, the layer's bias
+    change is part of the same perturbation (g_W . dW + g_b . db). Weight errors beyond
+    `max_delta_bytes` are recomputed at each use instead of kept (bounded memory, the same
+    numbers).
 
     The n samples run `batch_size` at a time (default: all at once), since each probe's
     autograd graph holds the whole batch's activations (tens of GiB for a few SD-1.5 samples
@@ -221,10 +261,12 @@ def profile_sensitivity(
     tables = _tables_for(model, specs, w_bits, weights)
     acc = _accumulator(model, names, w_bits, seed, tables, max_delta_bytes)
     profiled = set(uniform_steps(steps, timesteps))
-    for p in acc.params.values():
+    for p in [*acc.params.values(), *acc.biases.values()]:
         p.requires_grad_(True)
     handles = [p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
         acc.weight_hook(name)) for name, p in acc.params.items()]
+    handles += [p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+        acc.bias_hook(name)) for name, p in acc.biases.items()]
     try:
         # The FP trajectory runs without grad; each probe enables grad around its own call.
         with torch.no_grad():
@@ -243,7 +285,7 @@ def profile_sensitivity(
         acc.grabber.remove()
         for handle in handles:
             handle.remove()
-        for p in acc.params.values():
+        for p in [*acc.params.values(), *acc.biases.values()]:
             p.requires_grad_(False)
             p.grad = None
     count = probes * len(profiled)
@@ -276,7 +318,7 @@ def _probe(call: DenoiserCall, probes: int, acc: _Accumulator) -> None:
         # backward reaches every layer input and weight through these (the leaves a layer
         # input can hang from: x_t itself, or an input the grabber detached)
         leaves = list({id(t): t for t in [sample, *inputs] if t.grad_fn is None}.values())
-        targets = [*acc.params.values(), *leaves]
+        targets = [*acc.params.values(), *acc.biases.values(), *leaves]
         handles = [t.register_hook(acc.input_hook(name))  # type: ignore[no-untyped-call]
                    for name, t in zip(names, inputs, strict=True)]
         try:

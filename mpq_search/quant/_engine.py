@@ -157,11 +157,14 @@ class QuantEngine:
                 f"{self.config.rounding}/{self.config.weight_grid}")
         self._weights: Mapping[str, Mapping[int, WeightQuant]] = {}
         self._dequant: dict[tuple[str, int], torch.Tensor] = {}
+        self._biases: dict[tuple[str, int], torch.Tensor] = {}
+        """Corrected biases of the tables that have them (bias correction), by (layer, bits)."""
         self._acts: dict[str, dict[int, _ActState]] = {}
         self._ranges: dict[str, dict[int, list[list[ActRange]]]] = {}
         """name -> bits -> timestep bucket -> one range per input segment."""
         self.splits: dict[str, Segments] = {}
         self._originals: dict[str, torch.Tensor] = {}
+        self._original_biases: dict[str, torch.Tensor] = {}
         self._forwards: dict[str, Callable[..., Any] | None] = {}
         self._installed: dict[str, LayerBits] = {}
         self._bitmap: BitMap | None = None
@@ -247,7 +250,7 @@ class QuantEngine:
         budget = self.config.max_cache_bytes
         if self._tables is None:
             self._tables = weight_tables(self.model, self.specs, self.config)
-        self._weights, self._dequant = self._tables.entries, {}
+        self._weights, self._dequant, self._biases = self._tables.entries, {}, {}
         for name, module in self._modules.items():
             missing = set(self.config.w_bits) - set(self._weights.get(name, {}))
             if missing:
@@ -255,6 +258,8 @@ class QuantEngine:
                                        f"{_listing(missing)} bits")
             weight = _weight(module)
             for bits, entry in self._weights[name].items():
+                if entry.bias is not None:
+                    self._biases[(name, bits)] = entry.bias.to(weight.dtype)
                 size = weight.numel() * weight.element_size()
                 if size <= budget:  # fastest apply: the fake-quantized tensor itself
                     self._dequant[(name, bits)] = entry.dequantize().to(weight.dtype)
@@ -366,15 +371,30 @@ class QuantEngine:
                 self._installed[name] = bits
 
     def _set_weight(self, name: str, bits: int | None) -> None:
-        param = _weight(self._modules[name])
+        module = self._modules[name]
+        param = _weight(module)
         if bits is None:
             param.data = self._originals.pop(name)
+            self._set_bias(module, name, None)
             return
         self._originals.setdefault(name, param.data)
         cached = self._dequant.get((name, bits))
         if cached is None:
             cached = self._weights[name][bits].dequantize().to(param.dtype)
         param.data = cached
+        self._set_bias(module, name, self._biases.get((name, bits)))
+
+    def _set_bias(self, module: nn.Module, name: str, corrected: torch.Tensor | None) -> None:
+        """Swap in the tables' corrected bias of the installed weights, or put the FP one back."""
+        bias = module.bias
+        if not isinstance(bias, torch.Tensor):
+            return
+        if corrected is None:
+            if name in self._original_biases:
+                bias.data = self._original_biases.pop(name)
+            return
+        self._original_biases.setdefault(name, bias.data)
+        bias.data = corrected
 
     def _set_activation(self, name: str, bits: int | None) -> None:
         module = self._modules[name]

@@ -59,12 +59,16 @@ def quantize_codes(
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """Per-output-channel quantized weight: uint8 codes plus per-channel scale and zero point."""
+    """Per-output-channel quantized weight: uint8 codes plus per-channel scale and zero point.
+
+    `bias` is the layer's bias to use with these codes when it differs from the FP one (GPTQ
+    with bias correction: the bias absorbs the mean of the rounding error), else None."""
 
     bits: int
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    bias: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """The fake-quantized weight, in float32 and the original shape (in place on one new
@@ -75,7 +79,8 @@ class WeightQuant:
 
     def nbytes(self) -> int:
         """Bytes held by this entry."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        parts = (self.codes, self.scale, self.zero) + (() if self.bias is None else (self.bias,))
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # candidate ranges evaluated at once: bounds the search's memory

@@ -10,6 +10,13 @@ Two independent choices, both part of a study's identity:
   not yet rounded, weighted by the inverse Hessian H = X^T X of the layer's inputs, so that the
   layer's *output* error is what is minimised, not the weight error.
 
+With bias correction (opt-in, `QuantConfig.bias_correction`), GPTQ also uses the layer's bias:
+the mean output error (W_q - W) E[x] is a constant per output channel, which the bias absorbs
+exactly (b' = b - (W_q - W) E[x], as in Nagel et al. 2019), so the codes need only minimise the
+rest, the error on the centred inputs: GPTQ runs on the covariance H - E[x] E[x]^T instead of
+H. Plain GPTQ spends part of its freedom on the mean direction, which dominates H after a SiLU
+(inputs with a large positive mean).
+
 The grid is chosen before any column is rounded, so GPTQ keeps exactly the grid (scale and zero
 point per output channel) that the cost model, the exports and torchao assume; only the integer
 codes differ. A Conv2d is the same problem on im2col patches (X has C_in * kh * kw columns).
@@ -24,6 +31,7 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -141,6 +149,7 @@ class HessianAccumulator:
         columns = weight[0].numel()
         self.module = module
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=weight.device)
+        self.total = torch.zeros(columns, dtype=torch.float64, device=weight.device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -151,11 +160,16 @@ class HessianAccumulator:
         for part in torch.split(x.detach(), step):
             rows = input_columns(self.module, part.float())
             self.hessian.addmm_(rows.T, rows)
+            self.total += rows.sum(0, dtype=torch.float64)
             self.rows += rows.shape[0]
 
     def mean(self) -> torch.Tensor:
         """The accumulated Hessian divided by the number of rows seen."""
         return self.hessian / max(1, self.rows)
+
+    def input_mean(self) -> torch.Tensor:
+        """E[x] over the input rows seen (float32), what bias correction needs."""
+        return (self.total / max(1, self.rows)).float()
 
     def take_mean(self) -> torch.Tensor:
         """`mean()` computed in place, handing the matrix over: the accumulator is empty after
@@ -169,6 +183,7 @@ class HessianAccumulator:
 def gptq_round(
     weight: torch.Tensor, hessian: torch.Tensor | HessianAccumulator, bits: Sequence[int],
     grid: WeightGrid, *, damp: float = 0.01, block: int = GPTQ_BLOCK, act_order: bool = True,
+    bias: torch.Tensor | None = None, input_mean: torch.Tensor | None = None,
 ) -> dict[int, WeightQuant]:
     """GPTQ codes of `weight` at every bit-width in `bits`, on the per-channel grid `grid`.
 
@@ -180,7 +195,12 @@ def gptq_round(
     Follows the reference algorithm: dead inputs (H_ii = 0) get zero weight, columns in
     descending diag(H) order when `act_order`, dampening `damp` * mean(diag H) (raised tenfold
     while the Cholesky factorisation fails), lazy-batch updates in blocks of `block` columns.
+
+    With `bias` (the layer's FP bias) and `input_mean` (E[x] over the same input rows as H),
+    the rounding is bias-corrected (module docstring): the codes minimise the error on the
+    centred inputs and each entry carries the bias that cancels the mean error.
     """
+    correct = bias is not None and input_mean is not None
     out = weight.shape[0]
     flat = weight.detach().float().reshape(out, -1)
     grids = [grid_of(weight, b, grid) for b in bits]
@@ -192,7 +212,12 @@ def gptq_round(
         h = hessian.take_mean()
     else:
         h = hessian.detach().float().clone()
-    dead = h.diagonal() == 0
+    dead = h.diagonal() == 0  # inputs that are always zero (before centring: a constant input
+    # is not dead, its weight multiplies the mean)
+    if correct:
+        assert input_mean is not None
+        mean = input_mean.detach().float().to(h.device)
+        h.addr_(mean, mean, alpha=-1.0)  # the covariance, in place
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
     order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
@@ -211,11 +236,18 @@ def gptq_round(
     with _flushing_denormals(), torch_threads(1):
         _compensate(work, codes, upper, scale, zero, top, floor, block)
     codes = codes[torch.argsort(order)].T
-    return {
+    entries = {
         b: WeightQuant(b, codes[k * out:(k + 1) * out].to(torch.uint8).reshape(weight.shape),
                        grids[k][0], grids[k][1])
         for k, b in enumerate(bits)
     }
+    if not correct:
+        return entries
+    assert bias is not None and input_mean is not None
+    mean = input_mean.detach().float().to(flat.device)
+    fp_bias = bias.detach().float()
+    return {b: replace(e, bias=fp_bias - (e.dequantize().reshape(out, -1) - flat) @ mean)
+            for b, e in entries.items()}
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,9 @@ def weight_tables(
                             seconds=time.perf_counter() - started)
     rtn = config.rounding == "rtn"  # here: larger than the cache budget, so to disk as well
     key = _rtn_cache_key(model, names, config) if rtn else _cache_key(model, names, config)
+    corrected = () if rtn else _corrected_layers(modules, names, config)
     path = cached_array_file(
-        "weights", key, _array_names(names, config.w_bits),
+        "weights", key, _array_names(names, config.w_bits, corrected),
         (lambda write: _rtn_arrays(modules, names, config, write)) if rtn
         else (lambda write: _gptq_arrays(model, modules, names, config, progress, write)))
     entries = StoredCodes(path, {n: _weight(modules[n]).device for n in names}, config.w_bits)
@@ -128,6 +129,13 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _weight_bias(module: nn.Module) -> torch.Tensor:
+    bias = module.bias
+    if not isinstance(bias, torch.Tensor):
+        raise CalibrationError(f"{type(module).__name__} has no bias tensor")
+    return bias.detach().float().clone()
+
+
 def _cache_key(model: LoadedModel, names: list[str], config: QuantConfig) -> dict[str, Any]:
     """Everything that decides GPTQ codes: weights, layers, calibration data and settings."""
     return {
@@ -137,6 +145,7 @@ def _cache_key(model: LoadedModel, names: list[str], config: QuantConfig) -> dic
         "calib_steps": config.calib_steps, "recorded": config.recorded_steps(),
         "seed": config.seed, "batch_size": config.batch_size, "damp": config.gptq_damp,
         "act_order": config.gptq_act_order, "block": GPTQ_BLOCK, **model.sampling_key(),
+        **({"bias_correction": True} if config.bias_correction else {}),
         **({} if model.device.type == "cpu" else {"device": model.device.type}),
     }
 
@@ -167,14 +176,29 @@ def _rtn_arrays(modules: Mapping[str, nn.Module], names: list[str], config: Quan
 
 
 def _write_entry(write: ArrayWriter, name: str, bits: int, entry: WeightQuant) -> None:
-    """One layer's codes and grid at `bits`, as the arrays `StoredCodes.read` reads."""
+    """One layer's codes and grid at `bits` (and its corrected bias, if any), as the arrays
+    `StoredCodes.read` reads."""
     for part in ("codes", "scale", "zero"):
         write(f"{name}|{bits}|{part}", getattr(entry, part).cpu().numpy())
+    if entry.bias is not None:
+        write(f"{name}|{bits}|bias", entry.bias.cpu().numpy())
 
 
-def _array_names(names: list[str], w_bits: Sequence[int]) -> tuple[str, ...]:
+def _array_names(names: list[str], w_bits: Sequence[int],
+                 corrected: Sequence[str] = ()) -> tuple[str, ...]:
+    with_bias = set(corrected)
     return tuple(f"{n}|{b}|{part}" for n in names for b in w_bits
-                 for part in ("codes", "scale", "zero"))
+                 for part in ("codes", "scale", "zero") + (("bias",) if n in with_bias else ()))
+
+
+def _corrected_layers(modules: Mapping[str, nn.Module], names: list[str],
+                      config: QuantConfig) -> tuple[str, ...]:
+    """The layers whose tables carry a corrected bias: with bias correction on, those GPTQ
+    takes that have a bias (a calibration call must reach them: `_gptq_arrays` checks)."""
+    if not config.bias_correction:
+        return ()
+    return tuple(n for n in names if gptq_supported(modules[n])
+                 and isinstance(getattr(modules[n], "bias", None), torch.Tensor))
 
 
 class StoredCodes(Mapping[str, Mapping[int, WeightQuant]]):
@@ -190,6 +214,7 @@ class StoredCodes(Mapping[str, Mapping[int, WeightQuant]]):
         self._devices = dict(devices)
         self._bits = tuple(w_bits)
         self._archive: Any = None
+        self._files: frozenset[str] = frozenset()
         self._pid = -1
 
     def read(self, name: str, bits: int) -> WeightQuant:
@@ -197,12 +222,16 @@ class StoredCodes(Mapping[str, Mapping[int, WeightQuant]]):
         if self._archive is None or self._pid != os.getpid():
             # a forked process opens its own: a shared file offset would mix two readers' reads
             self._archive, self._pid = np.load(self.path), os.getpid()
+            self._files = frozenset(self._archive.files)
         codes, scale, zero = (torch.from_numpy(self._archive[f"{name}|{bits}|{part}"])
                               .to(self._devices[name]) for part in ("codes", "scale", "zero"))
-        return WeightQuant(bits, codes, scale, zero)
+        key = f"{name}|{bits}|bias"
+        bias = (torch.from_numpy(self._archive[key]).to(self._devices[name])
+                if key in self._files else None)
+        return WeightQuant(bits, codes, scale, zero, bias)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_archive": None, "_pid": -1}
+        return {**self.__dict__, "_archive": None, "_files": frozenset(), "_pid": -1}
 
     def __getitem__(self, name: str) -> Mapping[int, WeightQuant]:
         if name not in self._devices:
@@ -239,18 +268,24 @@ def _gptq_arrays(model: LoadedModel, modules: Mapping[str, nn.Module], names: li
                  write: ArrayWriter) -> None:
     """Collect Hessians chunk by chunk, round each layer as soon as its chunk is done and hand
     its codes to `write` (so that only one layer's codes are in memory)."""
+    corrected = set(_corrected_layers(modules, names, config))
     for chunk in _chunks(modules, names, config.max_hessian_bytes):
         hessians = _collect_hessians(model, {n: modules[n] for n in chunk}, config, progress)
         for name in chunk:
             weight = _weight(modules[name])
             accumulator = hessians.pop(name, None)
             if accumulator is not None and accumulator.rows:
-                by_bits = gptq_round(weight, accumulator, config.w_bits,
-                                     config.weight_grid, damp=config.gptq_damp,
-                                     act_order=config.gptq_act_order)
+                bias = _weight_bias(modules[name]) if name in corrected else None
+                by_bits = gptq_round(
+                    weight, accumulator, config.w_bits, config.weight_grid,
+                    damp=config.gptq_damp, act_order=config.gptq_act_order, bias=bias,
+                    input_mean=None if bias is None else accumulator.input_mean())
             else:  # grouped conv, or a layer no calibration call reached: nothing to compensate
                 by_bits = {b: round_to_nearest(weight, b, config.weight_grid)
                            for b in config.w_bits}
+                if name in corrected:  # no inputs seen: no mean to correct, the FP bias stays
+                    fp_bias = _weight_bias(modules[name])
+                    by_bits = {b: replace(e, bias=fp_bias) for b, e in by_bits.items()}
             del accumulator
             for bits, entry in by_bits.items():
                 _write_entry(write, name, bits, entry)
