@@ -39,7 +39,10 @@ import harness
 import torch
 
 SETTINGS = ("W8A8", "W6A8", "W4A16", "W4A8", "W3A16", "W3A8", "W2A16")
-METHODS = (("rtn", "mse"), ("gptq", "minmax"), ("rtn", "minmax"), ("gptq", "mse"))
+METHODS = (("rtn", "mse"), ("gptq", "minmax"), ("rtn", "minmax"), ("gptq", "mse"),
+           ("gptq+bc", "minmax"))
+"""(rounding, grid) pairs; "gptq+bc" is GPTQ with bias correction
+(`QuantConfig.bias_correction`)."""
 
 
 def _log(message: str) -> None:
@@ -78,7 +81,8 @@ def part_uniform(args: argparse.Namespace) -> None:
     for rounding, grid in methods:
         if all(out.done((rounding, grid, s)) for s in args.settings):
             continue
-        config = study.replace(rounding=rounding, weight_grid=grid).quant
+        config = study.replace(rounding=rounding.removesuffix("+bc"), weight_grid=grid,
+                               bias_correction=rounding.endswith("+bc")).quant
         # cost, side by side: an FP pass of the proxy batch, then the rounding, then calibration
         sample(model, n=8, steps=2, seed=0, batch_size=128)  # warm-up
         started = time.perf_counter()
@@ -96,9 +100,10 @@ def part_uniform(args: argparse.Namespace) -> None:
                     del os.environ["MPQ_SEARCH_CACHE"]
                 else:
                     os.environ["MPQ_SEARCH_CACHE"] = saved
-        started = time.perf_counter()
-        engine = QuantEngine(model, specs, config, weights=tables).calibrate()
-        calib_s = time.perf_counter() - started
+            # inside: GPTQ's codes are read from the cache file, which goes with the folder
+            started = time.perf_counter()
+            engine = QuantEngine(model, specs, config, weights=tables).calibrate()
+            calib_s = time.perf_counter() - started
         _log(f"{args.model} {rounding}/{grid}: tables {tables_s:.1f}s, rest of calibration "
              f"{calib_s:.1f}s, FP proxy pass {fp_pass:.1f}s")
         out.add({"rounding": rounding, "grid": grid, "tables_s": tables_s,
@@ -277,7 +282,8 @@ def part_bias(args: argparse.Namespace) -> None:
 
 def part_cost(args: argparse.Namespace) -> None:
     """Trial cost under each rounding: sampling the default proxy batch (N 512 x 5 steps) with
-    a mixed map applied, rtn/mse and gptq/minmax engines interleaved with FP passes in one
+    a mixed map applied, rtn/mse, gptq/minmax and gptq+bc/minmax (bias correction: the engine
+    also swaps biases) engines interleaved with FP passes in one
     process (`--repeats` rounds); the ratio to FP is what a trial costs beyond sampling."""
     import random
 
@@ -289,8 +295,9 @@ def part_cost(args: argparse.Namespace) -> None:
     specs = discover_layers(model.denoiser)
     study = harness.study_config(quick=args.quick, model=args.model)
     engines = {f"{r}/{g}": QuantEngine(model, specs, study.replace(
-        rounding=r, weight_grid=g).quant).calibrate()
-        for r, g in (("rtn", "mse"), ("gptq", "minmax"))}
+        rounding=r.removesuffix("+bc"), weight_grid=g,
+        bias_correction=r.endswith("+bc")).quant).calibrate()
+        for r, g in (("rtn", "mse"), ("gptq", "minmax"), ("gptq+bc", "minmax"))}
     rng = random.Random(0)
     quant = study.quant
     bitmap = BitMap.from_layers(model.identity, {
@@ -349,9 +356,10 @@ def part_table(args: argparse.Namespace) -> None:
                       f"{r['fp_proxy_pass_s']:.1f} | {r['tables_per_fp_pass']:.2f} |")
         for r in rows:
             if r.get("part") == "trial-cost":
-                print(f"\ntrial cost ({r['date']}): FP {r['FP_s']:.2f} s, rtn/mse "
-                      f"{r['rtn/mse_over_fp']:.3f}x FP, gptq/minmax "
-                      f"{r['gptq/minmax_over_fp']:.3f}x FP (best of {r['repeats']})")
+                ratios = ", ".join(f"{k.removesuffix('_over_fp')} {v:.3f}x FP"
+                                   for k, v in r.items() if k.endswith("_over_fp"))
+                print(f"\ntrial cost ({r['date']}): FP {r['FP_s']:.2f} s, {ratios} "
+                      f"(best of {r['repeats']})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     made.add_argument("--seed", type=int, default=1, help="held-out noise seed")
     made.add_argument("--settings", nargs="*", default=list(SETTINGS))
     made.add_argument("--methods", nargs="*", default=None,
-                      help="rounding/grid pairs, e.g. gptq/minmax (default: all four)")
+                      help="rounding/grid pairs, e.g. gptq/minmax or gptq+bc/minmax (GPTQ "
+                      "with bias correction; default: all)")
     made.add_argument("--repeats", type=int, default=3, help="cost: rounds of timings")
     made.add_argument("--worst", type=int, default=3,
                       help="layers: how many of the worst layers take the min-max grid")

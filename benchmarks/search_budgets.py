@@ -15,8 +15,9 @@ Resumable: studies resume from their storage under `--root`; held-out scores are
 is not scored again). `--procs N` runs the cells as a queue over N processes of
 `--threads / N` threads (what `run_budgets.sh` did); `--table-only` prints the tables: per
 budget the median [min-max] over seeds of each entry, then per variant its best map over the
-best ILP prior and over uniform. Use one `--out` per rounding, `--proxy` and `--calib-seed`:
-scores are keyed by the map, a cell's entries by (budget, seed).
+best ILP prior and over uniform. Use one `--out` per rounding, `--bias-correction`, `--proxy`
+and `--calib-seed`: scores are keyed by the map, a cell's entries by (budget, seed); and one
+`--root` per quantizer (a study's name does not say which).
 
     python benchmarks/search_budgets.py --model mnist-ddpm --variants best-prior,random \\
         --seeds 0,1,2 --budgets 3bits,4bits,4.5bits,bops<=W4A8 --procs 2
@@ -68,6 +69,7 @@ class Cell:
             quick=args.quick, model=args.model, budget=self.budget, seed=self.seed,
             root=str(args.root), threads=args.threads, trials=args.trials, proxy=args.proxy,
             rounding=args.rounding, weight_grid=args.weight_grid,
+            bias_correction=args.bias_correction or None,
             promote_passes=args.promote_passes, **{"quant.seed": args.calib_seed})
 
     def run(self) -> None:
@@ -287,6 +289,8 @@ def arguments() -> argparse.ArgumentParser:
         made.add_argument(option, type=int, default=None, help="default: the study default")
     for option in ("--proxy", "--rounding", "--weight-grid"):
         made.add_argument(option, default=None, help="default: the study default")
+    made.add_argument("--bias-correction", action="store_true",
+                      help="GPTQ with bias correction (its own --out and --root)")
     made.add_argument("--calib-seed", type=int, default=None,
                       help="the quantizer's calibration noise seed (default: the study "
                            "default); the weight tables change with it, so use its own --out")
