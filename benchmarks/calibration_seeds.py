@@ -17,6 +17,8 @@ activation ranges come from), a uniform map with the default quantizer is scored
 * `rtn`: weights rounded to nearest on the study's grid (they do not depend on the seed; the
   activation ranges do);
 * `bias-correction`: GPTQ with bias correction (`QuantConfig.bias_correction`);
+* `draws-K`: the best of K calibration draws (tables seed, + 1, ...) on validation noise
+  (`QuantConfig.calib_draws`): give tables seeds K apart for disjoint draws;
 * variants of the tables joined with `+` combine, e.g. `hessian-x8+damp-0.05`.
 
 `--ranges-seed S` takes the activation ranges from seed S in every variant but `split`, so that
@@ -50,7 +52,7 @@ import harness
 from mpq_search.errors import ConfigError
 
 VARIANTS = ("default", "all-steps", "split", "more-hessian", "hessian-xK", "no-act-order",
-            "damp-D", "rtn", "bias-correction")
+            "damp-D", "rtn", "bias-correction", "draws-K")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,7 +145,8 @@ def _measure(args: Any, out: harness.Results) -> None:
             out.add({"variant": variant, "tables_seed": tables_seed,
                      "ranges_seed": ranges_seed, "setting": text, "n": args.n,
                      "steps": args.steps, "heldout_seed": 1, "fid_excess": result.fid_excess,
-                     "paired_mse": paired, "mean_shift": shift})
+                     "paired_mse": paired, "mean_shift": shift,
+                     **({} if tables.drawn is None else {"drawn": tables.drawn})})
             print(f"{variant} tables {tables_seed} ranges {ranges_seed} {text}: "
                   f"{result.fid_excess:.2f} (paired MSE {paired:.5f}, shift {shift:+.5f})",
                   flush=True)
@@ -179,6 +182,8 @@ def _tables_config(variant: str, config: Any) -> Any:
             changes["rounding"] = "rtn"
         elif part == "bias-correction":
             changes["bias_correction"] = True
+        elif part.startswith("draws-") and part.removeprefix("draws-").isdigit():
+            changes["calib_draws"] = int(part.removeprefix("draws-"))
         elif part != "default":
             raise ValueError(f"unknown tables variant {part!r}")
     return replace(config, **changes)

@@ -153,14 +153,14 @@ def test_calibration_variants_change_only_the_tables_they_name() -> None:
     seeds = importlib.import_module("calibration_seeds")
     base = harness.study_config().quant
     named = ("default", "split", "all-steps", "more-hessian", "hessian-x8", "no-act-order",
-             "damp-0.1", "rtn", "hessian-x4+damp-0.05", "bias-correction")
+             "damp-0.1", "rtn", "hessian-x4+damp-0.05", "bias-correction", "draws-3")
     changed = {v: {k for k, value in vars(seeds._tables_config(v, base)).items()
                    if value != getattr(base, k)} for v in named}
     assert changed == {"default": set(), "split": set(), "all-steps": {"calib_timesteps"},
                        "more-hessian": {"calib_n"}, "hessian-x8": {"calib_n"},
                        "no-act-order": {"gptq_act_order"}, "damp-0.1": {"gptq_damp"},
                        "rtn": {"rounding"}, "hessian-x4+damp-0.05": {"calib_n", "gptq_damp"},
-                       "bias-correction": {"bias_correction"}}
+                       "bias-correction": {"bias_correction"}, "draws-3": {"calib_draws"}}
     assert seeds._tables_config("more-hessian", base).calib_n == 4 * base.calib_n
     assert seeds._tables_config("hessian-x8", base).calib_n == 8 * base.calib_n
     assert seeds._tables_config("hessian-x4+damp-0.05", base).gptq_damp == 0.05

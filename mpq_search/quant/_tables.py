@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class WeightTables:
     settings: Mapping[str, Any] = field(default_factory=dict)
     """What made them (`QuantConfig.weight_settings`): what a map applied with them is
     checked against."""
+    drawn: int | None = None
+    """With `calib_draws` > 1: the calibration seed of the draw that was kept."""
     seconds: float = field(default=0.0, compare=False)
 
     def quant(self, name: str, bits: int) -> WeightQuant:
@@ -98,8 +101,18 @@ def weight_tables(
 
     Deterministic: the same model, layers and config give identical codes. GPTQ tables come
     from the disk cache when an earlier process computed them; `progress` is called with
-    calibration samples finished while Hessians are collected.
+    calibration samples finished while Hessians are collected. With `calib_draws` > 1, the
+    tables of the draw chosen on validation noise (`_best_draw`).
     """
+    if config.rounding == "gptq" and config.calib_draws > 1:
+        return _best_draw(model, specs, config, progress)
+    return _one_draw(model, specs, config, progress)
+
+
+def _one_draw(
+    model: LoadedModel, specs: Sequence[LayerSpec], config: QuantConfig,
+    progress: Callable[[int], None] | None,
+) -> WeightTables:
     started = time.perf_counter()
     modules = quantizable_modules(model.denoiser)
     names = [s.name for s in specs]
@@ -120,6 +133,84 @@ def weight_tables(
     fallback = () if rtn else tuple(n for n in names if not gptq_supported(modules[n]))
     return WeightTables(config.rounding, config.weight_grid, entries, fallback,
                         settings=config.weight_settings(), seconds=time.perf_counter() - started)
+
+
+VALIDATION_SEED_OFFSET = 4000
+"""Validation noise of the draw choice: calibration seed + this (5000 by default), apart from
+the calibration draws (1000 + k), the trials' seeds (0, 100) and the held-out seed (1)."""
+
+
+def _best_draw(model: LoadedModel, specs: Sequence[LayerSpec], config: QuantConfig,
+               progress: Callable[[int], None] | None) -> WeightTables:
+    """The tables of the best of `config.calib_draws` calibration draws.
+
+    Why: a layer's GPTQ codes fit the few dozen trajectories its Hessian came from, and how the
+    layers' errors combine differs from draw to draw; at 4-bit weights the whole model's
+    quality moves severalfold with the draw (docs/results.md, "Uniform settings"), while no
+    per-layer error tells the draws apart. So each draw's tables (cached like any) are scored
+    end to end: uniform weights at `validation_bits`, activations float, sampled on validation
+    noise, mean squared difference from the FP samples of the same noise. The choice is cached
+    under its own key, so that workers and later commands keep the same draw."""
+    started = time.perf_counter()
+    draws = [replace(config, seed=config.seed + k, calib_draws=1)
+             for k in range(config.calib_draws)]
+    bits = validation_bits(config.w_bits)
+    key = {**_cache_key(model, [s.name for s in specs], config), "kind": "calibration-draw",
+           "draws": config.calib_draws,
+           "validation_bits": bits, "validation_seed": config.seed + VALIDATION_SEED_OFFSET}
+
+    def choose(write: ArrayWriter) -> None:
+        reference = _validation_sample(model, config)
+        errors = []
+        for draw in draws:
+            tables = _one_draw(model, specs, draw, progress)
+            with _weights_swapped(model, specs, tables, bits):
+                errors.append(float((_validation_sample(model, config) - reference)
+                                    .square().mean()))
+        write("errors", np.asarray(errors, dtype=np.float64))
+
+    with np.load(cached_array_file("weights", key, ("errors",), choose)) as stored:
+        errors = stored["errors"]
+    chosen = draws[int(np.argmin(errors))]
+    tables = _one_draw(model, specs, chosen, progress)  # from the cache
+    return replace(tables, settings=config.weight_settings(), drawn=chosen.seed,
+                   seconds=time.perf_counter() - started)
+
+
+def validation_bits(w_bits: Sequence[int]) -> int:
+    """The weight bits a draw is judged at: the lowest candidate of at least 4 (where the draw
+    matters and the model still works), else the highest candidate."""
+    usable = [b for b in w_bits if b >= 4]
+    return min(usable) if usable else max(w_bits)
+
+
+def _validation_sample(model: LoadedModel, config: QuantConfig) -> torch.Tensor:
+    return sample(model, n=config.calib_n, steps=config.calib_steps,
+                  seed=config.seed + VALIDATION_SEED_OFFSET, batch_size=config.batch_size)
+
+
+@contextmanager
+def _weights_swapped(model: LoadedModel, specs: Sequence[LayerSpec], tables: WeightTables,
+                     bits: int) -> Iterator[None]:
+    """Every layer of `specs` at `bits` from `tables` (biases too, when corrected), activations
+    float; the FP tensors put back after."""
+    modules = quantizable_modules(model.denoiser)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for spec in specs:
+            module = modules[spec.name]
+            entry = tables.quant(spec.name, bits)
+            weight = _weight(module)
+            saved.append((weight, weight.data))
+            weight.data = entry.dequantize().to(weight.device, weight.dtype)
+            bias = module.bias
+            if entry.bias is not None and isinstance(bias, torch.Tensor):
+                saved.append((bias, bias.data))
+                bias.data = entry.bias.to(bias.device, bias.dtype)
+        yield
+    finally:
+        for tensor, data in reversed(saved):
+            tensor.data = data
 
 
 def _weight(module: nn.Module) -> torch.Tensor:

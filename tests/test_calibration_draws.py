@@ -1,0 +1,83 @@
+"""GPTQ tables from the best of several calibration draws, chosen end to end on validation
+noise (`QuantConfig.calib_draws`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpq_search.bitmap import BitMap
+from mpq_search.errors import ConfigError
+from mpq_search.layers import LayerSpec, discover_layers
+from mpq_search.models import LoadedModel, load_model
+from mpq_search.quant import QuantConfig, QuantEngine, weight_tables
+from mpq_search.quant import _tables
+from mpq_search.sampling import sample
+from mpq_search.search import StudyConfig
+
+FAST = QuantConfig(calib_n=4, calib_steps=4, calib_timesteps=2, batch_size=4,
+                   act_samples_per_step=512, kernel="eager", w_bits=(3, 4, 8), a_bits=(8,),
+                   rounding="gptq", weight_grid="minmax", seed=77)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pipeline_dir: Path) -> tuple[LoadedModel, list[LayerSpec]]:
+    model = load_model(tiny_pipeline_dir)
+    return model, discover_layers(model.denoiser)
+
+
+def test_the_kept_draw_is_the_one_closest_to_fp_on_validation_noise(
+    tiny: tuple[LoadedModel, list[LayerSpec]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, specs = tiny
+    names = [s.name for s in specs]
+    config = replace(FAST, calib_draws=3)
+    # by hand: each draw's tables applied by the engine at W4 (activations float), sampled on
+    # the validation noise, against the FP samples of the same noise
+    validation = dict(n=FAST.calib_n, steps=FAST.calib_steps, seed=FAST.seed + 4000,
+                      batch_size=FAST.batch_size)
+    fp = sample(model, **validation)  # type: ignore[arg-type]
+    errors, singles = [], []
+    for k in range(3):
+        draw = replace(FAST, seed=FAST.seed + k)
+        tables = weight_tables(model, specs, draw)
+        engine = QuantEngine(model, specs, draw, weights=tables).calibrate()
+        engine.apply(BitMap.uniform(model.identity, names, 4, 16))
+        try:
+            errors.append(float((sample(model, **validation) - fp).square().mean()))  # type: ignore[arg-type]
+        finally:
+            engine.remove()
+        singles.append(tables)
+    assert len(set(errors)) == 3  # the draws differ end to end
+    best = min(range(3), key=errors.__getitem__)
+
+    chosen = weight_tables(model, specs, config)
+    assert chosen.drawn == FAST.seed + best
+    assert chosen.settings["calib_draws"] == 3 and chosen.settings["seed"] == FAST.seed
+    for name in names:
+        for bits in FAST.w_bits:
+            assert torch.equal(chosen.quant(name, bits).codes, singles[best].quant(name, bits).codes)
+
+    # the choice is cached: a second call (a worker, `apply`) samples nothing
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("validation sampled again")
+
+    monkeypatch.setattr(_tables, "_validation_sample", refuse)
+    assert weight_tables(model, specs, config).drawn == chosen.drawn
+
+
+def test_config_of_calibration_draws() -> None:
+    assert "calib_draws" not in FAST.weight_settings()  # old maps' records are unchanged
+    assert replace(FAST, calib_draws=4).weight_settings()["calib_draws"] == 4
+    with pytest.raises(ConfigError, match="calib_draws needs rounding gptq"):
+        replace(FAST, rounding="rtn", calib_draws=2)
+    with pytest.raises(ConfigError, match="calib_draws"):
+        replace(FAST, calib_draws=0)
+    default = StudyConfig()
+    assert default.quant.calib_draws == 1
+    assert default.replace(calib_draws=3).identity() != default.identity()
+    assert [_tables.validation_bits(b) for b in [(2, 3), (2, 3, 4, 8), (6, 8), (8,)]] == \
+        [3, 4, 6, 8]
