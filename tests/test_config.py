@@ -137,7 +137,8 @@ def test_version_1_migrates_into_the_nested_records() -> None:
     stored = _stored_v1()
     assert "version" not in stored and stored["calib_timesteps"] == 10
     migrated = migrate_config(stored)
-    assert migrated["version"] == CONFIG_VERSION == 2
+    assert migrated["version"] == CONFIG_VERSION == 3
+    assert migrated["quant"]["calib_draws"] == 1  # as it ran
     assert migrated["quant"]["calib_n"] == stored["calib_n"] == 4
     assert migrated["quant"]["calib_timesteps"] == 3  # at most calib_steps, as the scorer ran
     assert migrated["guided"]["surrogate_prior"] == "orthogonality"
@@ -155,14 +156,22 @@ def test_version_1_made_before_the_identity_fields_reads_as_it_ran() -> None:
     assert (config.quant.rounding, config.quant.weight_grid) == ("rtn", "mse")
 
 
-def test_version_2_stores_and_reads_back_the_same_config() -> None:
+def test_version_3_stores_and_reads_back_the_same_config() -> None:
     config = StudyConfig().replace(proxy_steps=None, calib_n=8, explore_share=0.3)
     stored = json.loads(json.dumps(config.to_dict()))
     assert stored["version"] == CONFIG_VERSION and stored["quant"]["calib_n"] == 8
     assert migrate_config(stored) == stored
     assert stored_config(stored) == config  # a stored None stays None
-    with pytest.raises(ConfigError, match="version 3"):
-        migrate_config({**stored, "version": 3})
+    with pytest.raises(ConfigError, match="version 4"):
+        migrate_config({**stored, "version": 4})
+
+
+def test_version_2_ran_with_one_calibration_draw() -> None:
+    stored = json.loads(json.dumps(StudyConfig().replace(calib_n=8).to_dict()))
+    del stored["quant"]["calib_draws"]  # as version 2 stored it
+    migrated = migrate_config({**stored, "version": 2})
+    assert migrated["version"] == 3 and migrated["quant"]["calib_draws"] == 1
+    assert stored_config({**stored, "version": 2}).quant.calib_draws == 1
 
 
 def test_the_fixture_study_identity_matches_todays_config_of_its_settings() -> None:

@@ -142,7 +142,8 @@ class QuantConfig(_Record):
     calib_draws: int = field(default=1, metadata=option(
         "GPTQ tables from this many calibration draws (noise seeds seed, seed + 1, ...), of "
         "which the one whose uniform 4-bit weights keep the samples closest to FP on "
-        "validation noise (seed + 4000) is kept: the draw moves 4-bit quality severalfold.",
+        "validation noise (seed + 4000) is kept: the draw moves 4-bit quality severalfold. "
+        "rtn ignores it.",
         cli=True, identity=True))
     bias_correction: bool = field(default=False, metadata=option(
         "GPTQ with bias correction: each layer's bias absorbs the mean of its rounding error "
@@ -170,8 +171,6 @@ class QuantConfig(_Record):
         if self.calib_timesteps > self.calib_steps:
             raise ConfigError(f"calib_timesteps ({self.calib_timesteps}) cannot exceed "
                               f"calib_steps ({self.calib_steps})")
-        if self.calib_draws > 1 and self.rounding != "gptq":
-            raise ConfigError(f"calib_draws needs rounding gptq, got {self.rounding!r}")
         if self.bias_correction and self.rounding != "gptq":
             raise ConfigError(f"bias_correction needs rounding gptq, got {self.rounding!r}")
         if not 0.0 < self.gptq_damp <= 10.0:

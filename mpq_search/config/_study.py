@@ -40,9 +40,10 @@ from mpq_search.config._records import (
 )
 from mpq_search.errors import ConfigError
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 """Version of the stored config (`StudyConfig.to_dict`). 1 (no version key): one flat dict,
-where a study older still lacks the identity fields added since. 2: the nested records."""
+where a study older still lacks the identity fields added since. 2: the nested records. 3: the
+same, with `quant.calib_draws` (a version 2 study ran with one draw)."""
 
 STORAGE_ENV = "MPQ_SEARCH_STORAGE"
 """Environment variable the CLI's `--storage` falls back to: a URL with a password stays off
@@ -327,6 +328,8 @@ def _jsonable_value(config: StudyConfig, path: tuple[str, ...]) -> Any:
 LEGACY_VALUES: dict[str, Any] = {"proxy": "fid", "proxy_steps": None, "promote_passes": 1,
                                  "guard_n": 0, "rounding": "rtn", "weight_grid": "mse"}
 """Identity fields a version-1 study made before they existed ran at (not today's defaults)."""
+LEGACY_QUANT_V2: dict[str, Any] = {"calib_draws": 1}
+"""Quantizer fields a version 1 or 2 study made before they existed ran at."""
 
 
 def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -335,7 +338,8 @@ def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:
     Version 1 (no "version" key) is one flat dict. A study made before some identity fields
     existed lacks them and ran at `LEGACY_VALUES`; its calibration recorded `calib_timesteps`
     as given but used at most `calib_steps` of them. Flat keys are routed into the sub-records
-    (`quant`, `guided`, `liveness`) by name. Version 2 is stored as it is."""
+    (`quant`, `guided`, `liveness`) by name. Version 2 lacks the fields of `LEGACY_QUANT_V2`,
+    and ran at those values. Version 3 is stored as it is."""
     version = data.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or \
             not 1 <= version <= CONFIG_VERSION:
@@ -349,6 +353,9 @@ def migrate_config(data: Mapping[str, Any]) -> dict[str, Any]:
         timesteps = quant.get("calib_timesteps", STUDY_QUANT.calib_timesteps)
         if isinstance(steps, int) and isinstance(timesteps, int) and timesteps > steps:
             quant["calib_timesteps"] = steps
+    quant = out.get("quant", {})
+    if version <= 2 and isinstance(quant, Mapping):
+        out["quant"] = {**LEGACY_QUANT_V2, **quant}
     return {"version": CONFIG_VERSION, **out}
 
 
