@@ -104,7 +104,8 @@ def quantizer_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:
 
     A map exported from a study made before the rounding was selectable records none, but its
     study ran round-to-nearest ("rtn") on the MSE grid: such a map (meta "study" and
-    "settings", the study's identity) reads as that. A rounding or grid that is not a name
+    "settings", the study's identity) reads as that. A GPTQ record made before calibration
+    draws were chosen (no `calib_draws`) came from one draw. A rounding or grid that is not a name
     raises BitMapError (a map file may hold anything there).
     """
     recorded = meta.get(QUANTIZER_META)
@@ -120,6 +121,8 @@ def quantizer_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:
         if not isinstance(record.get(key, ""), str):
             raise BitMapError(f"bit map records a quantizer {key} of {record[key]!r}; "
                               "expected a name such as 'gptq' or 'minmax'")
+    if record.get("rounding") == "gptq" and "seed" in record:
+        record.setdefault("calib_draws", 1)  # recorded before draws were chosen: one draw
     return record
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mpq_search.bitmap import BitMap
-from mpq_search.errors import ConfigError
+from mpq_search.errors import ConfigError, RoundingMismatchWarning
 from mpq_search.layers import LayerSpec, discover_layers
 from mpq_search.models import LoadedModel, load_model
 from mpq_search.quant import QuantConfig, QuantEngine, _tables, weight_tables
+from mpq_search.quant._rounding import warn_if_other_quantizer
 from mpq_search.sampling import sample
 from mpq_search.search import StudyConfig
 
@@ -70,8 +71,15 @@ def test_the_kept_draw_is_the_one_closest_to_fp_on_validation_noise(
 
 
 def test_config_of_calibration_draws() -> None:
-    assert "calib_draws" not in FAST.weight_settings()  # old maps' records are unchanged
     assert replace(FAST, calib_draws=4).weight_settings()["calib_draws"] == 4
+    # a map recorded before draws were chosen reads as one draw, and applying it with the
+    # tables of several draws warns (other codes than it was scored with)
+    old = {k: v for k, v in FAST.weight_settings().items() if k != "calib_draws"}
+    bitmap = BitMap.uniform({"weights_hash": "h"}, ["a"], 4, 8).with_meta(  # type: ignore[arg-type]
+        quantizer=old)
+    assert QuantConfig.for_bitmap(bitmap).calib_draws == 1
+    with pytest.warns(RoundingMismatchWarning, match="calib_draws 1"):
+        warn_if_other_quantizer(bitmap.meta, replace(FAST, calib_draws=3).weight_settings())
     assert "calib_draws" not in replace(FAST, rounding="rtn", calib_draws=2).weight_settings()
     with pytest.raises(ConfigError, match="calib_draws"):
         replace(FAST, calib_draws=0)

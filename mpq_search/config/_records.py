@@ -216,8 +216,8 @@ class QuantConfig(_Record):
             calib_timesteps=self.calib_timesteps, seed=self.seed, batch_size=self.batch_size,
             gptq_damp=self.gptq_damp, gptq_act_order=self.gptq_act_order,
             w_bits=list(self.w_bits),
-            **({"bias_correction": True} if self.bias_correction else {}),
-            **({"calib_draws": self.calib_draws} if self.calib_draws > 1 else {}))
+            calib_draws=self.calib_draws,
+            **({"bias_correction": True} if self.bias_correction else {}))
 
     def recorded_steps(self) -> list[int]:
         """Indices (0-based, in sampling order) of the steps whose layer inputs are recorded."""
