@@ -40,9 +40,24 @@ import torch
 
 SETTINGS = ("W8A8", "W6A8", "W4A16", "W4A8", "W3A16", "W3A8", "W2A16")
 METHODS = (("rtn", "mse"), ("gptq", "minmax"), ("rtn", "minmax"), ("gptq", "mse"),
-           ("gptq+bc", "minmax"))
-"""(rounding, grid) pairs; "gptq+bc" is GPTQ with bias correction
-(`QuantConfig.bias_correction`)."""
+           ("gptq+bc", "minmax"), ("gptq+draws3", "minmax"))
+"""(rounding, grid) pairs; a rounding's `+` parts are options of it: "+bc" bias correction
+(`QuantConfig.bias_correction`), "+drawsK" the best of K calibration draws (`calib_draws`)."""
+
+
+def _method(study: Any, rounding: str, grid: str) -> Any:
+    """The study config of a METHODS entry (its rounding's options applied)."""
+    name, *options = rounding.split("+")
+    changes: dict[str, Any] = {"rounding": name, "weight_grid": grid, "bias_correction": False,
+                               "calib_draws": 1}
+    for option in options:
+        if option == "bc":
+            changes["bias_correction"] = True
+        elif option.startswith("draws") and option.removeprefix("draws").isdigit():
+            changes["calib_draws"] = int(option.removeprefix("draws"))
+        else:
+            raise SystemExit(f"unknown rounding option {option!r} in {rounding!r}")
+    return study.replace(**changes)
 
 
 def _log(message: str) -> None:
@@ -81,8 +96,7 @@ def part_uniform(args: argparse.Namespace) -> None:
     for rounding, grid in methods:
         if all(out.done((rounding, grid, s)) for s in args.settings):
             continue
-        config = study.replace(rounding=rounding.removesuffix("+bc"), weight_grid=grid,
-                               bias_correction=rounding.endswith("+bc")).quant
+        config = _method(study, rounding, grid).quant
         # cost, side by side: an FP pass of the proxy batch, then the rounding, then calibration
         sample(model, n=8, steps=2, seed=0, batch_size=128)  # warm-up
         started = time.perf_counter()
@@ -294,9 +308,7 @@ def part_cost(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     specs = discover_layers(model.denoiser)
     study = harness.study_config(quick=args.quick, model=args.model)
-    engines = {f"{r}/{g}": QuantEngine(model, specs, study.replace(
-        rounding=r.removesuffix("+bc"), weight_grid=g,
-        bias_correction=r.endswith("+bc")).quant).calibrate()
+    engines = {f"{r}/{g}": QuantEngine(model, specs, _method(study, r, g).quant).calibrate()
         for r, g in (("rtn", "mse"), ("gptq", "minmax"), ("gptq+bc", "minmax"))}
     rng = random.Random(0)
     quant = study.quant
@@ -370,8 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     made.add_argument("--seed", type=int, default=1, help="held-out noise seed")
     made.add_argument("--settings", nargs="*", default=list(SETTINGS))
     made.add_argument("--methods", nargs="*", default=None,
-                      help="rounding/grid pairs, e.g. gptq/minmax or gptq+bc/minmax (GPTQ "
-                      "with bias correction; default: all)")
+                      help="rounding/grid pairs, e.g. gptq/minmax, gptq+bc/minmax (GPTQ "
+                      "with bias correction) or gptq+draws3/minmax (best of 3 calibration "
+                      "draws); default: all")
     made.add_argument("--repeats", type=int, default=3, help="cost: rounds of timings")
     made.add_argument("--worst", type=int, default=3,
                       help="layers: how many of the worst layers take the min-max grid")
