@@ -4,7 +4,7 @@ For each calibration noise seed (`QuantConfig.seed`: the trajectories GPTQ's Hes
 activation ranges come from), a uniform map with the default quantizer is scored held-out
 (FID-excess over FP at N x steps on noise seed 1, which no calibration or trial uses). Variants:
 
-* `default`: the study's calibration;
+* `default`: the study's calibration, one draw (the tables seed's: `calib_draws` 1);
 * `all-steps`: GPTQ's Hessians collected at every calibration step instead of the
   `calib_timesteps` recorded ones (activation ranges unchanged);
 * `split`: GPTQ tables from one seed, activation ranges from the other (`--seeds A,B` gives the
@@ -165,7 +165,7 @@ def _tables_config(variant: str, config: Any) -> Any:
     """The weight tables' config of `variant` (`config`: the study's, at the tables seed);
     ValueError for a part it does not know. `split` crosses the default tables with other
     ranges."""
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"calib_draws": 1}  # each row is one draw unless draws-K
     for part in ("default" if variant == "split" else variant).split("+"):
         times = part.removeprefix("hessian-x")
         if part == "all-steps":

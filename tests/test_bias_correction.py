@@ -23,7 +23,8 @@ from mpq_search.search import StudyConfig
 
 FAST = QuantConfig(calib_n=4, calib_steps=4, calib_timesteps=2, batch_size=4,
                    act_samples_per_step=512, kernel="eager", w_bits=(3, 4, 8), a_bits=(8,),
-                   rounding="gptq", weight_grid="minmax")
+                   rounding="gptq", weight_grid="minmax", calib_draws=1)
+"""One calibration draw's tables (the choice among draws: test_calibration_draws)."""
 CORRECTED = replace(FAST, bias_correction=True)
 
 

@@ -3,6 +3,7 @@ noise (`QuantConfig.calib_draws`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mpq_search.search import StudyConfig
 
 FAST = QuantConfig(calib_n=4, calib_steps=4, calib_timesteps=2, batch_size=4,
                    act_samples_per_step=512, kernel="eager", w_bits=(3, 4, 8), a_bits=(8,),
-                   rounding="gptq", weight_grid="minmax", seed=77)
+                   rounding="gptq", weight_grid="minmax", seed=77, calib_draws=1)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,26 @@ def test_config_of_calibration_draws() -> None:
     with pytest.raises(ConfigError, match="calib_draws"):
         replace(FAST, calib_draws=0)
     default = StudyConfig()
-    assert default.quant.calib_draws == 1
-    assert default.replace(calib_draws=3).identity() != default.identity()
+    assert default.quant.calib_draws == 3
+    assert default.replace(calib_draws=1).identity() != default.identity()
     assert [_tables.validation_bits(b) for b in [(2, 3), (2, 3, 4, 8), (6, 8), (8,)]] == \
         [3, 4, 6, 8]
+
+
+def test_a_study_of_one_draw_resumes_when_the_run_asks_for_it() -> None:
+    """A study stored before version 3 ran with one draw: today's default (3) is refused with
+    the flag to resume it, and the run that asks for one draw resumes it."""
+    from mpq_search.config import stored_identity
+    from mpq_search.errors import StudyError
+    from mpq_search.search._study import _check_same
+
+    model = {"weights_hash": "h"}
+    old = StudyConfig().replace(calib_draws=1)
+    stored = json.loads(json.dumps(old.to_dict()))
+    del stored["quant"]["calib_draws"]
+    identity = {k: v for k, v in old.identity().items() if "calib_draws" not in k}
+    attrs = {"model": model, "identity": identity, "config": {**stored, "version": 2}}
+    assert stored_identity(attrs) == old.identity()
+    with pytest.raises(StudyError, match="--calib-draws 1"):
+        _check_same(attrs, {"model": model, "identity": StudyConfig().identity()})
+    _check_same(attrs, {"model": model, "identity": old.identity()})

@@ -183,9 +183,10 @@ def test_the_fixture_study_identity_matches_todays_config_of_its_settings() -> N
 
 def _resume_config(root: Path, **changes: Any) -> StudyConfig:
     """The fixture's settings as today's config: calib_timesteps given (it may not exceed
-    calib_steps any more), the model rebuilt under `root`."""
+    calib_steps any more), one calibration draw (the default before version 3), the model
+    rebuilt under `root`."""
     return load_config(FIXTURE / "study.toml", model=str(root / "tiny-ddpm"),
-                       root=str(root / "studies"), calib_timesteps=3, **changes)
+                       root=str(root / "studies"), calib_timesteps=3, calib_draws=1, **changes)
 
 
 @pytest.mark.slow

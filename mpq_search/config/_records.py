@@ -139,11 +139,11 @@ class QuantConfig(_Record):
     gptq_act_order: bool = field(default=True, metadata=option(
         "GPTQ rounds columns in descending order of diag(H) (inputs with most energy first).",
         identity=True))
-    calib_draws: int = field(default=1, metadata=option(
+    calib_draws: int = field(default=3, metadata=option(
         "GPTQ tables from this many calibration draws (noise seeds seed, seed + 1, ...), of "
         "which the one whose uniform 4-bit weights keep the samples closest to FP on "
         "validation noise (seed + 4000) is kept: the draw moves 4-bit quality severalfold. "
-        "rtn ignores it.",
+        "1: the seed's own draw (studies made before version 3 of the config). rtn ignores it.",
         cli=True, identity=True))
     bias_correction: bool = field(default=False, metadata=option(
         "GPTQ with bias correction: each layer's bias absorbs the mean of its rounding error "
