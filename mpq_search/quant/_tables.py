@@ -5,7 +5,10 @@ from the FP model's inputs), so one `WeightTables` serves every trial, the sensi
 `apply`, `confirm` and `deploy`. Round-to-nearest tables are cheap to compute. GPTQ
 tables need the layers' input statistics from calibration trajectories; they are cached on disk
 (like the FP reference), keyed by everything that determines them, so that a study's workers
-and later commands read the same codes instead of recomputing them.
+and later commands read the same codes instead of recomputing them. By default GPTQ rounds
+from several calibration draws and keeps the one that does best end to end on validation noise
+(`calib_draws`, `_best_draw`); with bias correction the tables carry each layer's corrected
+bias too.
 
 Memory: Hessians are collected for as many layers at a time as fit `max_hessian_bytes` (one
 calibration sampling pass per such chunk), and each is freed once its layer is rounded; each
@@ -284,8 +287,8 @@ def _array_names(names: list[str], w_bits: Sequence[int],
 
 def _corrected_layers(modules: Mapping[str, nn.Module], names: list[str],
                       config: QuantConfig) -> tuple[str, ...]:
-    """The layers whose tables carry a corrected bias: with bias correction on, those GPTQ
-    takes that have a bias (a calibration call must reach them: `_gptq_arrays` checks)."""
+    """The layers whose tables carry a bias: with bias correction on, those GPTQ takes that
+    have one (a layer no calibration call reached keeps its FP bias there)."""
     if not config.bias_correction:
         return ()
     return tuple(n for n in names if gptq_supported(modules[n])
