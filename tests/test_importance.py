@@ -315,11 +315,17 @@ def test_output_sensitivity_is_finite_on_a_float16_model() -> None:
 
     from mpq_search.importance import profile_sensitivity
     from mpq_search.models import load_model
+    from mpq_search.quant import QuantConfig, weight_tables
 
     model = load_model("mnist-dit", dtype="float16")
     specs = discover_layers(model.denoiser)
+    # GPTQ tables from a short calibration (the default's three draws of 64 trajectories
+    # cost a minute and a half here, and test nothing more)
+    tables = weight_tables(model, specs, QuantConfig(
+        w_bits=(4, 8), calib_n=4, calib_steps=4, calib_timesteps=2, batch_size=4,
+        calib_draws=1))
     sens = profile_sensitivity(model, specs, w_bits=(4, 8), a_bits=(8,), timesteps=2, steps=4,
-                               n=8, probes=2, seed=0)
+                               n=8, probes=2, seed=0, weights=tables)
     values = [v for table in (sens.weight, sens.activation) for row in table.values()
               for v in row.values()]
     assert values and all(math.isfinite(v) and v >= 0 for v in values)
