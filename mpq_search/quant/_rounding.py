@@ -200,9 +200,10 @@ def gptq_round(
     the rounding is bias-corrected (module docstring): the codes minimise the error on the
     centred inputs and each entry carries the bias that cancels the mean error.
     """
-    correct = bias is not None and input_mean is not None
     out = weight.shape[0]
     flat = weight.detach().float().reshape(out, -1)
+    mean = None if bias is None or input_mean is None else \
+        input_mean.detach().float().to(flat.device)
     grids = [grid_of(weight, b, grid) for b in bits]
     scale = torch.cat([s for s, _ in grids])
     zero = torch.cat([z for _, z in grids])
@@ -214,9 +215,7 @@ def gptq_round(
         h = hessian.detach().float().clone()
     dead = h.diagonal() == 0  # inputs that are always zero (before centring: a constant input
     # is not dead, its weight multiplies the mean)
-    if correct:
-        assert input_mean is not None
-        mean = input_mean.detach().float().to(h.device)
+    if mean is not None:
         h.addr_(mean, mean, alpha=-1.0)  # the covariance, in place
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
@@ -241,10 +240,8 @@ def gptq_round(
                        grids[k][0], grids[k][1])
         for k, b in enumerate(bits)
     }
-    if not correct:
+    if mean is None or bias is None:
         return entries
-    assert bias is not None and input_mean is not None
-    mean = input_mean.detach().float().to(flat.device)
     fp_bias = bias.detach().float()
     return {b: replace(e, bias=fp_bias - (e.dequantize().reshape(out, -1) - flat) @ mean)
             for b, e in entries.items()}
